@@ -1,0 +1,539 @@
+"""Recall@K evaluation of a FashionLens checkpoint on U-FIRE (the paper's test protocol).
+
+Where this sits in the method
+-----------------------------
+FashionLens turns every query (text, sketch, street photo, outfit, video, image + text, image +
+attribute) into one unit vector q and every gallery image into one unit vector t (model.py). Retrieval
+is then plain nearest-neighbour search by inner product, which on unit vectors is cosine similarity.
+This module measures how often the right image comes back near the top:
+
+    Recall@K = (1 / |Q|) * sum_{i in Q} 1[ top_K(q_i) ∩ P_i ≠ ∅ ]
+
+where top_K(q_i) are the K gallery images with the largest q_i · t_g, P_i is the set of gallery
+images that count as correct for query i (every entry of its `target_image`; for `asfr`, every image
+filed under its attribute label), and Q are the queries that have at least one positive in the
+gallery. Queries whose positives are absent from the gallery cannot be scored at all: they are
+counted and reported (column `missing`), never silently scored as misses or hits. This is the
+authors' definition (at least one hit in the top K), not the "fraction of positives retrieved" one.
+
+Protocol, step by step
+----------------------
+1. Gallery: every unique image across all evaluated sub-datasets is encoded once (sub-datasets that
+   share images share their embeddings), batched, with a progress bar. The (G, D) matrix is cached
+   on disk under a key made of the checkpoint's fingerprint and the exact image list, so a second
+   run on the same checkpoint encodes nothing.
+2. Queries: one deterministic query per record (data.record_to_query with rng=None), encoded through
+   the calibrator (PGSQC), since that is what the model does at test time.
+3. Search: exact inner-product search with faiss (IndexFlatIP). Ties are broken by gallery index so
+   results never depend on thread scheduling. `search_torch` is the readable reference (one matmul
+   and a stable sort) and the tests hold the two equal.
+4. Metric: Recall@K per sub-dataset, then the mean per task word, then the overall mean over task
+   words (each task weighs the same, however many sub-datasets it has; OOD tasks are reported apart).
+
+Run it
+------
+    python evaluate.py --ckpt runs/fashionlens-tiny/best            # test split of its training data
+    python evaluate.py --ckpt runs/X/best --split val --tasks cir,t2i --k 1,10
+    python evaluate.py --ckpt runs/X/best --ood only                 # just the out-of-distribution tasks
+    python evaluate.py --self-check                                   # small demo on hand-made vectors
+
+Shape legend: B queries, G gallery images, D embedding size, K retrieved per query.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+import data
+
+DEFAULT_KS = (1, 5, 10, 50)
+
+
+@dataclass
+class EvalConfig:
+    """Knobs of one evaluation run (the CLI flags map one to one onto these)."""
+
+    split: str = "test"  # "test" (the paper's tables) or "val" (model selection during training)
+    ks: tuple = DEFAULT_KS  # the paper reports Recall@1, 5, 10 and 50
+    batch_size: int = 64  # images per forward pass; 64 keeps the tiny model's matmuls efficient on CPU
+    cache_dir: Optional[str] = ".cache/gallery"  # where gallery embeddings are kept; None = no cache
+    progress: bool = True  # tqdm bars while encoding (off inside training and tests)
+    keep_per_query: bool = False  # also return top-k ids/scores per query (for retrieval grids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Search: the readable reference (torch) and the fast path (faiss), equal by construction and test.
+# ----------------------------------------------------------------------------------------------
+
+def search_torch(q: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor, k: int):
+    """Reference exact search: all scores, then a *stable* descending sort.
+
+    Stability is what breaks ties by gallery index: among equal scores, the lower index stays first.
+    Returns (scores (B, K) float32, ids (B, K) int64) as numpy arrays.
+    """
+    q = torch.as_tensor(q, dtype=torch.float32)  # (B, D)
+    g = torch.as_tensor(g, dtype=torch.float32)  # (G, D)
+    k = min(k, g.shape[0])
+    sims = q @ g.T  # (B, G) inner products = cosines on unit vectors
+    order = torch.sort(sims, dim=1, descending=True, stable=True)  # (B, G) sorted scores and ids
+    return order.values[:, :k].numpy(), order.indices[:, :k].numpy()  # (B, K), (B, K)
+
+
+def _order_ties(scores: np.ndarray, ids: np.ndarray):
+    """Reorder each row by (score descending, gallery index ascending)."""
+    order = np.lexsort((ids, -scores), axis=1)  # (B, K) last key (-score) is the primary key
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)  # (B, K) each
+
+
+def search_faiss(q: np.ndarray, g: np.ndarray, k: int, index=None):
+    """Fast exact search with faiss' brute-force inner-product index, ties broken by gallery index.
+
+    faiss returns the right top-K *set* but orders equal scores by whatever its heap did, and when a
+    tie straddles the K-th place it may keep a higher gallery index than the reference would. So we
+    ask for K+1 results: rows whose K-th and (K+1)-th scores differ are exact after a cheap re-sort;
+    the rare rows with a tie across the cut are recomputed with the reference path.
+    Returns (scores (B, K) float32, ids (B, K) int64).
+    """
+    import faiss  # imported here so `import evaluate` stays light for readers of the metric code
+
+    q = np.ascontiguousarray(q, dtype=np.float32)  # (B, D)
+    g = np.ascontiguousarray(g, dtype=np.float32)  # (G, D)
+    k = min(k, g.shape[0])
+    if index is None:
+        index = faiss.IndexFlatIP(g.shape[1])  # exact inner product, no training, no compression
+        index.add(g)
+    extra = 1 if k < g.shape[0] else 0  # one look past the cut, unless K already covers the gallery
+    scores, ids = index.search(q, k + extra)  # (B, K+1), (B, K+1)
+    if extra:
+        straddle = scores[:, k - 1] == scores[:, k]  # (B,) a tie crosses the K-th place
+        scores, ids = scores[:, :k], ids[:, :k]  # (B, K), (B, K)
+        scores, ids = _order_ties(scores, ids)  # (B, K) deterministic order inside the top K
+        if straddle.any():
+            rows = np.nonzero(straddle)[0]  # (b,) the few rows to redo exactly
+            s_ref, i_ref = search_torch(q[rows], g, k)  # (b, K) each
+            scores[rows], ids[rows] = s_ref, i_ref
+    else:
+        scores, ids = _order_ties(scores, ids)  # (B, G) whole gallery, just order the ties
+    return scores, ids.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The metric
+# ----------------------------------------------------------------------------------------------
+
+def first_hit_rank(ids: np.ndarray, positives: Sequence[Sequence[int]]) -> np.ndarray:
+    """0-based rank of the first positive in each row of `ids` (B, K); -1 when none is in the top K.
+
+    A query with an empty positive list also gets -1; callers must leave such queries out of the
+    metric (they are "missing", see the module docstring), which `recall_at_k` does.
+    """
+    ranks = np.full(len(positives), -1, dtype=np.int64)  # (B,)
+    for i, pos in enumerate(positives):
+        hit = np.isin(ids[i], np.asarray(list(pos), dtype=np.int64))  # (K,) bool
+        if hit.any():
+            ranks[i] = int(np.argmax(hit))  # argmax of a bool row = first True
+    return ranks
+
+
+def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterable[int]) -> dict:
+    """Recall@K for each K: the share of scorable queries with a positive in their top K.
+
+    ids: (B, K_max) gallery indices in rank order. positives: per query, its gallery indices.
+    Queries with no positive at all are not scorable and are left out of the denominator.
+    """
+    ranks = first_hit_rank(ids, positives)  # (B,)
+    scorable = np.array([len(p) > 0 for p in positives], dtype=bool)  # (B,)
+    n = int(scorable.sum())
+    out = {}
+    for k in ks:
+        hits = (ranks[scorable] >= 0) & (ranks[scorable] < k)  # (n,) first positive within the top k
+        out[int(k)] = float(hits.sum() / n) if n else float("nan")
+    return out
+
+
+def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int = 10) -> float:
+    """Expected Recall@k of a random ranking, averaged over scorable queries.
+
+    With P positives among G images, a random top-k misses them all with probability
+    C(G-P, k) / C(G, k) = prod_{j<k} (G-P-j) / (G-j). For one positive this is the familiar k / G;
+    for `asfr`, where a label holds many images, chance is far higher, and the table says so.
+    """
+    vals = []
+    for pos in positives:
+        p = len(pos)
+        if p == 0:
+            continue
+        miss = 1.0
+        for j in range(min(k, gallery_size)):
+            miss *= max(gallery_size - p - j, 0) / (gallery_size - j)
+        vals.append(1.0 - miss)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalRow:
+    """One line of the table: a sub-dataset ("cir/FashionIQ-Dress") or an OOD task ("ood/...")."""
+
+    subset: str
+    task: str  # task word, or "ood" for the evaluation-only tasks
+    gallery: int  # unique images in this sub-dataset's gallery
+    queries: int  # scored queries (one per record with at least one positive in the gallery)
+    missing: int  # records whose positives are not in the gallery: reported, not scored
+    recall: dict  # {K: Recall@K}
+    chance10: float  # expected Recall@10 of a random ranking (see chance_recall)
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced; `to_dict` is what `--out` writes."""
+
+    rows: list
+    ks: tuple
+    task_means: dict = field(default_factory=dict)  # {task word: {K: mean over its sub-datasets}}
+    overall: dict = field(default_factory=dict)  # {K: mean over in-distribution task words}
+    per_query: list = field(default_factory=list)  # optional: top-k ids/scores per query
+    seconds: dict = field(default_factory=dict)  # wall time of each stage
+
+    def sum_recall(self, k: int = 1, include_ood: bool = False) -> float:
+        """Sum over sub-datasets of Recall@k: the authors' model-selection number (with k = 1)."""
+        return float(sum(r.recall[k] for r in self.rows
+                         if (include_ood or r.task != "ood") and not math.isnan(r.recall[k])))
+
+    def to_dict(self) -> dict:
+        return {"ks": list(self.ks), "rows": [dataclasses.asdict(r) for r in self.rows],
+                "task_means": self.task_means, "overall": self.overall, "seconds": self.seconds}
+
+
+def summarise(rows: list, ks: Sequence[int]) -> tuple[dict, dict]:
+    """Task means (mean over a task's sub-datasets) and the overall mean (over in-distribution tasks)."""
+    by_task: dict = {}
+    for r in rows:
+        by_task.setdefault(r.task, []).append(r)
+    task_means = {t: {k: float(np.mean([r.recall[k] for r in rs])) for k in ks} for t, rs in by_task.items()}
+    ind = [t for t in task_means if t != "ood"]
+    overall = {k: float(np.mean([task_means[t][k] for t in ind])) for k in ks} if ind else {}
+    return task_means, overall
+
+
+def format_table(result: EvalResult) -> str:
+    """The markdown table the CLI prints: rows, then task means, then the overall mean."""
+    ks = list(result.ks)
+    head = "| sub-dataset | gallery | queries | missing | " + " | ".join(f"R@{k}" for k in ks) + " | chance R@10 |"
+    lines = [head, "|" + "---|" * (5 + len(ks))]
+    pct = lambda x: "nan" if math.isnan(x) else f"{100 * x:.1f}"  # noqa: E731  (percent, one decimal)
+    for r in result.rows:
+        lines.append(f"| {r.subset} | {r.gallery} | {r.queries} | {r.missing} | "
+                     + " | ".join(pct(r.recall[k]) for k in ks) + f" | {pct(r.chance10)} |")
+    for t, m in result.task_means.items():
+        lines.append(f"| **{t}** (task mean) | | | | " + " | ".join(pct(m[k]) for k in ks) + " | |")
+    if result.overall:
+        lines.append("| **overall** (mean of task means) | | | | "
+                     + " | ".join(pct(result.overall[k]) for k in ks) + " | |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gallery cache
+# ----------------------------------------------------------------------------------------------
+
+def checkpoint_fingerprint(embedder) -> str:
+    """A hash that changes whenever the gallery embeddings could change.
+
+    It covers the embedder's config (backbone id, image size, seed of a random tiny base...) and the
+    bytes of every *trainable* tensor (LoRA, learnable tokens, calibrator, a tiny model's vision
+    tower). Frozen pretrained weights are identified by the backbone id in the config, so hashing
+    a 4B-parameter base is not needed.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(embedder, "config", None)
+    cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
+    h.update(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
+    for name, p in sorted(embedder.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gallery_key(paths: Sequence[str]) -> str:
+    """A hash of the exact image list, with each file's size and mtime, so edits invalidate it."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a missing file is reported by the encoder with its record; hash the name
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _atomic_save_array(path: Path, arr: np.ndarray) -> None:
+    """Write a .npy atomically: a crash mid-write never leaves a truncated cache behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarray:
+    """(G, D) float32 embeddings of `paths`, from the cache when this checkpoint saw this list before."""
+    cache_file = None
+    if cfg.cache_dir:
+        key = checkpoint_fingerprint(embedder)[:20] + "-" + gallery_key(paths)[:20]
+        cache_file = Path(cfg.cache_dir) / f"{key}.npy"
+        if cache_file.exists():
+            emb = np.load(cache_file, allow_pickle=False)  # (G, D) plain array, no pickle
+            if emb.shape[0] == len(paths):
+                return emb
+    chunks = []
+    step = max(cfg.batch_size, 1) * 8  # hand the embedder several batches at a time for the progress bar
+    bar = _progress(len(paths), "gallery", cfg.progress)
+    for s in range(0, len(paths), step):
+        part = list(paths[s:s + step])
+        chunks.append(embedder.encode_images(part, batch_size=cfg.batch_size).float().numpy())  # (g, D)
+        bar.update(len(part))
+    bar.close()
+    emb = np.concatenate(chunks, 0) if chunks else np.zeros((0, embedder.dim), np.float32)  # (G, D)
+    if cache_file is not None:
+        _atomic_save_array(cache_file, emb)
+    return emb
+
+
+def encode_queries(embedder, records: Sequence, cfg: EvalConfig) -> np.ndarray:
+    """(B, D) calibrated query embeddings, one deterministic query per record."""
+    chunks = []
+    step = max(cfg.batch_size, 1) * 4
+    bar = _progress(len(records), "queries", cfg.progress)
+    for s in range(0, len(records), step):
+        part = list(records[s:s + step])
+        chunks.append(embedder.encode_queries(part, batch_size=cfg.batch_size).float().numpy())  # (b, D)
+        bar.update(len(part))
+    bar.close()
+    return np.concatenate(chunks, 0) if chunks else np.zeros((0, embedder.dim), np.float32)  # (B, D)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"encode {desc}", unit="item", leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole evaluation
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: Sequence[int] = DEFAULT_KS,
+             batch_size: int = 64, cache_dir: Optional[str] = None, progress: bool = True,
+             keep_per_query: bool = False) -> EvalResult:
+    """Evaluate `embedder` on `subsets` of a data.UFire and return the table's numbers.
+
+    `subsets` are names from ufire.subsets(split) and/or ufire.ood_subsets() ("ood/<Task name>").
+    train.py calls this with split="val" (and no cache, since the weights change between calls).
+    """
+    cfg = EvalConfig(split=split, ks=tuple(int(k) for k in ks), batch_size=batch_size,
+                     cache_dir=cache_dir, progress=progress, keep_per_query=keep_per_query)
+    t0 = time.perf_counter()
+    was_training = embedder.training
+    embedder.eval()
+    views = [ufire.eval_view(s, split=split) for s in subsets]  # parse + de-duplicate per sub-dataset
+
+    # 1. One gallery for everything: unique absolute paths in first-seen order.
+    slot: dict = {}
+    for v in views:
+        for p in v.gallery:
+            slot.setdefault(p, len(slot))
+    all_paths = list(slot)  # (G_all,)
+    t1 = time.perf_counter()
+    gal = encode_gallery(embedder, all_paths, cfg)  # (G_all, D)
+    t2 = time.perf_counter()
+
+    # 2.-4. Per sub-dataset: encode its queries, search its own gallery, score.
+    rows, per_query, t_query, t_search = [], [], 0.0, 0.0
+    kmax = max(cfg.ks)
+    for v in views:
+        ta = time.perf_counter()
+        q = encode_queries(embedder, v.records, cfg)  # (B, D)
+        tb = time.perf_counter()
+        rows_of_v = np.fromiter((slot[p] for p in v.gallery), dtype=np.int64, count=len(v.gallery))  # (G,)
+        scores, ids = search_faiss(q, gal[rows_of_v], kmax) if len(v.records) else (
+            np.zeros((0, kmax), np.float32), np.zeros((0, kmax), np.int64))  # (B, K), (B, K)
+        t_search += time.perf_counter() - tb
+        t_query += tb - ta
+        task = "ood" if v.subset.startswith("ood/") else v.subset.split("/")[0]
+        rows.append(EvalRow(subset=v.subset, task=task, gallery=len(v.gallery), queries=len(v.records),
+                            missing=len(v.missing), recall=recall_at_k(ids, v.positives, cfg.ks),
+                            chance10=chance_recall(len(v.gallery), v.positives, 10)))
+        if cfg.keep_per_query:
+            ranks = first_hit_rank(ids, v.positives)  # (B,)
+            for i, rec in enumerate(v.records):
+                per_query.append({"subset": v.subset, "id": rec.id,
+                                  "topk": [v.gallery[j] for j in ids[i]], "scores": scores[i].tolist(),
+                                  "positives": [v.gallery[j] for j in v.positives[i]],
+                                  "first_hit_rank": int(ranks[i])})
+    if was_training:
+        embedder.train()
+    task_means, overall = summarise(rows, cfg.ks)
+    secs = {"parse": t1 - t0, "gallery_encode": t2 - t1, "query_encode": t_query, "search": t_search,
+            "total": time.perf_counter() - t0, "gallery_images": len(all_paths),
+            "queries": int(sum(r.queries for r in rows))}
+    return EvalResult(rows=rows, ks=cfg.ks, task_means=task_means, overall=overall,
+                      per_query=per_query, seconds=secs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def _training_data_root(ckpt: Path) -> Optional[str]:
+    """The data root a checkpoint was trained on, from the run's saved configuration, if any."""
+    for cand in (ckpt / "train_config.json", ckpt.parent / "config.json"):
+        if cand.is_file():
+            try:
+                root = json.loads(cand.read_text()).get("data")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if root:
+                return root
+    return None
+
+
+def select_subsets(ufire, split: str, tasks: str, ood: str) -> list[str]:
+    """Sub-datasets to evaluate: "all" or comma-separated task words / "task/dataset" names.
+
+    ood: "include" adds the evaluation-only tasks (test split only), "only" evaluates just them,
+    "skip" leaves them out.
+    """
+    known = ufire.subsets(split)
+    picked: list[str] = []
+    if ood != "only":
+        if tasks in ("all", "", None):
+            picked = list(known)
+        else:
+            for t in (x.strip() for x in tasks.split(",") if x.strip()):
+                if "/" in t:
+                    if t not in known:
+                        raise SystemExit(f"error: sub-dataset {t!r} is not in the {split} split of "
+                                         f"{ufire.root}; known: {', '.join(known)}")
+                    picked.append(t)
+                else:
+                    data.base_task(t)  # raises a clear error for an unknown task word
+                    picked += [s for s in known if s.split("/")[0] == t]
+    if ood in ("include", "only") and split == "test":
+        picked += list(ufire.ood_subsets())
+    if not picked:
+        raise SystemExit(f"error: nothing to evaluate in the {split} split of {ufire.root} "
+                         f"(tasks={tasks!r}, ood={ood!r})")
+    return picked
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", help="checkpoint directory written by train.py (runs/NAME/best)")
+    ap.add_argument("--data", default=None,
+                    help="U-FIRE root; default: the data the checkpoint was trained on")
+    ap.add_argument("--tasks", default="all", help="'all' or comma-separated task words / task/dataset names")
+    ap.add_argument("--split", default="test", choices=["test", "val"])
+    ap.add_argument("--ood", nargs="?", const="only", default="include", choices=["include", "only", "skip"],
+                    help="evaluation-only tasks: include them (default), 'only' them (bare --ood), or skip")
+    ap.add_argument("--k", default="1,5,10,50", help="comma-separated K values")
+    ap.add_argument("--out", default=None, help="write results JSON here (+ .per_query.jsonl beside it)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--cache-dir", default=".cache/gallery", help="gallery embedding cache ('' to disable)")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: the checkpoint's config)")
+    ap.add_argument("--self-check", action="store_true", help="run the small built-in demo and exit")
+    args = ap.parse_args(argv)
+    if args.self_check:
+        return _self_check()
+    if not args.ckpt:
+        ap.error("--ckpt is required (or --self-check)")
+    ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
+    ckpt = Path(args.ckpt)
+    root = args.data or _training_data_root(ckpt) or "data/synthetic"
+    if root == "synthetic":
+        root = data.ensure_synthetic("data/synthetic")
+    from model import FashionLensEmbedder  # model imports transformers: keep it off the metric path
+
+    kw = {"device": args.device} if args.device else {}
+    embedder = FashionLensEmbedder.from_pretrained(str(ckpt), **kw)
+    ufire = data.UFire(root)
+    subsets = select_subsets(ufire, args.split, args.tasks, args.ood)
+    res = evaluate(embedder, ufire, subsets, split=args.split, ks=ks, batch_size=args.batch_size,
+                   cache_dir=args.cache_dir or None, progress=sys.stderr.isatty(),
+                   keep_per_query=bool(args.out))
+    print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}")
+    print(format_table(res))
+    s = res.seconds
+    print(f"\n{s['gallery_images']} unique gallery images, {s['queries']} queries; "
+          f"encode gallery {s['gallery_encode']:.1f}s, queries {s['query_encode']:.1f}s, "
+          f"search {s['search']:.2f}s, total {s['total']:.1f}s")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"checkpoint": str(ckpt), "data": str(root), "split": args.split, **res.to_dict()}
+        _atomic_write_text(out, json.dumps(doc, indent=1))
+        _atomic_write_text(out.with_suffix(".per_query.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in res.per_query))
+        print(f"wrote {out} and {out.with_suffix('.per_query.jsonl')}")
+    return 0
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _self_check() -> int:
+    """A tiny worked example a reader can follow by hand (and a check that faiss == torch)."""
+    g = np.eye(4, dtype=np.float32)  # (G=4, D=4) four orthogonal gallery vectors
+    q = np.array([[1, 0, 0, 0], [0.6, 0.8, 0, 0], [0, 0, 0.6, 0.8]], np.float32)  # (B=3, D=4)
+    positives = [[0], [0], [1]]  # query 1 prefers image 1 but its positive is image 0 (rank 2)
+    s_t, i_t = search_torch(q, g, 3)
+    s_f, i_f = search_faiss(q, g, 3)
+    print("torch top-3 ids:\n", i_t, "\nfaiss top-3 ids:\n", i_f)
+    r = recall_at_k(i_f, positives, (1, 2, 3))
+    # Query 3 scores 0 against images 0 and 1 alike; the tie goes to the lower index (0), so its
+    # positive (image 1) falls out of its top 3 behind images 3, 2 and 0.
+    print("Recall@1,2,3 =", r, "(by hand: 1/3, 2/3, 2/3)")
+    ok = np.array_equal(i_t, i_f) and abs(r[1] - 1 / 3) < 1e-9 and abs(r[2] - 2 / 3) < 1e-9
+    print("self-check", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

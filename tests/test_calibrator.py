@@ -1,0 +1,215 @@
+"""Tests for calibrator.py: slerp's geometry and numerical safety, and PGSQC's modes, init and losses."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibrator import (CalibratorConfig, SphericalQueryCalibrator, count_parameters,
+                        lerp_normalized, slerp)
+
+
+def _pair_at_angle(omega: float, dim: int = 16, batch: int = 8, dtype=torch.float64, seed: int = 0):
+    """Unit q and p with angle(q, p) = omega exactly, in random planes."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1)  # (B, D)
+    v = torch.randn(batch, dim, generator=g, dtype=dtype)  # (B, D)
+    u = F.normalize(v - (v * q).sum(-1, keepdim=True) * q, dim=-1)  # (B, D) orthogonal to q
+    p = math.cos(omega) * q + math.sin(omega) * u  # (B, D)
+    return q, p
+
+
+def _angle(a, b):
+    """Angle between rows, accurate at 0 and pi (atan2 of sine and cosine)."""
+    c = (a * b).sum(-1)
+    s = torch.linalg.vector_norm(b - c.unsqueeze(-1) * a, dim=-1)
+    return torch.atan2(s, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slerp_endpoints(dtype):
+    q, p = _pair_at_angle(1.3, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(slerp(q, p, 0.0), q, atol=tol, rtol=0)
+    torch.testing.assert_close(slerp(q, p, 1.0), p, atol=tol, rtol=0)
+
+
+def test_slerp_unit_norm_and_constant_angular_speed():
+    g = torch.Generator().manual_seed(1)
+    for omega in (0.01, 0.5, 1.5, 2.5, 3.1):
+        q, p = _pair_at_angle(omega, batch=32, seed=int(omega * 100))
+        lam = torch.rand(32, generator=g, dtype=torch.float64)  # (B,)
+        lam[:2] = torch.tensor([0.0, 1.0], dtype=torch.float64)  # include both ends
+        out = slerp(q, p, lam)
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(32, dtype=torch.float64))
+        # Constant speed: angle from q is lam*omega and angle to p is the rest of the arc.
+        torch.testing.assert_close(_angle(q, out), lam * omega, atol=1e-9, rtol=0)
+        torch.testing.assert_close(_angle(out, p), (1 - lam) * omega, atol=1e-9, rtol=0)
+
+
+def test_slerp_lam_shapes_broadcast():
+    q, p = _pair_at_angle(1.0, batch=4)
+    lam = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    torch.testing.assert_close(slerp(q, p, lam), slerp(q, p, lam.unsqueeze(-1)))
+    torch.testing.assert_close(slerp(q, p, 0.25), slerp(q, p, torch.full((4,), 0.25, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["equal", "omega~0", "antipodal", "omega~pi"])
+def test_slerp_degenerate_angles_are_finite_unit_with_finite_grads(dtype, case):
+    q0, p0 = _pair_at_angle(1.0, dtype=dtype, seed=3)
+    tiny = 1e-7 if dtype == torch.float32 else 1e-12
+    p0 = {"equal": q0.clone(), "omega~0": F.normalize(q0 + tiny * p0, dim=-1),
+          "antipodal": -q0.clone(), "omega~pi": F.normalize(-q0 + tiny * p0, dim=-1)}[case]
+    for lam_value in (0.0, 0.3, 0.5, 1.0):
+        q = q0.clone().requires_grad_(True)
+        p = p0.clone().requires_grad_(True)
+        lam = torch.full((q.shape[0],), lam_value, dtype=dtype, requires_grad=True)
+        out = slerp(q, p, lam)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(q.shape[0], dtype=dtype),
+                                   atol=1e-6, rtol=0)
+        # Angle travelled is still lam * omega (omega ~ 0 or ~ pi here).
+        omega = _angle(q0, p0)
+        atol = 2e-3 if dtype == torch.float32 else 1e-6
+        torch.testing.assert_close(_angle(q0, out.detach()), lam_value * omega, atol=atol, rtol=0)
+        # A loss touching every output coordinate, so every path is exercised.
+        (out * torch.arange(out.shape[-1], dtype=dtype)).sum().backward()
+        for t in (q, p, lam):
+            assert torch.isfinite(t.grad).all(), f"non-finite grad for {case}, lam={lam_value}"
+    # At lam = 1 the output lands on p (within the documented 2*eps near pi).
+    torch.testing.assert_close(slerp(q0, p0, 1.0), p0, atol=1e-3 if dtype == torch.float32 else 1e-7, rtol=0)
+
+
+def test_slerp_gradcheck_general_case():
+    q, p = _pair_at_angle(1.2, dim=5, batch=3)
+    lam = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    args = (q.requires_grad_(True), p.requires_grad_(True), lam.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b, c: slerp(a, b, c), args)
+
+
+def test_linear_differs_from_slerp_off_endpoints_and_both_stay_on_sphere():
+    q, p = _pair_at_angle(2.0)
+    for lam in (0.25, 0.5, 0.75):
+        s, l_ = slerp(q, p, lam), lerp_normalized(q, p, lam)
+        for out in (s, l_):
+            torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(q), dtype=q.dtype))
+        if lam != 0.5:  # by symmetry both hit the arc's midpoint at lam = 0.5
+            assert (s - l_).norm(dim=-1).min() > 0.1
+    for lam in (0.0, 1.0):
+        torch.testing.assert_close(slerp(q, p, lam), lerp_normalized(q, p, lam))
+
+
+def test_calibrator_modes_linear_vs_slerp_share_parameters():
+    torch.manual_seed(0)
+    cal = SphericalQueryCalibrator(24, rank=4, hidden=32)
+    with torch.no_grad():  # make the proposal far from q so the two paths differ visibly
+        cal.hyper[-1].weight.normal_(0, 0.5)
+        cal.hyper[-1].bias[-1] = 0.0  # lambda ~ 0.5 +- spread
+    h = torch.randn(6, 24)
+    out_s = cal(h)
+    cal.mode = "linear"
+    out_l = cal(h)
+    torch.testing.assert_close(out_s.lam, out_l.lam)
+    for o in (out_s, out_l):
+        torch.testing.assert_close(o.query.norm(dim=-1), torch.ones(6))
+    assert (out_s.query - out_l.query).norm(dim=-1).max() > 1e-3
+    # slerp output sits at lam*omega from q; the linear one does not in general.
+    q = F.normalize(h, dim=-1)
+    torch.testing.assert_close(_angle(q, out_s.query), out_s.lam * out_s.omega, atol=1e-4, rtol=0)
+
+
+def test_off_mode_is_identity_without_parameters():
+    cal = SphericalQueryCalibrator(16, mode="off")
+    assert sum(p.numel() for p in cal.parameters()) == 0
+    h = torch.randn(5, 16) * 7
+    out = cal(h)
+    torch.testing.assert_close(out.query, F.normalize(h, dim=-1))
+    assert torch.equal(out.lam, torch.zeros(5))
+    assert out.reg.item() == out.loss_fro.item() == out.loss_orth.item() == 0.0
+
+
+def test_init_is_near_identity():
+    torch.manual_seed(0)
+    cal = SphericalQueryCalibrator(64)  # default rank 32, hidden 512
+    h = torch.randn(16, 64) * 5
+    out = cal(h)
+    cos = (out.query * F.normalize(h, dim=-1)).sum(-1)
+    assert cos.min() >= 0.99
+    torch.testing.assert_close(out.lam, torch.full((16,), 1 / (1 + math.exp(3.0))))
+    assert out.query.shape == (16, 64) and out.lam.shape == (16,)
+    assert out.loss_fro.dim() == out.loss_orth.dim() == out.reg.dim() == 0
+
+
+def test_regularisers_and_proposal_on_hand_made_factors():
+    dim, r = 6, 2
+    cal = SphericalQueryCalibrator(dim, rank=r, hidden=8, fro_weight=0.1, orth_weight=0.5)
+    A = torch.zeros(dim, r)
+    A[0, 0], A[1, 1] = 2.0, 2.0  # columns orthogonal with norm 2: A^T A = 4 I
+    Bm = torch.zeros(r, dim)
+    Bm[0, 2] = 3.0  # (q A) B moves q_0 mass onto coordinate 2
+    with torch.no_grad():  # zero weights: every query gets the same A, B, logit from the bias
+        cal.hyper[-1].weight.zero_()
+        cal.hyper[-1].bias.copy_(torch.cat([A.flatten(), Bm.flatten(), torch.tensor([0.7])]))
+    h = torch.randn(3, dim)
+    out = cal(h)
+    fro = A.norm() + Bm.norm()  # 2*sqrt(2) + 3
+    orth = (A.T @ A - torch.eye(r)).norm()  # ||3 I_2||_F = 3 sqrt(2)
+    torch.testing.assert_close(out.loss_fro, fro)
+    torch.testing.assert_close(out.loss_orth, orth)
+    torch.testing.assert_close(out.reg, 0.1 * fro + 0.5 * orth)
+    q = F.normalize(h, dim=-1)
+    q_hat = F.normalize(q + q @ A @ Bm, dim=-1)
+    torch.testing.assert_close(out.proposal, q_hat)
+    lam = torch.sigmoid(torch.tensor(0.7))
+    torch.testing.assert_close(out.lam, lam.expand(3))
+    torch.testing.assert_close(out.query, slerp(q, q_hat, lam.expand(3)))
+    # An A with orthonormal columns has no orthogonality penalty.
+    with torch.no_grad():
+        cal.hyper[-1].bias[: dim * r].copy_((A / 2).flatten())
+    assert cal(h).loss_orth.abs().item() < 1e-6
+
+
+def test_gradients_reach_the_hyper_network():
+    torch.manual_seed(0)
+    cal = SphericalQueryCalibrator(32, rank=4, hidden=16)
+    h = torch.randn(4, 32, requires_grad=True)
+    target = F.normalize(torch.randn(32), dim=0)
+    out = cal(h)
+    (-(out.query @ target).sum() + out.reg).backward()
+    for name, prm in cal.named_parameters():
+        assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
+    assert cal.hyper[-1].weight.grad.abs().max() > 0  # A, B learn from the first step
+    assert torch.isfinite(h.grad).all()
+    # At init q_hat == q to float precision, so lambda has nothing to scale yet; once the
+    # proposal has moved away from q, the lambda logit gets a gradient too.
+    with torch.no_grad():
+        cal.hyper[-1].weight.normal_(0, 0.1)
+    cal.zero_grad()
+    out = cal(h)
+    (-(out.query @ target).sum()).backward()
+    assert cal.hyper[-1].bias.grad[-1].abs() > 0
+
+
+def test_parameter_count_matches_module_and_docstring():
+    built = SphericalQueryCalibrator(40, rank=3, hidden=20)
+    assert sum(p.numel() for p in built.parameters()) == count_parameters(40, 3, 20)["total"]
+    big = count_parameters(2560)
+    assert big["linear_out"] == 512 * (2 * 2560 * 32 + 1) + (2 * 2560 * 32 + 1)
+    assert 83e6 < big["linear_out"] < 85e6  # "the output layer alone is ~84 M"
+    import calibrator
+    assert f"{big['total']:,}" in calibrator.__doc__
+    assert f"{count_parameters(128)['total']:,}" in calibrator.__doc__
+
+
+def test_from_config_bad_input_and_bf16():
+    cfg = CalibratorConfig(dim=16, rank=2, hidden=8, mode="linear")
+    cal = SphericalQueryCalibrator.from_config(cfg)
+    assert cal.mode == "linear" and cal.config == cfg
+    with pytest.raises(ValueError, match="mode"):
+        CalibratorConfig(dim=16, mode="cubic")
+    with pytest.raises(ValueError, match=r"\(B, 16\)"):
+        cal(torch.randn(3, 17))
+    out = cal.to(torch.bfloat16)(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert out.query.dtype == torch.bfloat16 and torch.isfinite(out.query).all()
+    torch.testing.assert_close(out.query.float().norm(dim=-1), torch.ones(3), atol=1e-2, rtol=0)

@@ -1,0 +1,296 @@
+"""Tests for data.py: the real U-FIRE annotations parse, the synthetic U-FIRE round-trips through the
+same loader, `check` reports what is missing, and every kind of bad input names its file and record."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data
+from data import UFire, UFireError
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_GALLERIES = {
+    "t2i/FashionGen", "t2i/Shoes", "sketch2i/ClothesV1", "sketch2i/HAIFashion", "sketch2i/QMUL-Shoe-V2",
+    "inshop/DeepFashion", "street2shop/DeepFashion2", "compatibility/FashionVC", "compatibility/Polyvore",
+    "video2img/MovingFashion", "cir/Fashion200K", "cir/FashionIQ-Dress", "cir/FashionIQ-Shirt",
+    "cir/FashionIQ-Toptee", "cir/Shoes", "sketch&text/CSTBIR", "asfr/DARN", "asfr/FashionAI"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the real annotations
+# ---------------------------------------------------------------------------------------------
+
+def test_real_galleries_parse(shared_ufire):
+    uf = UFire(shared_ufire)
+    assert set(uf.gallery_subsets()) == REAL_GALLERIES  # keyed on task words, not the number
+    for sub in uf.gallery_subsets():
+        g = uf.gallery(sub)
+        assert len(g.paths) > 0 and len(set(g.paths)) == len(g.paths), sub
+        assert all(os.path.isabs(p) and p.startswith(str(shared_ufire)) for p in g.paths[:50]), sub
+        if sub.startswith("asfr/"):
+            assert g.labels and all(k.startswith(sub.split("/")[1] + "+") for k in g.labels)
+            assert all(0 <= i < len(g.paths) for ix in g.labels.values() for i in ix)
+    # the inshop list repeats entries: the gallery is de-duplicated in first-seen order
+    raw = json.load(open(shared_ufire / "0_test_candidates" / "3_inshop_DeepFashion_test_candidates.json"))
+    g = uf.gallery("inshop/DeepFashion")
+    assert g.raw_count == len(raw) > len(g.paths) == len(set(raw))
+    # asfr: the special "<Dataset>_asfr_test_candidate" key is the full gallery
+    raw = json.load(open(shared_ufire / "0_test_candidates" / "9_asfr_FashionAI_test_candidate_data.json"))
+    assert len(uf.gallery("asfr/FashionAI").paths) == len(set(raw["FashionAI_asfr_test_candidate"]))
+
+
+def test_real_ood_task(shared_ufire):
+    uf = UFire(shared_ufire)
+    name = "ood/Image(s)+Text 2 Compatible Item"
+    assert name in uf.ood_subsets()
+    v = uf.eval_view(name)
+    assert len(v.records) == 1000 and v.missing == [] and v.targets_outside == 0
+    assert len(v.gallery) == 2302
+    r = v.records[0]
+    assert r.category and r.query_text and r.query_image
+    # paths are relative to the task's own folder
+    assert os.path.dirname(v.gallery[0]) == str(shared_ufire / "evaluation_only_tasks" / name[4:])
+    for rec, pos in zip(v.records, v.positives):
+        assert {v.gallery[i] for i in pos} == {rec.path(p) for p in rec.target_image}
+
+
+def test_check_on_real_annotations_fails_naming_missing(shared_ufire):
+    p = subprocess.run([sys.executable, "data.py", "check", "--root", str(shared_ufire)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "missing image" in p.stdout and "FashionGen_images/" in p.stdout
+    assert "no test triplet file" in p.stdout
+    for sub in REAL_GALLERIES:  # one row per parsed gallery
+        assert sub in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic U-FIRE
+# ---------------------------------------------------------------------------------------------
+
+def test_synthetic_roundtrip(synthetic_root):
+    uf = UFire(synthetic_root)
+    subs = uf.subsets("test")
+    assert len(subs) >= 12
+    assert {data.base_task(s.split("/")[0]) for s in subs} == set(data.TASK_WORDS)
+    assert set(uf.ood_subsets()) == {f"ood/{t}" for t in data.OOD_TASKS}
+    assert subs == uf.subsets("train") == uf.subsets("val")
+    unique = set()
+    for sub in subs + uf.ood_subsets():
+        v = uf.eval_view(sub, "test")
+        assert v.missing == [] and v.targets_outside == 0, sub
+        assert len(v.records) > 0 and all(len(p) >= 1 for p in v.positives), sub
+        assert len(v.gallery) >= 500, (sub, len(v.gallery))
+        assert all(os.path.isfile(p) for p in v.gallery), sub
+        for r in v.records:
+            assert all(os.path.exists(r.path(p)) for p in r.query_image + r.query_video), r.id
+        if not sub.startswith("ood/"):
+            unique.update(v.gallery)
+            vv = uf.eval_view(sub, "val")
+            assert vv.missing == [] and len(vv.records) >= 20, sub
+    assert len(unique) <= 9000  # keeps a full test evaluation within its time budget
+    sizes = {s: len(uf.records(s, "train")) for s in subs}
+    assert max(sizes.values()) >= 10 * min(sizes.values()), sizes
+    # images are 64x64 RGB PNGs; the video is an animated GIF with motion
+    v = uf.eval_view("video2img/SynVideo")
+    im = Image.open(v.gallery[0])
+    assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
+    r = v.records[0]
+    frames = data.load_frames(r.path(r.query_video[0]), 4, 64)
+    assert len(frames) == 4 and frames[0].tobytes() != frames[-1].tobytes()
+
+
+def test_synthetic_task_semantics(synthetic_root):
+    uf = UFire(synthetic_root)
+    # asfr: every gallery image under the query's label is a positive, the label names an attribute
+    v = uf.eval_view("asfr/SynAttr")
+    g = uf.gallery("asfr/SynAttr")
+    for r, pos in zip(v.records, v.positives):
+        assert r.target_label.split("+")[1] == r.attribute and pos == g.labels[r.target_label]
+    # cir: the reference image is in the gallery but is not a positive (hard negative)
+    v = uf.eval_view("cir/SynCIR-Top")
+    idx = {p: i for i, p in enumerate(v.gallery)}
+    hard = sum(idx.get(r.path(r.query_image[0])) is not None for r in v.records)
+    assert hard >= len(v.records) // 2
+    assert all(idx.get(r.path(r.query_image[0])) not in pos for r, pos in zip(v.records, v.positives))
+    # t2i: every distractor differs, yet the captions name every factor of the target
+    r = uf.records("t2i/SynGen", "test")[0]
+    assert r.query_text in r.instruction_text and len(r.target_image) == 2
+    # compatibility: colour rule holds between the outfit and its target
+    for r in uf.records("compatibility/SynOutfit", "test")[:50]:
+        cols = [os.path.basename(p).split("+")[2] for p in r.query_image + r.target_image]
+        assert data.colours_compatible(cols), r.id
+
+
+def test_train_view_pairs(synthetic_root):
+    uf = UFire(synthetic_root)
+    subs = uf.subsets("train")
+    tv = uf.train_view(subs, image_size=32, max_images=2, num_frames=3)
+    assert tv.sizes == {s: len(uf.records(s, "train")) for s in subs}
+    rng = random.Random(0)
+    for s in subs:
+        p = tv.pair(s, 0, rng)
+        r = tv.record(s, 0)
+        assert p.target.size == (32, 32) and p.target_key in {r.path(t) for t in r.target_image}
+        assert len(p.query.images) <= 2 and all(im.size == (32, 32) for im in p.query.images)
+        assert len(p.query.frames) == (3 if r.query_video else 0)
+    # several targets / sketches are drawn at random, the eval query is deterministic
+    keys = {tv.pair("t2i/SynGen", 0, random.Random(i)).target_key for i in range(20)}
+    assert len(keys) == 2
+    r = tv.record("sketch2i/SynSketch", 0)
+    assert len(r.query_image) == 3
+    q1, q2 = data.record_to_query(r, 32), data.record_to_query(r, 32)
+    assert len(q1.images) == 1 and q1.images[0].tobytes() == q2.images[0].tobytes()
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_deterministic(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    data.generate_synthetic(a, seed=3, scale=0.04, workers=1, verbose=False)
+    data.generate_synthetic(b, seed=3, scale=0.04, workers=2, verbose=False)
+    ha, hb = _hashes(a), _hashes(b)
+    assert len(ha) > 100 and ha == hb  # same seed -> same bytes, whatever the worker count
+    data.generate_synthetic(c, seed=4, scale=0.04, workers=2, verbose=False)
+    assert _hashes(c) != ha
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".synthetic")]  # temp dirs gone
+
+
+def test_ensure_synthetic_reuses(tmp_path):
+    root = data.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03)
+    stamp = os.stat(Path(root) / data.INFO_FILE).st_mtime_ns
+    assert data.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03) == root
+    assert os.stat(Path(root) / data.INFO_FILE).st_mtime_ns == stamp  # not regenerated
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("mine")
+    with pytest.raises(UFireError, match="not a synthetic U-FIRE"):
+        data.ensure_synthetic(str(tmp_path / "other"))
+
+
+def test_check_passes_on_synthetic(synthetic_root):
+    p = subprocess.run([sys.executable, "data.py", "check", "--root", str(synthetic_root)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "OK: nothing missing" in p.stdout and "cir/SynCIR-Top" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input -> one error naming the file and the record
+# ---------------------------------------------------------------------------------------------
+
+def _mini_root(tmp_path: Path, records, fname="7_cir_Mini-Set_train_triplet_data.json", raw=None) -> Path:
+    root = tmp_path / "root"
+    (root / "0_triplet_files").mkdir(parents=True)
+    (root / "Mini_images").mkdir()
+    for n in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "Mini_images" / n)
+    f = root / "0_triplet_files" / fname
+    f.write_text(raw if raw is not None else json.dumps(records))
+    return root
+
+
+def _rec(**kw):
+    r = {"id": "cir_Mini-Set_0000001", "task": "cir", "dataset": "Mini-Set", "split": "train",
+         "instruction_text": "Find it, but red", "query_text": "red",
+         "query_image": ["Mini_images/a.png"], "target_image": ["Mini_images/b.png"]}
+    r.update(kw)
+    return {k: v for k, v in r.items() if v is not None}
+
+
+def test_file_names_keyed_on_task_words(tmp_path):
+    root = _mini_root(tmp_path, [_rec()], fname="42_cir_Mini-Set_train_triplet_data.json")
+    (root / "0_triplet_files" / "1_sketch&text_CS-TB_IR_val_triplet_data.json").write_text(json.dumps(
+        [_rec(id="x", task="sketch&text", dataset="CS-TB_IR", split="val")]))
+    uf = UFire(root)
+    assert uf.subsets("train") == ["cir/Mini-Set"] and uf.subsets("val") == ["sketch&text/CS-TB_IR"]
+    q = data.record_to_query(uf.records("cir/Mini-Set", "train")[0], 16)
+    assert q.instruction == "Find it, but red" and q.images[0].size == (16, 16)
+    assert data.base_task("inshop-tryon") == "inshop" and data.base_task("sketch&text") == "sketch&text"
+    with pytest.raises(UFireError):
+        data.base_task("sketch2text")
+
+
+def test_bad_missing_image(tmp_path):
+    root = _mini_root(tmp_path, [_rec(), _rec(id="bad_2", query_image=["Mini_images/nope.png"])])
+    r = UFire(root).records("cir/Mini-Set", "train")[1]
+    with pytest.raises(UFireError) as e:
+        data.record_to_query(r, 16)
+    msg = str(e.value)
+    assert "missing image" in msg and "nope.png" in msg and "bad_2" in msg and "#1" in msg
+    assert "7_cir_Mini-Set_train_triplet_data.json" in msg
+
+
+def test_bad_corrupt_image(tmp_path):
+    root = _mini_root(tmp_path, [_rec(id="corrupt_1")])
+    (root / "Mini_images" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    tv = UFire(root).train_view(["cir/Mini-Set"], 16)
+    with pytest.raises(UFireError) as e:
+        tv.pair("cir/Mini-Set", 0, random.Random(0))
+    msg = str(e.value)
+    assert "unreadable image" in msg and "b.png" in msg and "corrupt_1" in msg
+    assert "7_cir_Mini-Set_train_triplet_data.json" in msg
+
+
+def test_bad_record_without_target(tmp_path):
+    root = _mini_root(tmp_path, [_rec(), _rec(id="no_target", target_image=None)])
+    with pytest.raises(UFireError) as e:
+        UFire(root).records("cir/Mini-Set", "train")
+    msg = str(e.value)
+    assert "no target_image" in msg and "no_target" in msg and "#1" in msg
+    assert "7_cir_Mini-Set_train_triplet_data.json" in msg
+
+
+def test_bad_unknown_task(tmp_path):
+    root = _mini_root(tmp_path, [_rec(id="weird", task="sketch2text")])
+    with pytest.raises(UFireError) as e:
+        UFire(root).records("cir/Mini-Set", "train")
+    msg = str(e.value)
+    assert "unknown task" in msg and "sketch2text" in msg and "weird" in msg
+    assert "7_cir_Mini-Set_train_triplet_data.json" in msg
+    # an unknown task word in a file name is named with the file
+    (root / "0_triplet_files" / "3_shop2shop_X_train_triplet_data.json").write_text("[]")
+    with pytest.raises(UFireError, match="3_shop2shop_X_train_triplet_data.json.*unknown task"):
+        UFire(root)
+
+
+def test_bad_malformed_json(tmp_path):
+    root = _mini_root(tmp_path, None, raw='[{"id": "a", "task": "cir",,}]')
+    with pytest.raises(UFireError) as e:
+        UFire(root).records("cir/Mini-Set", "train")
+    assert "malformed JSON" in str(e.value) and "7_cir_Mini-Set_train_triplet_data.json" in str(e.value)
+    # valid JSON but a malformed record (wrong field type) names the record
+    root2 = _mini_root(tmp_path / "2", [_rec(), _rec(id="typed", query_image=[3])])
+    with pytest.raises(UFireError, match=r"'typed' \(#1\).*query_image"):
+        UFire(root2).records("cir/Mini-Set", "train")
+
+
+def test_video_readers(tmp_path):
+    frames = [Image.new("RGB", (10, 10), (i * 30, 0, 0)) for i in range(6)]
+    d = tmp_path / "clip"
+    d.mkdir()
+    for i, f in enumerate(frames):
+        f.save(d / f"{i:03d}.png")
+    got = data.load_frames(d, 3, 8)
+    assert [f.getpixel((0, 0))[0] for f in got] == [30, 90, 150]  # segment centres, in order
+    frames[0].save(tmp_path / "clip.webp", save_all=True, append_images=frames[1:], lossless=True)
+    assert len(data.load_frames(tmp_path / "clip.webp", 4, 8)) == 4
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        try:
+            import imageio  # noqa: F401
+        except ImportError:
+            with pytest.raises(UFireError, match="mp4 needs the optional"):
+                data.load_frames(tmp_path / "clip.mp4", 4)

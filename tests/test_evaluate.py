@@ -1,0 +1,168 @@
+"""Tests for evaluate.py: the metric by hand, faiss == torch, the gallery cache, end-to-end runs."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+
+
+# ---------------------------------------------------------------- the metric, computed by hand
+
+def test_recall_by_hand_with_ties_multi_positives_and_missing():
+    # Gallery of 5 one-hot-ish vectors; queries built so each rank is obvious.
+    g = np.eye(5, dtype=np.float32)  # (5, 5)
+    q = np.array([
+        [0.0, 1.0, 0.0, 0.0, 0.0],   # q0: image 1 first; images 0,2,3,4 tie at 0 -> order 0,2,3,4
+        [0.0, 0.0, 0.6, 0.8, 0.0],   # q1: ranks 3, 2, then ties 0,1,4
+        [0.5, 0.5, 0.5, 0.5, 0.0],   # q2: four-way tie 0,1,2,3 then 4
+        [1.0, 0.0, 0.0, 0.0, 0.0],   # q3: no positive in the gallery -> not scored
+    ], np.float32)
+    positives = [[2], [4, 2], [3], []]
+    scores, ids = ev.search_faiss(q, g, 5)
+    # Ties broken by gallery index: the lower index ranks first.
+    assert ids.tolist() == [[1, 0, 2, 3, 4], [3, 2, 0, 1, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    # First-hit ranks by hand: q0 -> image 2 at rank 2; q1 -> image 2 at rank 1; q2 -> image 3 at rank 3.
+    assert ev.first_hit_rank(ids, positives).tolist() == [2, 1, 3, -1]
+    r = ev.recall_at_k(ids, positives, (1, 2, 3, 4))
+    # Three scorable queries: hits within K are {none}, {q1}, {q0, q1}, {q0, q1, q2}.
+    assert r == pytest.approx({1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0})
+
+
+def test_chance_level_matches_closed_form():
+    # One positive: k / G exactly. Many positives: 1 - C(G-P, k) / C(G, k).
+    assert ev.chance_recall(100, [[3]], 10) == pytest.approx(0.10)
+    from math import comb
+    assert ev.chance_recall(50, [list(range(7))], 10) == pytest.approx(1 - comb(43, 10) / comb(50, 10))
+    assert ev.chance_recall(50, [[1], []], 10) == pytest.approx(10 / 50)  # the empty list is skipped
+
+
+# ---------------------------------------------------------------- faiss path == torch reference
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_faiss_equals_torch_with_many_ties(seed):
+    rng = np.random.default_rng(seed)
+    # Coordinates in {-2..2}/4: every dot product is exact in float32, and ties are frequent,
+    # including ties that straddle the K-th place.
+    g = rng.integers(-2, 3, size=(700, 16)).astype(np.float32) / 4  # (G, D)
+    q = rng.integers(-2, 3, size=(90, 16)).astype(np.float32) / 4  # (B, D)
+    for k in (1, 5, 10, 50):
+        s_f, i_f = ev.search_faiss(q, g, k)
+        s_t, i_t = ev.search_torch(q, g, k)
+        assert np.array_equal(i_f, i_t), f"top-{k} ids differ"
+        assert np.allclose(s_f, s_t)
+    positives = [list(rng.choice(700, size=rng.integers(1, 4), replace=False)) for _ in range(90)]
+    assert ev.recall_at_k(ev.search_faiss(q, g, 50)[1], positives, (1, 5, 10, 50)) == \
+        ev.recall_at_k(ev.search_torch(q, g, 50)[1], positives, (1, 5, 10, 50))
+
+
+def test_faiss_equals_torch_on_unit_float_vectors():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.nn.functional.normalize(torch.randn(2000, 32, generator=gen), dim=1).numpy()  # (G, D)
+    q = torch.nn.functional.normalize(torch.randn(64, 32, generator=gen), dim=1).numpy()  # (B, D)
+    _, i_f = ev.search_faiss(q, g, 10)
+    _, i_t = ev.search_torch(q, g, 10)
+    assert np.array_equal(i_f, i_t)
+
+
+# ---------------------------------------------------------------- gallery: encoded once, then cached
+
+class CountingEmbedder(torch.nn.Module):
+    """A stand-in embedder: deterministic vectors from file names, and a log of what it encoded."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.dim = dim
+        self.w = torch.nn.Parameter(torch.zeros(1))  # something trainable for the fingerprint
+        self.config = {"kind": "counting", "dim": dim}
+        self.image_calls: Counter = Counter()
+        self.query_calls = 0
+
+    def _vec(self, key: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(abs(hash(key)) % (2 ** 31))
+        return torch.nn.functional.normalize(torch.randn(self.dim, generator=gen), dim=0)  # (D,)
+
+    def encode_images(self, images, batch_size=32):
+        for p in images:
+            self.image_calls[str(p)] += 1
+        return torch.stack([self._vec(Path(p).name) for p in images])  # (G, D)
+
+    def encode_queries(self, queries, batch_size=16):
+        self.query_calls += len(queries)
+        # Point each query at its first target so that the metric is far above chance.
+        return torch.stack([self._vec(Path(r.target_image[0]).name) for r in queries])  # (B, D)
+
+
+def test_each_gallery_image_encoded_once_then_cache_reused(synthetic_root, tmp_path):
+    import data
+
+    ufire = data.UFire(str(synthetic_root))
+    subsets = ufire.subsets("test")
+    emb = CountingEmbedder()
+    res = ev.evaluate(emb, ufire, subsets, cache_dir=str(tmp_path / "cache"), progress=False)
+    union = set()
+    for s in subsets:
+        union.update(ufire.eval_view(s, "test").gallery)
+    assert set(emb.image_calls) == union
+    assert max(emb.image_calls.values()) == 1, "a gallery image was encoded twice in one run"
+    assert res.seconds["gallery_images"] == len(union)
+    # The oracle-like stand-in puts the first target on top: Recall@1 must be high everywhere.
+    for row in res.rows:
+        if row.task != "asfr":
+            assert row.recall[1] > 0.9, row
+    # Second run, same checkpoint and list: not a single image is encoded.
+    emb.image_calls.clear()
+    res2 = ev.evaluate(emb, ufire, subsets, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert sum(emb.image_calls.values()) == 0
+    assert [r.recall for r in res2.rows] == [r.recall for r in res.rows]
+    # A changed checkpoint (any trainable byte) must not reuse the cache.
+    with torch.no_grad():
+        emb.w.add_(1.0)
+    ev.evaluate(emb, ufire, subsets[:1], cache_dir=str(tmp_path / "cache"), progress=False)
+    assert sum(emb.image_calls.values()) == len(ufire.eval_view(subsets[0], "test").gallery)
+
+
+# ---------------------------------------------------------------- the real OOD task, end to end
+
+def _placeholder_ood_root(shared_ufire: Path, tmp: Path) -> Path:
+    """Copy the real OOD annotations and draw a small placeholder PNG for every image they name."""
+    from PIL import Image
+
+    name = "Image(s)+Text 2 Compatible Item"
+    src = shared_ufire / "evaluation_only_tasks" / name
+    dst = tmp / "ufire" / "evaluation_only_tasks" / name
+    dst.mkdir(parents=True)
+    for f in ("triplet_data.json", "candidate_images.json"):
+        shutil.copy(src / f, dst / f)
+    names = set(json.loads((src / "candidate_images.json").read_text()))
+    for r in json.loads((src / "triplet_data.json").read_text()):
+        names.update(r["query_image"])
+        names.update(r["target_image"])
+    for i, n in enumerate(sorted(names)):
+        p = dst / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # 8x8 images with a colour from the name's index: distinct, tiny, fast to write.
+        Image.new("RGB", (8, 8), ((i * 37) % 256, (i * 91) % 256, (i * 13) % 256)).save(p)
+    return tmp / "ufire"
+
+
+def test_real_ood_task_end_to_end(shared_ufire, tmp_path, tiny_embedder):
+    import data
+
+    root = _placeholder_ood_root(shared_ufire, tmp_path)
+    ufire = data.UFire(str(root))
+    oods = ufire.ood_subsets()
+    assert oods == ["ood/Image(s)+Text 2 Compatible Item"]
+    res = ev.evaluate(tiny_embedder, ufire, oods, split="test", ks=(1, 10, 50), batch_size=64,
+                      progress=False)
+    (row,) = res.rows
+    assert (row.queries, row.gallery, row.missing) == (1000, 2302, 0)
+    # A random embedder on placeholder images: every recall is a proper fraction and R@K grows with K.
+    assert 0.0 <= row.recall[1] <= row.recall[10] <= row.recall[50] <= 1.0
+    assert "ood/Image(s)+Text 2 Compatible Item | 2302 | 1000" in ev.format_table(res)

@@ -1,0 +1,252 @@
+"""Tests for sampler.py: GGAS probabilities, the floor, draw frequencies, sharding and exact resume."""
+import json
+import math
+import random
+
+import pytest
+
+from sampler import SamplerConfig, TaskBatchSampler, floor_probabilities
+
+SIZES = {"cir/a": 300, "sketch/b": 40, "text/c": 1000, "video/d": 120}
+
+
+def _fake_grad_norm(name: str, step: int) -> float:
+    """A deterministic, task-dependent 'gradient norm' for simulations."""
+    base = {"cir/a": 0.5, "sketch/b": 2.0, "text/c": 0.2, "video/d": 1.0}[name]
+    return base * (1.0 + 0.3 * math.sin(step))
+
+
+def _run(sampler, steps, start=0):
+    """Draw `steps` batches, reporting a fake gradient norm after each; return what was drawn."""
+    out = []
+    for t in range(start, start + steps):
+        name, idx = next(sampler)
+        out.append((name, list(idx)))
+        sampler.update(name, _fake_grad_norm(name, t))
+    return out
+
+
+def test_ggas_is_uniform_during_warmup_then_adaptive():
+    s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=30, min_prob=0.0)
+    for _ in range(30):
+        assert all(abs(p - 0.25) < 1e-12 for p in s.probabilities().values())
+        name, _ = next(s)
+        s.update(name, 5.0 if name == "sketch/b" else 0.1)  # very unequal difficulties
+    p = s.probabilities()
+    assert p["sketch/b"] > 0.5  # adaptive now: the hard task dominates
+
+
+def test_default_warmup_is_one_epoch():
+    s = TaskBatchSampler(SIZES, batch_size=32)
+    # drop_last=True: full batches per pass = 9 + 1 + 31 + 3
+    assert s.steps_per_epoch() == 300 // 32 + 40 // 32 + 1000 // 32 + 120 // 32
+    assert s.warmup_steps == s.steps_per_epoch()
+    s2 = TaskBatchSampler(SIZES, batch_size=32, drop_last=False)
+    assert s2.steps_per_epoch() == sum(math.ceil(n / 32) for n in SIZES.values())
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_equal_difficulties_give_size_prior(lam):
+    expected_raw = {k: n ** lam for k, n in SIZES.items()}
+    z = sum(expected_raw.values())
+    expected = {k: v / z for k, v in expected_raw.items()}
+    for strategy in ("ggas", "size"):
+        s = TaskBatchSampler(SIZES, batch_size=8, strategy=strategy, lam=lam, warmup_steps=0, min_prob=0.0)
+        for name in SIZES:
+            s.update(name, 0.7)  # equal difficulties: the G_k/T term cancels in the softmax
+        got = s.probabilities()
+        for k in SIZES:
+            assert abs(got[k] - expected[k]) < 1e-12
+
+
+def test_raising_one_difficulty_raises_its_probability():
+    s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0)
+    for name in SIZES:
+        s.update(name, 0.5)
+    before = s.probabilities()
+    for _ in range(5):
+        s.update("cir/a", 2.0)
+    after = s.probabilities()
+    assert after["cir/a"] > before["cir/a"] + 0.05
+    assert all(after[k] < before[k] for k in SIZES if k != "cir/a")
+    assert s.difficulties()["cir/a"] > s.difficulties()["text/c"]
+    # EMA arithmetic: first report sets G, later ones mix with alpha 0.9.
+    g = 0.5
+    for _ in range(5):
+        g = 0.9 * g + 0.1 * 2.0
+    assert abs(s.difficulties()["cir/a"] - g) < 1e-12
+
+
+def test_temperature_scales_the_difficulty_term():
+    def p_hard(t):
+        s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0, temperature=t, min_prob=0.0)
+        for name in SIZES:
+            s.update(name, 2.0 if name == "video/d" else 0.0)
+        return s.probabilities()["video/d"]
+    assert p_hard(0.5) > p_hard(1.0) > p_hard(4.0)
+
+
+def test_floor_holds_after_renormalising():
+    sizes = {f"t{i}": n for i, n in enumerate([10, 20, 50, 5000, 100000])}
+    s = TaskBatchSampler(sizes, batch_size=4, warmup_steps=0, min_prob=0.05)
+    for name in sizes:  # one overwhelming task: the others' raw softmax mass is ~1e-13
+        s.update(name, 30.0 if name == "t4" else 0.0)
+    p = s.probabilities()
+    assert abs(sum(p.values()) - 1.0) < 1e-12
+    assert min(p.values()) >= 0.05 - 1e-12
+    assert p["t4"] == pytest.approx(1 - 4 * 0.05)
+    # Property check of the water-filling floor on random distributions.
+    rng = random.Random(0)
+    for _ in range(500):
+        k = rng.randint(1, 12)
+        raw = [rng.random() ** 6 for _ in range(k)]
+        z = sum(raw)
+        raw = [v / z for v in raw]
+        m = rng.choice([0.0, 0.01, 0.05, 0.2, 0.5])
+        out = floor_probabilities(raw, m)
+        floor = min(m, 1 / k)
+        assert abs(sum(out) - 1) < 1e-9 and min(out) >= floor - 1e-12
+        # Tasks above the floor keep their relative odds (it is a renormalisation, not a mix).
+        free = [(o, r) for o, r in zip(out, raw) if o > floor + 1e-12]
+        for (o1, r1), (o2, r2) in zip(free, free[1:]):
+            assert abs(o1 * r2 - o2 * r1) < 1e-9
+    assert floor_probabilities([0.9, 0.1], 0.7) == [0.5, 0.5]  # floor clamped to 1/K
+
+
+def test_empirical_frequencies_match_probabilities():
+    s = TaskBatchSampler(SIZES, batch_size=4, warmup_steps=0, seed=123)
+    for name in SIZES:
+        s.update(name, _fake_grad_norm(name, 0))
+    probs = s.probabilities()  # no further updates: p stays fixed
+    counts = {k: 0 for k in SIZES}
+    n = 20_000
+    for _ in range(n):
+        name, _ = next(s)
+        counts[name] += 1
+    for k in SIZES:
+        assert abs(counts[k] / n - probs[k]) < 0.01, (k, counts[k] / n, probs[k])
+
+
+def test_batches_come_from_one_subdataset_without_replacement():
+    s = TaskBatchSampler(SIZES, batch_size=16, strategy="uniform", drop_last=False, seed=5)
+    seen = {k: [] for k in SIZES}
+    for _ in range(400):
+        name, idx = next(s)
+        assert all(0 <= i < SIZES[name] for i in idx) and len(set(idx)) == len(idx)
+        seen[name].append(idx)
+    # Within a sub-dataset, each pass (epoch) visits every index exactly once.
+    for name, batches in seen.items():
+        flat = [i for b in batches for i in b]
+        n = SIZES[name]
+        full = len(flat) // n
+        assert full >= 1
+        for e in range(full):
+            assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+        assert flat[:n] != flat[n:2 * n]  # reshuffled between passes
+
+
+def test_drop_last_gives_full_batches_and_small_subdatasets_shrink():
+    s = TaskBatchSampler({"big": 100, "small": 6}, batch_size=16, strategy="uniform", world_size=4, rank=1)
+    for _ in range(200):
+        name, idx = next(s)
+        assert len(idx) == (4 if name == "big" else 1)  # 16/4, or 6 -> 4 global -> 1 per rank
+
+
+def test_two_ranks_same_subdataset_disjoint_shards():
+    kw = dict(batch_size=8, warmup_steps=10, seed=7)
+    r0 = TaskBatchSampler(SIZES, rank=0, world_size=2, **kw)
+    r1 = TaskBatchSampler(SIZES, rank=1, world_size=2, **kw)
+    single = TaskBatchSampler(SIZES, rank=0, world_size=1, **kw)
+    for t in range(200):
+        (n0, i0), (n1, i1), (n, i) = next(r0), next(r1), next(single)
+        assert n0 == n1 == n
+        assert len(i0) == len(i1) == 4 and not set(i0) & set(i1)
+        assert i0 + i1 == i  # rank-order concatenation rebuilds the global batch
+        g = _fake_grad_norm(n, t)  # after DDP's all-reduce every rank reports the same norm
+        for s in (r0, r1, single):
+            s.update(n, g)
+
+
+def test_save_restore_mid_run_reproduces_the_sequence():
+    kw = dict(batch_size=16, warmup_steps=25, refresh_every=3, seed=11)
+    ref = TaskBatchSampler(SIZES, **kw)
+    full = _run(ref, 120)
+
+    first = TaskBatchSampler(SIZES, **kw)
+    head = _run(first, 60)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive plain JSON (no pickle)
+    resumed = TaskBatchSampler(SIZES, **kw)
+    resumed.load_state_dict(state)
+    tail = _run(resumed, 60, start=60)
+    assert head + tail == full
+    assert resumed.state_dict() == ref.state_dict()
+    assert len({name for name, _ in tail}) > 1  # the check covered several sub-datasets
+
+
+def test_load_state_dict_rejects_other_setup():
+    s = TaskBatchSampler(SIZES, batch_size=8)
+    other = TaskBatchSampler({**SIZES, "text/c": 999}, batch_size=8)
+    with pytest.raises(ValueError, match="sizes"):
+        other.load_state_dict(s.state_dict())
+
+
+def test_refresh_every_holds_probabilities_between_refreshes():
+    s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0, refresh_every=10)
+    for name in SIZES:
+        s.update(name, 0.1)
+    next(s)  # step 0 computes p
+    held = s.probabilities()
+    for t in range(1, 10):
+        s.update("sketch/b", 3.0)  # big change in difficulty...
+        assert s.probabilities() == held  # ...ignored until the next refresh
+        next(s)
+    assert s.probabilities()["sketch/b"] > held["sketch/b"]  # step 10: refreshed
+
+
+def test_bad_input_is_reported_clearly():
+    with pytest.raises(ValueError, match="strategy"):
+        TaskBatchSampler(SIZES, batch_size=8, strategy="greedy")
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        TaskBatchSampler(SIZES, batch_size=9, world_size=2)
+    with pytest.raises(ValueError, match="'empty'"):
+        TaskBatchSampler({"empty": 0, "ok": 10}, batch_size=4)
+    s = TaskBatchSampler(SIZES, batch_size=8)
+    with pytest.raises(ValueError, match="unknown sub-dataset 'nope'"):
+        s.update("nope", 1.0)
+    with pytest.raises(ValueError, match="sketch/b"):
+        s.update("sketch/b", float("nan"))
+
+
+def test_config_round_trip_and_strategies():
+    cfg = SamplerConfig(batch_size=8, strategy="size", warmup_steps=5, seed=3)
+    s = TaskBatchSampler.from_config(SIZES, cfg)
+    assert s.config == cfg
+    u = TaskBatchSampler(SIZES, batch_size=8, strategy="uniform", warmup_steps=0)
+    for name in SIZES:
+        u.update(name, 10.0 if name == "cir/a" else 0.0)
+    assert set(u.probabilities().values()) == {0.25}
+
+
+def test_unreported_subdataset_gets_neutral_difficulty():
+    s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0, min_prob=0.0)
+    s.update("cir/a", 1.0)
+    s.update("text/c", 3.0)
+    d = s.difficulties()
+    assert d["sketch/b"] == d["video/d"] == 2.0  # mean of the reported ones
+    assert TaskBatchSampler(SIZES, batch_size=8).difficulties() == {k: 0.0 for k in SIZES}
+
+
+def test_resume_on_another_world_size_sees_the_same_global_batches():
+    kw = dict(batch_size=8, warmup_steps=5, seed=2)
+    one = TaskBatchSampler(SIZES, **kw)
+    _run(one, 20)
+    state = one.state_dict()
+    ranks = [TaskBatchSampler(SIZES, rank=r, world_size=2, **kw) for r in range(2)]
+    for s in ranks:
+        s.load_state_dict(state)
+    for t in range(20, 40):
+        name, idx = next(one)
+        (n0, i0), (n1, i1) = next(ranks[0]), next(ranks[1])
+        assert n0 == n1 == name and i0 + i1 == idx
+        for s in (one, *ranks):
+            s.update(name, _fake_grad_norm(name, t))
