@@ -18,6 +18,10 @@ SHARED_UFIRE = REPO.parent / "shared" / "ufire"
 # Tests import the flat modules directly (data, model, ...), as a reader of the repo would.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# Idle OpenMP threads busy-spin by default; on a 2-core machine shared with a notebook kernel or a
+# torchrun child that turns a 1 s training step into 20 s. PASSIVE makes them sleep (must be set
+# before torch is imported, which is why it lives here).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Nothing in the test suite may touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

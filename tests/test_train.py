@@ -1,0 +1,311 @@
+"""Tests of train.py: the loss, GradCache == full batch, and real (tiny) training runs.
+
+The run tests share one small synthetic U-FIRE (scale 0.1, generated once into tmp) and one set of
+short runs (module fixture `runs`), each a subprocess exactly as a user would type it:
+
+    B   --steps 8 --eval-every 4                      (uninterrupted)
+    A1  --steps 8 --eval-every 4 --stop-at 4          (interrupted after step 4; in this process)
+    A2  --resume A --debug-nan-at-step 6               (forced non-finite loss at step 6; in this process)
+    A3  --resume A                                     (continues to step 8; in this process)
+    D   torchrun --nproc_per_node 2 (gloo), 2 steps    (DDP on CPU)
+
+Each test then checks one property of those runs. All of it takes ~2-3 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Busy-waiting OpenMP threads crawl when the 2 cores are shared (measured 15x slower steps);
+# only effective if torch is not loaded yet in this session, and always for our subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Small runs: two tasks (5 sub-datasets), batch 8 in chunks of 4, 4 validation queries each.
+COMMON = ["--tasks", "t2i,cir", "--batch-size", "8", "--chunk-size", "4", "--max-eval-queries", "4",
+          "--ggas-warmup", "2", "--no-final-test"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
+               OMP_WAIT_POLICY="PASSIVE")  # busy-waiting OpenMP threads crawl on shared cores
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)  # never inherit a launcher's rank
+    return env
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env=_env(), timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _steps(run: Path) -> list[dict]:
+    return [r for r in _log(run) if r.get("event") is None]
+
+
+def _weights(ckpt: Path) -> dict:
+    """Every tensor of a checkpoint that training changes (embedder extras + LoRA adapter)."""
+    from safetensors.torch import load_file
+
+    out = {f"extra.{k}": v for k, v in load_file(str(ckpt / "embedder.safetensors")).items()}
+    out.update({f"lora.{k}": v for k, v in load_file(str(ckpt / "adapter" / "adapter_model.safetensors")).items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> str:
+    import data
+
+    return data.ensure_synthetic(str(tmp_path_factory.mktemp("ufire_small") / "synthetic"), seed=0, scale=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss and the step (in-process, no subprocess)
+# ------------------------------------------------------------------------------------------------
+
+def test_info_nce_multi_positive_matches_hand_computation():
+    import train
+
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)  # (B=4, D=3)
+    t = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)  # (4, 3)
+    ids = torch.tensor([5, 7, 5, 9])  # targets 0 and 2 are the same image
+    tau = 0.1
+    got = train.info_nce(q, t, ids, tau)
+    s = (q @ t.T) / tau
+    by_hand = []
+    for i in range(4):
+        pos = [j for j in range(4) if ids[j] == ids[i]]
+        by_hand.append(-math.log(sum(math.exp(s[i, j]) for j in pos) / sum(math.exp(s[i, j]) for j in range(4))))
+    assert abs(float(got) - sum(by_hand) / 4) < 1e-5
+    # With all-distinct targets it is plain cross-entropy on the diagonal.
+    plain = train.info_nce(q, t, torch.arange(4), tau)
+    assert abs(float(plain) - float(torch.nn.functional.cross_entropy(s, torch.arange(4)))) < 1e-5
+    # And the duplicate really changes the loss (it is not treated as a negative).
+    assert abs(float(got) - float(plain)) > 1e-4
+
+
+def test_train_state_roundtrip_without_pickle(tmp_path):
+    import random
+
+    import train
+
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn(3, 2)
+    opt.step()
+    rnd = random.Random(3)
+    state = {"optimizer": opt.state_dict(), "py": rnd.getstate(), "torch": torch.get_rng_state(), "step": 7}
+    train.write_train_state(tmp_path, state)
+    back = train.read_train_state(tmp_path)
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])  # int keys and tuples survived the JSON round trip
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    rnd2 = random.Random()
+    rnd2.setstate(back["py"])
+    assert [rnd2.random() for _ in range(3)] == [rnd.random() for _ in range(3)]
+    assert torch.equal(back["torch"], state["torch"]) and back["step"] == 7
+    assert b"pickle" not in (tmp_path / "train_state.json").read_bytes()
+
+
+def test_gradcache_equals_full_batch_with_dropout(small_root):
+    """Same loss and same gradient on every trainable parameter (fp32, <= 1e-5 relative)."""
+    import data
+    import train
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    emb = FashionLensEmbedder(EmbedderConfig(lora_dropout=0.3, seed=1))  # own model: we perturb it
+    with torch.no_grad():  # LoRA B starts at 0, which would hide the dropout: give it weights
+        g = torch.Generator().manual_seed(0)
+        for name, prm in emb.named_parameters():
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.05)
+    emb.train()
+    view = data.UFire(small_root).train_view(["cir/SynCIR-Top"], image_size=64)
+    idx = [0, 1, 2, 3, 4, 0, 5, 1]  # records 0 and 1 twice: duplicate targets -> multi-positive
+    batch = train.make_batch(view, "cir/SynCIR-Top", idx, seed=0, step=0)
+    assert len(set(batch.keys)) < len(batch.keys)
+    params = {n: p for n, p in emb.named_parameters() if p.requires_grad}
+
+    def grads_of(step_fn, seed, chunk):
+        emb.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = step_fn(emb, batch, 0.07, chunk_size=chunk)
+        return out, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+
+    ref, g_ref = grads_of(train.full_batch_step, 11, 3)  # reference: every activation kept
+    gc, g_gc = grads_of(train.gradcache_step, 11, 3)  # GradCache, uneven chunks 3+3+2
+    assert abs(ref.loss - gc.loss) <= 1e-5 * abs(ref.loss)
+    assert set(g_ref) == set(g_gc) and len(g_ref) >= len(params) - 2
+    for n in g_ref:
+        err = float((g_ref[n] - g_gc[n]).norm())
+        assert err <= 1e-5 * float(g_ref[n].norm()) + 1e-9, f"{n}: |diff| {err:.3e} vs |g| {float(g_ref[n].norm()):.3e}"
+    # Dropout is really on: another seed gives other masks, hence another loss.
+    other, _ = grads_of(train.full_batch_step, 12, 3)
+    assert abs(other.loss - ref.loss) > 1e-5
+
+
+def test_gradcache_equals_single_forward_without_dropout(tiny_embedder, small_root):
+    """Dropout off: chunking does not matter at all (GradCache chunks of 3 vs one forward of 8)."""
+    import data
+    import train
+
+    emb = tiny_embedder
+    view = data.UFire(small_root).train_view(["t2i/SynGen"], image_size=64)
+    batch = train.make_batch(view, "t2i/SynGen", list(range(8)), seed=0, step=3)
+    params = {n: p for n, p in emb.named_parameters() if p.requires_grad}
+    emb.eval()  # eval mode = no dropout; gradients still flow
+    try:
+        emb.zero_grad(set_to_none=True)
+        ref = train.full_batch_step(emb, batch, 0.07, chunk_size=0)
+        g_ref = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+        emb.zero_grad(set_to_none=True)
+        gc = train.gradcache_step(emb, batch, 0.07, chunk_size=3)
+        g_gc = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    finally:
+        emb.zero_grad(set_to_none=True)
+    assert abs(ref.loss - gc.loss) <= 1e-5 * abs(ref.loss)
+    for n in g_ref:
+        assert float((g_ref[n] - g_gc[n]).norm()) <= 1e-4 * float(g_ref[n].norm()) + 1e-9, n
+
+
+# ------------------------------------------------------------------------------------------------
+# Real runs (subprocesses)
+# ------------------------------------------------------------------------------------------------
+
+def _train_in_process(args: list[str]) -> tuple[int, str, str]:
+    """train.main(args) in this process (saves ~10 s of imports per run); returns (rc, out, err)."""
+    import contextlib
+    import io
+
+    import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.main(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(small_root, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("runs")
+    data_args = ["--data", small_root, *COMMON]
+    r = {"tmp": tmp, "B": tmp / "B", "A": tmp / "A"}
+    # B: the uninterrupted run, as a user types it (subprocess).
+    r["B_proc"] = _ok(_run(["train.py", *data_args, "--steps", "8", "--eval-every", "4", "--out", str(r["B"])]))
+    # A: the same run in three sittings, in this process (resume reads everything back from disk).
+    r["A1"] = _train_in_process([*data_args, "--steps", "8", "--eval-every", "4", "--stop-at", "4",
+                                 "--out", str(r["A"])])
+    assert r["A1"][0] == 0, r["A1"][2][-3000:]
+    r["A2"] = _train_in_process(["--resume", str(r["A"]), "--debug-nan-at-step", "6"])
+    # What the forced non-finite loss left behind, before A3 writes over it.
+    r["A_after_nan"] = tmp / "A_after_nan"
+    if (r["A"] / "last").is_dir():
+        shutil.copytree(r["A"] / "last", r["A_after_nan"])
+    r["A3"] = _train_in_process(["--resume", str(r["A"])])
+    assert r["A3"][0] == 0, r["A3"][2][-3000:]
+    return r
+
+
+def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
+    b = runs["B"]
+    for ckpt in ("best", "last"):
+        assert (b / ckpt / "embedder_config.json").is_file() and (b / ckpt / "train_config.json").is_file()
+    assert (b / "last" / "train_state.json").is_file() and (b / "last" / "train_state.safetensors").is_file()
+    assert json.loads((b / "config.json").read_text())["resolved"]["total_steps"] == 8
+    steps = _steps(b)
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    for key in ("loss", "lr", "subset", "probabilities", "difficulties", "lam_mean", "time"):
+        assert all(key in s for s in steps), key
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert abs(sum(steps[-1]["probabilities"].values()) - 1) < 1e-6
+    vals = [r for r in _log(b) if r.get("event") == "val"]
+    assert [v["step"] for v in vals] == [4, 8]
+    best_step = json.loads((b / "best" / "metrics.json").read_text())["val"]["step"]
+    assert best_step == max(vals, key=lambda v: v["sum_recall1"])["step"]  # best = argmax, first on ties
+    # The evaluation CLI loads best/ (finding the data root in the run's saved config) ...
+    p = _ok(_run(["evaluate.py", "--ckpt", str(b / "best"), "--split", "val", "--tasks", "t2i", "--k", "1,10",
+                  "--ood", "skip", "--cache-dir", ""]))
+    assert "t2i/SynGen" in p.stdout and "R@10" in p.stdout
+    # ... and last/ loads and evaluates through the same code path, in this process.
+    _load_and_evaluate(b / "last", "t2i")
+
+
+def _load_and_evaluate(ckpt: Path, tasks: str):
+    import data
+    import evaluate
+    from model import FashionLensEmbedder
+
+    emb = FashionLensEmbedder.from_pretrained(str(ckpt))
+    root = json.loads((ckpt / "train_config.json").read_text())["data"]
+    uf = data.UFire(root)
+    res = evaluate.evaluate(emb, uf, evaluate.select_subsets(uf, "val", tasks, "skip"), split="val", ks=(1, 10),
+                            progress=False)
+    assert res.rows and all(0.0 <= r.recall[10] <= 1.0 for r in res.rows)
+    return res
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(runs):
+    a, b = runs["A"], runs["B"]
+    assert "--resume" in runs["A1"][1]  # the interrupted run says how to continue
+    wa, wb, w4 = _weights(a / "last"), _weights(b / "last"), _weights(runs["A_after_nan"])
+    assert set(wa) == set(wb)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"resumed run differs from the uninterrupted one in {len(diff)} tensors, e.g. {diff[:3]}"
+    assert any(not torch.equal(w4[k], wb[k]) for k in wb)  # steps 5-8 did change the weights
+    # Same batches, same losses, and the log holds each step exactly once.
+    sa, sb = _steps(a), _steps(b)
+    assert [s["step"] for s in sa] == list(range(1, 9))
+    assert [s["subset"] for s in sa] == [s["subset"] for s in sb]
+    assert [s["loss"] for s in sa] == [s["loss"] for s in sb]
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_last_checkpoint(runs):
+    rc, _, err = runs["A2"]
+    assert rc == 1
+    expected_subset = _steps(runs["B"])[5]["subset"]  # step 6 of the same trajectory
+    assert "non-finite" in err and "at step 6" in err and expected_subset in err, err[-2000:]
+    assert "step 4" in err  # names the last good checkpoint
+    left = runs["A_after_nan"]
+    assert json.loads((left / "train_state.json").read_text())["step"] == 4
+    _load_and_evaluate(left, "cir")
+
+
+def test_torchrun_two_gloo_processes_keep_identical_parameters(runs, small_root):
+    out = runs["tmp"] / "D"
+    proc = _ok(_run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                     "--data", small_root, *COMMON, "--steps", "2", "--eval-every", "2", "--device", "cpu",
+                     "--chunk-size", "2", "--out", str(out)]))  # 4 per rank in 2 chunks: GradCache + no_sync
+    text = proc.stdout + proc.stderr
+    digests = {ln.split()[1].rstrip("]"): ln.split()[-1] for ln in text.splitlines()
+               if ln.startswith("[rank ") and "sha256" in ln}
+    assert set(digests) == {"0", "1"}, text[-2000:]
+    assert digests["0"] == digests["1"]
+    cfg = json.loads((out / "config.json").read_text())["resolved"]
+    assert cfg["world_size"] == 2 and cfg["per_rank_batch"] == 4
+    # Negatives cross devices and DDP's gradient is the global one: step 1 sees the same global
+    # batch of 8 as the single-process run B. LoRA B = 0 at step 1, so dropout does not touch the
+    # forward (same loss) nor the gradient reaching the summary tokens (same token gradient norm:
+    # all-gather, x W scaling and DDP averaging cancel out). The total grad norm is not compared:
+    # lora_B's own gradient sees the dropout masks, which are drawn per rank.
+    d1, b1 = _steps(out)[0], _steps(runs["B"])[0]
+    assert d1["subset"] == b1["subset"]
+    for key in ("loss", "token_grad_norm"):
+        assert abs(d1[key] - b1[key]) <= 1e-4 * abs(b1[key]), (key, d1[key], b1[key])
+    assert (out / "best").is_dir() and (out / "last").is_dir()
