@@ -395,7 +395,8 @@ class EvalView:
 class TrainPair:
     query: Query
     target: Image.Image
-    target_key: str                # absolute path of the drawn target (detects in-batch duplicates)
+    target_key: str                # what makes two targets the same positive: the image's absolute
+                                   # path, or "label:<target_label>" for asfr (every image under a label is correct)
 
 
 class UFire:
@@ -577,7 +578,11 @@ class TrainView:
         r = self.recs[subset][i]
         query = record_to_query(r, self.image_size, self.max_images, self.num_frames, rng)
         tgt = r.path(rng.choice(r.target_image))  # one of several targets, fresh each epoch
-        return TrainPair(query, load_image(tgt, self.image_size, r), tgt)
+        # The key decides which in-batch targets count as positives for each other. Usually that is
+        # "the same image"; for asfr every image filed under the label is correct, so two queries
+        # asking for the same attribute value share their positives instead of repelling each other.
+        key = f"label:{r.target_label}" if r.target_label else tgt
+        return TrainPair(query, load_image(tgt, self.image_size, r), key)
 
 
 # --------------------------------------------------------------------------------------------

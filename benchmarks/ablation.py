@@ -1,0 +1,452 @@
+"""The ablation table: what PGSQC and GGAS each buy, on the synthetic U-FIRE, over several seeds.
+
+What it measures
+----------------
+FashionLens (Wen et al., 2026) adds two mechanisms to a plain contrastive MLLM retriever: PGSQC
+(calibrator.py: slerp of each query toward a proposal) and GGAS (sampler.py: task sampling by
+gradient-guided difficulty x data size). The paper's ablations remove each one. This script trains,
+at a reduced budget and with the same recipe otherwise (train.py's TrainConfig defaults), five
+variants, each with several seeds (a seed sets the tiny base's init, the sampler and the data draws):
+
+    variant        --calibrator  --sampler   what it removes
+    full           slerp         ggas        nothing (the method)
+    cal-off        off           ggas        PGSQC
+    cal-linear     linear        ggas        the sphere: linear interpolation instead of slerp
+    samp-uniform   slerp         uniform     GGAS (every sub-dataset equally likely)
+    samp-size      slerp         size        GGAS' gradient term (size prior only)
+
+Each run is evaluated on the test split (all 13 sub-datasets; `--ood` adds the two OOD tasks)
+with evaluate.evaluate, and the table reports, over seeds,
+
+    mean  = (1/S) sum_s R_s,      std = sqrt( (1/(S-1)) sum_s (R_s - mean)^2 )   (sample std)
+
+of the overall mean Recall@1 and Recall@10 (mean over task words of the mean over each task's
+sub-datasets: evaluate.summarise) and of each task's Recall@1/@10.
+
+The verdict then checks the paper's claims, each as "A beats B" on the seed means:
+    GGAS helps (full > samp-uniform), PGSQC helps (full > cal-off), removing GGAS costs more than
+    removing PGSQC (cal-off > samp-uniform), slerp beats linear (full > cal-linear),
+    and, for information, GGAS' gradient term helps (full > samp-size).
+A difference smaller than the pooled seed std  sqrt((std_A^2 + std_B^2) / 2)  is reported as
+"within noise", not as support or contradiction; "A>B in n/S seeds" counts paired seeds (the
+same seed gives both variants the same initial weights). With one seed nothing can be decided.
+
+Run it
+------
+    python benchmarks/ablation.py                     # 5 variants x seeds 0,1,2: the table (< 60 min, 2 cores)
+    python benchmarks/ablation.py --quick             # SMOKE TEST (~5 min): 5 variants x 1 seed, few steps
+    python benchmarks/ablation.py --steps 300 --seeds 0,1,2,3,4 --ood --out benchmarks/long.json
+    python benchmarks/ablation.py --variants full,cal-off --seeds 0 --steps 5 --tasks t2i   # seconds
+
+Each run trains in-process through train.train into runs/ablation/<variant>-s<seed> (git-ignored;
+--quick uses runs/ablation-quick) and leaves its test numbers there (ablation_run.json); a rerun
+with the same settings reuses finished runs, so an interrupted benchmark continues where it stopped
+(`--fresh` retrains all). Results: the markdown tables and verdict on stdout, everything in
+benchmarks/ablation_results.json (--quick: runs/ablation-quick/ablation_results.json).
+
+Numbers are Recall in percent. At this budget the tiny random-init model is far from converged,
+so these are differences between recipes at equal compute, not the paper's absolute numbers.
+
+Shape legend: S seeds, V variants, T task words.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# variant name -> (calibrator, sampler); "full" is the method, the rest remove one piece each.
+VARIANTS = {
+    "full": ("slerp", "ggas"),
+    "cal-off": ("off", "ggas"),
+    "cal-linear": ("linear", "ggas"),
+    "samp-uniform": ("slerp", "uniform"),
+    "samp-size": ("slerp", "size"),
+}
+DESCRIPTIONS = {
+    "full": "full model (slerp PGSQC + GGAS)",
+    "cal-off": "calibrator off (no PGSQC)",
+    "cal-linear": "linear instead of slerp",
+    "samp-uniform": "sampler uniform (no GGAS)",
+    "samp-size": "sampler size-prior only",
+}
+# The paper's claims as (winner, loser, statement); `required` ones decide "ordering matches".
+CLAIMS = [
+    ("full", "samp-uniform", "GGAS helps: full > sampler uniform", True),
+    ("full", "cal-off", "PGSQC helps: full > calibrator off", True),
+    ("cal-off", "samp-uniform", "removing GGAS costs more than removing PGSQC: cal-off > samp-uniform", True),
+    ("full", "cal-linear", "slerp beats linear: full > cal-linear", True),
+    ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
+]
+KS = (1, 10)
+# Per-run budget: a third of the default run (train.py: 600 steps at batch 16, ~0.6-0.8 s/step on 2
+# cores). A 200-step run plus two validations and the test evaluation takes ~3 min, so the 15 runs
+# stay under 60 min. Measured: see the closing numbers printed at the end of a run.
+DEFAULT_STEPS = 200
+QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
+
+
+# ================================================================================================
+# Statistics and the verdict (pure functions: tests/test_benchmarks.py runs them on made-up numbers)
+# ================================================================================================
+
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample std (n-1); std is nan for fewer than two values."""
+    xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)  # mean over seeds
+    if len(xs) < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)  # unbiased variance over seeds
+    return m, math.sqrt(var)
+
+
+def fmt_ms(m: float, s: float) -> str:
+    """'41.3 ± 2.0' in percent; '41.3' when there is no std (one seed)."""
+    if math.isnan(m):
+        return "n/a"
+    return f"{100 * m:.1f}" if math.isnan(s) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def compare(a: list, b: list) -> dict:
+    """Is variant A better than B? a, b: per-seed scores in the same seed order (paired).
+
+    Returns diff (mean_A - mean_B), noise (pooled seed std), wins (seeds where A > B), n, and a
+    verdict: "holds" (diff > noise), "contradicted" (diff < -noise), "within noise" (|diff| <= noise),
+    or "untestable (1 seed)" when the std is unknown.
+    """
+    ma, sa = mean_std(a)
+    mb, sb = mean_std(b)
+    diff = ma - mb  # mean_A - mean_B
+    n = min(len(a), len(b))
+    wins = sum(1 for x, y in zip(a, b) if x > y)  # paired: same seed = same initial weights
+    if n < 2 or math.isnan(sa) or math.isnan(sb):
+        return {"diff": diff, "noise": float("nan"), "wins": wins, "n": n, "verdict": "untestable (1 seed)"}
+    noise = math.sqrt((sa ** 2 + sb ** 2) / 2)  # pooled std of one seed's score
+    if abs(diff) <= noise:
+        verdict = "within noise"
+    else:
+        verdict = "holds" if diff > 0 else "contradicted"
+    return {"diff": diff, "noise": noise, "wins": wins, "n": n, "verdict": verdict}
+
+
+def verdicts(scores: dict, metric: str) -> list[dict]:
+    """Check every claim on `metric` ("R@1" or "R@10"); scores[variant][metric] = per-seed list."""
+    out = []
+    for a, b, text, required in CLAIMS:
+        if a not in scores or b not in scores:
+            continue
+        c = compare(scores[a][metric], scores[b][metric])
+        out.append({"claim": text, "a": a, "b": b, "metric": metric, "required": required, **c})
+    return out
+
+
+def overall_verdict(checks: list[dict]) -> str:
+    """One sentence: does the ordering match the paper's claims (required claims only)?"""
+    req = [c for c in checks if c["required"]]
+    if not req:
+        return "no claim could be checked (a variant is missing)"
+    if any(c["verdict"].startswith("untestable") for c in req):
+        return "cannot tell: one seed gives no std (this is a smoke test, not a result)"
+    held = [c for c in req if c["verdict"] == "holds"]
+    contra = [c for c in req if c["verdict"] == "contradicted"]
+    noise = [c for c in req if c["verdict"] == "within noise"]
+    if len(held) == len(req):
+        return "MATCHES the paper: every claimed ordering holds by more than one seed std"
+    parts = []
+    if held:
+        parts.append(f"{len(held)}/{len(req)} hold")
+    if noise:
+        parts.append(f"{len(noise)}/{len(req)} within noise")
+    if contra:
+        parts.append(f"{len(contra)}/{len(req)} contradicted")
+    head = "does NOT match the paper" if contra else "does not clearly match the paper"
+    return f"{head}: " + ", ".join(parts)
+
+
+# ================================================================================================
+# Tables
+# ================================================================================================
+
+
+def aggregate(runs: list[dict], variants: list[str], seeds: list[int]) -> dict:
+    """Per-run results -> {variant: {"R@1": [per seed], "R@10": [...], "tasks": {task: {"R@1": [...]}}}}."""
+    agg: dict = {}
+    for v in variants:
+        rs = [next((r for r in runs if r["variant"] == v and r["seed"] == s), None) for s in seeds]
+        rs = [r for r in rs if r is not None]
+        if not rs:
+            continue
+        entry = {f"R@{k}": [r["overall"][str(k)] for r in rs] for k in KS}
+        tasks = sorted({t for r in rs for t in r["task_means"]})
+        entry["tasks"] = {t: {f"R@{k}": [r["task_means"][t][str(k)] for r in rs if t in r["task_means"]]
+                              for k in KS} for t in tasks}
+        entry["seeds"] = [r["seed"] for r in rs]
+        entry["run_seconds"] = [r["seconds"] for r in rs]
+        agg[v] = entry
+    return agg
+
+
+def summary_table(agg: dict) -> str:
+    """Variant | overall R@1 | overall R@10 | delta vs full (R@10) | seeds."""
+    lines = ["| variant | overall R@1 | overall R@10 | Δ R@10 vs full | seeds |", "|---|---|---|---|---|"]
+    full10 = mean_std(agg["full"]["R@10"])[0] if "full" in agg else float("nan")
+    for v, e in agg.items():
+        m1, s1 = mean_std(e["R@1"])
+        m10, s10 = mean_std(e["R@10"])
+        delta = "" if v == "full" or math.isnan(full10) else f"{100 * (m10 - full10):+.1f}"
+        lines.append(f"| {DESCRIPTIONS.get(v, v)} (`{v}`) | {fmt_ms(m1, s1)} | {fmt_ms(m10, s10)} | {delta} | "
+                     f"{len(e['R@1'])} |")
+    return "\n".join(lines)
+
+
+def task_table(agg: dict, metric: str) -> str:
+    """Rows: task words; columns: variants; cells: mean ± std over seeds of the task's `metric`."""
+    vs = list(agg)
+    tasks = sorted({t for e in agg.values() for t in e["tasks"]}, key=lambda t: (t == "ood", t))
+    lines = [f"| task ({metric}) | " + " | ".join(f"`{v}`" for v in vs) + " |", "|---" * (len(vs) + 1) + "|"]
+    for t in tasks:
+        cells = [fmt_ms(*mean_std(agg[v]["tasks"].get(t, {}).get(metric, []))) for v in vs]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_table(checks: list[dict]) -> str:
+    lines = ["| claim | metric | Δ (A − B) | pooled std | A > B in seeds | verdict |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        noise = "n/a" if math.isnan(c["noise"]) else f"{100 * c['noise']:.1f}"
+        lines.append(f"| {c['claim']} | {c['metric']} | {100 * c['diff']:+.1f} | {noise} | "
+                     f"{c['wins']}/{c['n']} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+# ================================================================================================
+# Machine description (shared with speed.py)
+# ================================================================================================
+
+
+def machine_info() -> dict:
+    """Cores, CPU model, torch threads, versions and the date: printed above every result."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu_model": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def machine_line(info: dict) -> str:
+    return (f"machine: {info['cores']} cores ({info['cpu_model']}), torch {info.get('torch', '?')} with "
+            f"{info.get('torch_threads', '?')} threads, python {info['python']}; date {info['date']}")
+
+
+# ================================================================================================
+# One run: train in-process, evaluate best/ on the test split
+# ================================================================================================
+
+
+def run_settings(variant: str, seed: int, args) -> dict:
+    """Everything that defines one run's result (a finished run is reused only if these match)."""
+    import train
+
+    cal, samp = VARIANTS[variant]
+    # train.py's defaults are part of the recipe: a run trained before they changed is redone.
+    defaults = {k: v for k, v in dataclasses.asdict(train.TrainConfig()).items()
+                if k not in ("out", "data", "device")}
+    return {"variant": variant, "seed": seed, "calibrator": cal, "sampler": samp, "steps": args.steps,
+            "eval_every": args.eval_every, "tasks": args.tasks, "ood": bool(args.ood),
+            "max_eval_queries": args.max_eval_queries, "train_defaults": defaults}
+
+
+def run_one(variant: str, seed: int, args, ufire) -> dict:
+    """Train one variant/seed (or reuse a finished run with the same settings); return its test numbers."""
+    import evaluate
+    import train
+    from model import FashionLensEmbedder
+
+    settings = run_settings(variant, seed, args)
+    out = Path(args.runs) / f"{variant}-s{seed}"
+    done = out / "ablation_run.json"
+    if done.is_file() and not args.fresh:
+        prev = json.loads(done.read_text())
+        if prev.get("settings") == settings:
+            prev["reused"] = True
+            return prev
+    if out.exists():  # an unfinished or differently configured run of ours: start it over
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    cal, samp = VARIANTS[variant]
+    cfg = train.TrainConfig(tasks=args.tasks, data=str(ufire.root), out=str(out), steps=args.steps,
+                            calibrator=cal, sampler=samp, seed=seed, eval_every=args.eval_every,
+                            max_eval_queries=args.max_eval_queries, final_test=False, device=args.device)
+    t0 = time.time()
+    # train.py prints its resolved config, a progress bar and one line per validation: keep that
+    # in the run's folder so the benchmark's own output stays one line per run.
+    with open(out / "train_output.txt", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        summary = train.train(cfg)
+    t_train = time.time() - t0
+
+    device = None if cfg.device == "auto" else cfg.device  # None: the checkpoint's own setting
+    best = FashionLensEmbedder.from_pretrained(str(out / "best"), device=device)
+    subsets = evaluate.select_subsets(ufire, "test", args.tasks, "include" if args.ood else "skip")
+    res = evaluate.evaluate(best, ufire, subsets, split="test", ks=KS, batch_size=64, cache_dir=None,
+                            progress=False)
+    t_total = time.time() - t0
+    doc = {"variant": variant, "seed": seed, "settings": settings,
+           "train_config": dataclasses.asdict(cfg),
+           "best": summary.get("best"), "overall": {str(k): v for k, v in res.overall.items()},
+           "task_means": {t: {str(k): v for k, v in m.items()} for t, m in res.task_means.items()},
+           "rows": [{"subset": r.subset, "recall": {str(k): v for k, v in r.recall.items()}} for r in res.rows],
+           "seconds": t_total, "train_seconds": t_train, "eval_seconds": t_total - t_train}
+    tmp = done.with_name(".ablation_run.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, done)  # written last and atomically: its presence means "this run finished"
+    del best
+    gc.collect()
+    return doc
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="Defaults are in each flag's help; see the module docstring for the method.")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"SMOKE TEST: 1 seed, {QUICK_STEPS} steps (unless --seeds/--steps say otherwise), "
+                         "~5 min; proves the pipeline runs, says nothing about the claims")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"optimizer steps per run (default {DEFAULT_STEPS}; --quick: {QUICK_STEPS})")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="validate + keep best every N steps (default: steps/2, i.e. two validations; "
+                         "--quick: once, at the end)")
+    ap.add_argument("--max-eval-queries", type=int, default=None,
+                    help="validation queries per sub-dataset during training (default 0 = all; --quick: 10)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of " + ", ".join(VARIANTS) + " (default: all five)")
+    ap.add_argument("--tasks", default="all", help="task words to train and test on (default all: the 13 sub-datasets)")
+    ap.add_argument("--ood", action="store_true", help="also test on the two OOD tasks (~15%% more eval time)")
+    ap.add_argument("--runs", default=None, help="where the runs go, one folder per variant/seed "
+                                                 "(default runs/ablation; --quick: runs/ablation-quick)")
+    ap.add_argument("--device", default="cpu", help="cpu (default: the budget is for 2 CPU cores) | auto | cuda")
+    ap.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/ablation_results.json; "
+                                                "--quick: runs/ablation-quick/ablation_results.json, so a "
+                                                "smoke test never overwrites the real table)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    args.eval_every = args.eval_every or (args.steps if args.quick else max(1, math.ceil(args.steps / 2)))
+    args.runs = args.runs or ("runs/ablation-quick" if args.quick else "runs/ablation")
+    args.out = args.out or ("runs/ablation-quick/ablation_results.json" if args.quick
+                            else "benchmarks/ablation_results.json")
+    if args.max_eval_queries is None:
+        args.max_eval_queries = 10 if args.quick else 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: shared cores, see its comment
+    import data
+    import train  # noqa: F401  (imports torch; one import of transformers for all runs happens below)
+
+    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    info = machine_info()
+    kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"
+    print(f"# FashionLens {kind}: {len(variants)} variants x seeds {seeds}, {args.steps} steps each, "
+          f"validation every {args.eval_every}, test on {args.tasks}{' + OOD' if args.ood else ''}")
+    print(machine_line(info), flush=True)
+
+    t0, runs = time.time(), []
+    total = len(variants) * len(seeds)
+    for s in seeds:  # seed-major: an interrupted run still has every variant at the first seeds
+        for v in variants:
+            r = run_one(v, s, args, ufire)
+            runs.append(r)
+            tag = "reused" if r.get("reused") else f"{r['seconds']:.0f}s (train {r['train_seconds']:.0f}s)"
+            print(f"[{len(runs)}/{total}] {v:<13} seed {s}: test R@1 {100 * r['overall']['1']:.1f}  "
+                  f"R@10 {100 * r['overall']['10']:.1f}  best val step {r['best']['step']}  [{tag}]  "
+                  f"elapsed {(time.time() - t0) / 60:.1f} min", flush=True)
+
+    agg = aggregate(runs, variants, seeds)
+    checks = verdicts(agg, "R@1") + verdicts(agg, "R@10")
+    verdict_r1 = overall_verdict([c for c in checks if c["metric"] == "R@1"])
+    verdict_r10 = overall_verdict([c for c in checks if c["metric"] == "R@10"])
+    wall = time.time() - t0
+
+    print(f"\n## Ablation on the synthetic U-FIRE test split ({args.steps} steps, seeds {seeds}; "
+          f"Recall in %, mean ± std over seeds)\n")
+    print(summary_table(agg))
+    for m in ("R@1", "R@10"):
+        print(f"\nPer task, {m}:\n")
+        print(task_table(agg, m))
+    print("\nThe paper's claims (Δ in points; 'within noise' = |Δ| ≤ pooled seed std):\n")
+    print(verdict_table(checks))
+    print(f"\nVerdict on overall R@1: {verdict_r1}.")
+    print(f"Verdict on overall R@10: {verdict_r10}.")
+    if args.quick:
+        print("NOTE: --quick is a smoke test (1 seed, few steps): it shows the pipeline works, nothing more.")
+    print(f"Wall time {wall / 60:.1f} min for {total} runs "
+          f"({sum(1 for r in runs if r.get('reused'))} reused).")
+
+    doc = {"kind": "quick smoke test" if args.quick else "ablation", "machine": info,
+           "command": " ".join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
+           "settings": {"steps": args.steps, "eval_every": args.eval_every, "seeds": seeds, "variants": variants,
+                        "tasks": args.tasks, "ood": bool(args.ood), "max_eval_queries": args.max_eval_queries,
+                        "train_defaults": dataclasses.asdict(train.TrainConfig())},
+           "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
+           "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
+                         for v, e in agg.items()},
+           "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
+           "runs": [{k: r[k] for k in ("variant", "seed", "overall", "task_means", "rows", "best", "seconds",
+                                       "train_seconds", "eval_seconds")} for r in runs],
+           "wall_seconds": wall}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

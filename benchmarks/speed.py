@@ -1,0 +1,547 @@
+"""The performance figures: GradCache memory, encode throughput, search speed, end-to-end wall time.
+
+What it measures (one run, one machine, printed as a markdown table and as ratios)
+----------------------------------------------------------------------------------
+1. GradCache memory. Peak resident memory of ONE training step (train.gradcache_step with a fixed
+   chunk vs train.full_batch_step, the plain path) at batch 32, 64 and 128, on the synthetic
+   `cir` sub-dataset (an image + a modification text per query). Each configuration runs in a
+   fresh subprocess that builds the tiny embedder, runs a batch-2 warm-up step (so the .grad
+   buffers exist), returns freed memory to the OS (malloc_trim), resets the kernel's high-water mark
+   (/proc/self/clear_refs) and then measures
+
+       step peak = VmHWM after the step - VmRSS just before it          (MiB, resident memory)
+
+   (falling back to ru_maxrss when clear_refs is unavailable). On CPU this is what the step costs
+   in RAM: activations kept for backward, plus allocator slack. GradCache should stay about flat
+   as the batch grows (it keeps the graph of one chunk), the full batch grows ~linearly.
+2. Encode throughput. items/s of embedder.encode_queries (a mix of every task's test queries) and
+   embedder.encode_images (test gallery images, PNG decoding included, as evaluate.py does), at
+   evaluate.py's batch size. Share of the machine: the model's matmul work per item, estimated as
+
+       FLOPs/item ~ 2 P_lm L  +  2 P_vis N_patch  +  4 n_layers L^2 D  (+ 2 P_cal for a query)
+
+   (P_lm language-model parameters without the embedding table, L real prompt tokens including the
+   visual tokens, P_vis vision-tower parameters, N_patch vision patches before merging, the L^2
+   term for attention scores; padding, norms and activations are ignored), times items/s, divided
+   by the GFLOP/s of a large fp32 matmul (N x N, best of 5) measured in the same run. A tiny model's
+   small matrices reach only a few percent of it: the gap is overhead, not arithmetic.
+3. Search. On random unit vectors (1,500 queries x 8,000 gallery x D, K = 50): evaluate.search_faiss
+   (the project's exact, tie-stable search), a bare faiss IndexFlatIP (add + search), a torch
+   matmul + topk, and evaluate.search_torch (matmul + full stable sort, the readable reference).
+   Best of 3; ratios against the bare faiss index.
+4. Wall time of the two documented commands, as subprocesses: `python train.py --tasks all`
+   (into runs/speed/train-default, so an existing runs/fashionlens-tiny is left alone; ~10 min)
+   and `python evaluate.py --ckpt <run>/best`, cold (empty gallery cache) then warm (cache hit).
+   `--skip-train` reuses an existing run (default runs/fashionlens-tiny) and reads its training
+   time from its log instead.
+
+Run it
+------
+    python benchmarks/speed.py                           # everything, ~15 min on 2 cores (10 of them training)
+    python benchmarks/speed.py --skip-train              # reuse runs/fashionlens-tiny: ~5 min
+    python benchmarks/speed.py --skip-train --run runs/X --batches 8,16 --n-queries 64 --n-images 128
+    python benchmarks/speed.py --skip-train --no-wall    # no subprocess timing of train/evaluate
+
+Results: the table on stdout and benchmarks/speed_results.json (--out). Timings depend on what else
+runs on the machine: run it on idle cores, and compare ratios rather than absolute numbers.
+
+Shape legend: B batch, c chunk, D embedding size, G gallery, Q queries, K retrieved per query,
+L sequence length.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: shared cores, see its comment
+
+from ablation import machine_info, machine_line  # noqa: E402  (same machine header in both scripts)
+
+
+# ================================================================================================
+# Small helpers
+# ================================================================================================
+
+
+def best_time(fn, repeat: int) -> float:
+    """Smallest wall time of `repeat` calls: the least disturbed by other work on the machine."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _status_kib(field: str) -> int:
+    """VmRSS / VmHWM of this process in KiB, from /proc/self/status (-1 when unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's resident high-water mark (VmHWM) to the current RSS; False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Hand memory freed by earlier work back to the OS, so the step cannot hide in it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+# ================================================================================================
+# 1. GradCache memory (one subprocess per configuration)
+# ================================================================================================
+
+
+def memory_worker(batch: int, chunk: int, subset: str) -> dict:
+    """Runs in a fresh process: peak resident memory of one training step at (batch, chunk)."""
+    import data
+    import train
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    emb = FashionLensEmbedder(EmbedderConfig(seed=0, device="cpu"))
+    emb.train()
+    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    cfg = emb.config
+    view = ufire.train_view([subset], image_size=cfg.image_size, max_images=cfg.max_query_images,
+                            num_frames=cfg.num_frames)
+    n_rec = len(view.recs[subset])
+    if batch > n_rec:
+        raise SystemExit(f"error: {subset} has {n_rec} training records, fewer than batch {batch}")
+    tau = train.TrainConfig().temperature
+    warm = train.make_batch(view, subset, [0, 1], 0, 0)
+    train.full_batch_step(emb, warm, tau)  # allocates .grad buffers and warms the kernels
+    for p in emb.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    batch_data = train.make_batch(view, subset, list(range(batch)), 0, 1)  # images loaded before measuring
+    gc.collect()
+    _malloc_trim()
+    rss_before = _status_kib("VmRSS")  # resident memory just before the step (model, data, imports)
+    reset_ok = _reset_peak()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    torch_seed = 1234
+    import torch
+
+    torch.manual_seed(torch_seed)
+    t0 = time.perf_counter()
+    if chunk > 0:
+        train.gradcache_step(emb, batch_data, tau, chunk_size=chunk)
+    else:
+        train.full_batch_step(emb, batch_data, tau)
+    seconds = time.perf_counter() - t0
+    if reset_ok:
+        peak = _status_kib("VmHWM") - rss_before  # high-water mark since the reset, above the start
+        how = "VmHWM - VmRSS (clear_refs reset)"
+    else:
+        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before)
+        how = "ru_maxrss increase (lower bound: no clear_refs)"
+    return {"batch": batch, "chunk": chunk, "subset": subset, "step_peak_mib": peak / 1024,
+            "rss_before_mib": rss_before / 1024, "step_seconds": seconds, "method": how}
+
+
+def measure_memory(batches: list[int], chunk: int, subset: str) -> list[dict]:
+    rows = []
+    for b in batches:
+        for c in (chunk, 0):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(b), str(c),
+                   "--memory-subset", subset]
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"memory worker (batch {b}, chunk {c}) failed:\n{p.stderr[-3000:]}")
+            row = json.loads(p.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            kind = f"GradCache c={c}" if c else "full batch"
+            print(f"  memory: batch {b:>4} {kind:<14} step peak {row['step_peak_mib']:8.1f} MiB  "
+                  f"step {row['step_seconds']:.1f}s", flush=True)
+    return rows
+
+
+# ================================================================================================
+# 2. Encode throughput and its share of the machine's matmul throughput
+# ================================================================================================
+
+
+def matmul_gflops(n: int, repeat: int = 5) -> float:
+    """fp32 GFLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs), best of `repeat`."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)  # (n, n) each
+    a @ b  # warm-up (thread pool, page faults)
+    return 2 * n ** 3 / best_time(lambda: a @ b, repeat) / 1e9
+
+
+def param_split(emb) -> dict:
+    """Parameter counts by role: language model (no embedding table), vision tower, calibrator."""
+    lm = vis = table = cal = 0
+    for name, p in emb.named_parameters():
+        n = p.numel()
+        if name.startswith("calibrator."):
+            cal += n
+        elif ".visual." in name:
+            vis += n
+        elif "embed_tokens" in name or "lm_head" in name:
+            table += n  # a lookup, not a matmul (lm_head is not used by the embedder)
+        elif name.startswith("backbone."):
+            lm += n
+    return {"lm": lm, "vision": vis, "embedding_table": table, "calibrator": cal,
+            **{f"total_{k}": v for k, v in emb.param_counts().items()}}
+
+
+def flops_per_item(emb, params: dict, n_tokens: float, n_images: float, query: bool) -> float:
+    """Estimated FLOPs to embed one item (see the module docstring for the formula)."""
+    text = emb._base().config.text_config
+    vcfg = emb._base().config.vision_config
+    merge = int(vcfg.spatial_merge_size)
+    patches = emb.tokens_per_image * merge ** 2  # N_patch per image, before merging
+    vis_width = int(getattr(vcfg, "hidden_size", 0) or getattr(vcfg, "embed_dim", 0))
+    if vis_width == int(text.hidden_size) and hasattr(vcfg, "embed_dim"):  # Qwen2-VL: hidden_size = output
+        vis_width = int(vcfg.embed_dim)
+    f = 2 * params["lm"] * n_tokens  # 2 P_lm L: every linear layer once per token
+    f += 4 * int(text.num_hidden_layers) * n_tokens ** 2 * int(text.hidden_size)  # attention scores QK^T, AV
+    f += n_images * (2 * params["vision"] * patches  # 2 P_vis N_patch
+                     + 4 * int(vcfg.depth) * patches ** 2 * vis_width)  # vision attention (within an image)
+    if query:
+        f += 2 * params["calibrator"]  # PGSQC's hyper-network, once per query
+    return float(f)
+
+
+def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, peak_gflops: float) -> dict:
+    """items/s of query and gallery encoding, and the share of peak matmul throughput it reaches."""
+    import data
+
+    cfg = emb.config
+    test = ufire.subsets("test")
+    per = max(1, n_queries // len(test))
+    records, gallery = [], []
+    for s in test:  # a mix of every task's queries, evenly spaced in each sub-dataset
+        v = ufire.eval_view(s, split="test")
+        idx = [round(i * (len(v.records) - 1) / max(1, per - 1)) for i in range(min(per, len(v.records)))]
+        records += [v.records[i] for i in idx]
+        gallery += [g for g in v.gallery if g not in gallery][: max(1, n_images // len(test) + 1)]
+    records, gallery = records[:n_queries], gallery[:n_images]
+
+    # Tokens per query: the real prompt length (visual tokens included) and images/frames it carries.
+    n_tok, n_img = [], []
+    for r in records:
+        q = data.record_to_query(r, cfg.image_size, cfg.max_query_images, cfg.num_frames)
+        k_img = min(len(q.images), cfg.max_query_images)
+        k_frm = min(len(getattr(q, "frames", []) or []), cfg.num_frames)
+        text = emb.render_query(q.instruction, k_img, k_frm)
+        n_tok.append(len(emb.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        n_img.append(k_img + k_frm)
+    tgt_tokens = len(emb.tokenizer(emb.render_target(), add_special_tokens=False)["input_ids"])
+
+    emb.encode_queries(records[:4], batch_size=4)  # warm-up
+    tq = time.perf_counter()
+    emb.encode_queries(records, batch_size=batch_size)
+    tq = time.perf_counter() - tq
+    emb.encode_images(gallery[:4], batch_size=4)
+    ti = time.perf_counter()
+    emb.encode_images(gallery, batch_size=batch_size)
+    ti = time.perf_counter() - ti
+
+    params = param_split(emb)
+    mean_tok, mean_img = sum(n_tok) / len(n_tok), sum(n_img) / len(n_img)
+    fq = sum(flops_per_item(emb, params, t, i, True) for t, i in zip(n_tok, n_img)) / len(n_tok)
+    fi = flops_per_item(emb, params, tgt_tokens, 1, False)
+    out = {"params": params, "batch_size": batch_size, "peak_matmul_gflops": peak_gflops}
+    for name, n, secs, fl, tok, img in (("queries", len(records), tq, fq, mean_tok, mean_img),
+                                        ("gallery images", len(gallery), ti, fi, tgt_tokens, 1)):
+        ips = n / secs  # items per second
+        achieved = ips * fl / 1e9  # GFLOP/s the model's matmuls actually ran at
+        out[name] = {"items": n, "seconds": secs, "items_per_s": ips, "tokens_per_item": tok,
+                     "images_per_item": img, "gflop_per_item": fl / 1e9, "achieved_gflops": achieved,
+                     "share_of_peak": achieved / peak_gflops}
+        print(f"  encode {name}: {ips:.1f} items/s, ~{fl / 1e6:.1f} MFLOP/item -> {achieved:.2f} GFLOP/s "
+              f"= {pct(achieved / peak_gflops)} of the {peak_gflops:.1f} GFLOP/s matmul", flush=True)
+    return out
+
+
+# ================================================================================================
+# 3. Search
+# ================================================================================================
+
+
+def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dict:
+    import faiss
+    import numpy as np
+    import torch
+
+    import evaluate
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n_q, dim)).astype(np.float32)  # (Q, D)
+    g = rng.standard_normal((n_g, dim)).astype(np.float32)  # (G, D)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)  # unit rows: inner product = cosine
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+
+    def bare_faiss():
+        index = faiss.IndexFlatIP(dim)
+        index.add(g)
+        return index.search(q, k)  # (Q, K), (Q, K)
+
+    def torch_topk():
+        sims = torch.from_numpy(q) @ torch.from_numpy(g).T  # (Q, G)
+        return torch.topk(sims, k, dim=1)  # (Q, K) values, indices
+
+    fns = {"evaluate.search_faiss (project: exact, tie-stable)": lambda: evaluate.search_faiss(q, g, k),
+           "bare faiss IndexFlatIP (add + search)": bare_faiss,
+           "torch matmul + topk": torch_topk,
+           "evaluate.search_torch (matmul + stable full sort, reference)": lambda: evaluate.search_torch(q, g, k)}
+    times = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        times[name] = best_time(fn, repeat)
+    base = times["bare faiss IndexFlatIP (add + search)"]
+    _, ids_p = evaluate.search_faiss(q, g, k)
+    _, ids_r = evaluate.search_torch(q, g, k)
+    ids_t = torch_topk().indices.numpy()
+    out = {"queries": n_q, "gallery": n_g, "dim": dim, "k": k, "faiss_threads": faiss.omp_get_max_threads(),
+           "seconds": times, "ratio_to_bare_faiss": {n: t / base for n, t in times.items()},
+           "project_equals_reference": bool(np.array_equal(ids_p, ids_r)),
+           "topk_sets_equal_reference": bool(all(set(a) == set(b) for a, b in zip(ids_t, ids_r)))}
+    for n, t in times.items():
+        print(f"  search: {n}: {1000 * t:.1f} ms ({t / base:.2f}x bare faiss)", flush=True)
+    return out
+
+
+# ================================================================================================
+# 4. Wall time of the documented commands
+# ================================================================================================
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    """Run cmd from the repository root, its output into `log`; wall seconds (raises on failure)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    secs = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {p.returncode}); see {log}")
+    return secs
+
+
+def measure_wall(args) -> dict:
+    out: dict = {}
+    logs = REPO / "runs" / "speed"
+    logs.mkdir(parents=True, exist_ok=True)
+    if args.skip_train:
+        run = Path(args.run)
+        if not (REPO / run / "best").is_dir():
+            raise SystemExit(f"error: --skip-train needs an existing run: {run}/best not found "
+                             f"(train one with `python train.py --tasks all`, or pass --run)")
+        secs = None
+        try:  # the run's own clock: the last logged step's time (training only, no final test)
+            lines = [json.loads(x) for x in (REPO / run / "log.jsonl").read_text().splitlines() if x.strip()]
+            secs = max(float(x["time"]) for x in lines if "time" in x)
+        except (OSError, ValueError):
+            pass
+        steps = "?"
+        try:  # say what that run was: a run with other settings is not the default command
+            steps = json.loads((REPO / run / "config.json").read_text())["resolved"]["total_steps"]
+        except (OSError, ValueError, KeyError):
+            pass
+        out["train"] = {"command": f"train.py run {run} ({steps} steps; not re-run)", "seconds": secs,
+                        "measured": False, "note": "from the run's log.jsonl: training steps + validations, "
+                                                   "without data generation, start-up and the final test"}
+    else:
+        run = Path("runs/speed/train-default")
+        shutil.rmtree(REPO / run, ignore_errors=True)  # ours: a previous speed.py run
+        extra = args.train_extra.split()  # only for smoke-testing this script (e.g. "--steps 3")
+        cmd = [sys.executable, "train.py", "--tasks", "all", "--out", str(run), *extra]
+        shown = " ".join(["python train.py --tasks all --out", str(run), *extra])
+        print(f"  wall: running `{shown}` (~10 min with the defaults) ...", flush=True)
+        out["train"] = {"command": shown, "measured": True, "seconds": timed(cmd, logs / "train_output.txt")}
+        print(f"  wall: train {out['train']['seconds']:.0f}s", flush=True)
+    cache = Path(tempfile.mkdtemp(prefix="speed-gallery-", dir=REPO / "runs" / "speed"))
+    try:
+        cmd = [sys.executable, "evaluate.py", "--ckpt", str(run / "best"), "--cache-dir", str(cache)]
+        cold = timed(cmd, logs / "evaluate_cold.txt")
+        warm = timed(cmd, logs / "evaluate_warm.txt")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    out["evaluate_cold"] = {"command": f"python evaluate.py --ckpt {run}/best  (empty gallery cache)",
+                            "seconds": cold, "measured": True}
+    out["evaluate_warm"] = {"command": f"python evaluate.py --ckpt {run}/best  (gallery cached)",
+                            "seconds": warm, "measured": True}
+    print(f"  wall: evaluate cold {cold:.0f}s, warm {warm:.0f}s", flush=True)
+    return out
+
+
+# ================================================================================================
+# Report
+# ================================================================================================
+
+
+def report(res: dict) -> str:
+    """The markdown tables (memory, encode, search, wall) with the ratios the issue asks for."""
+    lines = []
+    mem = res.get("memory")
+    if mem:
+        full = {r["batch"]: r for r in mem if r["chunk"] == 0}
+        gcr = {r["batch"]: r for r in mem if r["chunk"] > 0}
+        b0 = min(full)
+        chunk = next(iter(gcr.values()))["chunk"] if gcr else 0
+        lines += [f"**GradCache memory** (peak resident memory of one training step above the process's "
+                  f"resident set before it; `{mem[0]['subset']}` batches; {mem[0]['method']})", "",
+                  f"| batch | full batch (MiB) | GradCache c={chunk} (MiB) | GradCache / full | "
+                  f"full vs batch {b0} | GradCache vs batch {b0} | step time GradCache / full |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in sorted(full):
+            f, g = full[b], gcr.get(b)
+            if g is None:
+                continue
+            lines.append(f"| {b} | {f['step_peak_mib']:.0f} | {g['step_peak_mib']:.0f} | "
+                         f"{g['step_peak_mib'] / f['step_peak_mib']:.2f} | "
+                         f"{f['step_peak_mib'] / full[b0]['step_peak_mib']:.2f}x | "
+                         f"{g['step_peak_mib'] / gcr[b0]['step_peak_mib']:.2f}x | "
+                         f"{g['step_seconds'] / f['step_seconds']:.2f} |")
+        lines.append("")
+    enc = res.get("encode")
+    if enc:
+        p = enc["params"]
+        lines += [f"**Encode throughput** (batch {enc['batch_size']}; fp32 matmul peak "
+                  f"{enc['peak_matmul_gflops']:.1f} GFLOP/s; parameters: LM {p['lm'] / 1e6:.2f} M, "
+                  f"vision {p['vision'] / 1e6:.2f} M, calibrator {p['calibrator'] / 1e6:.2f} M, "
+                  f"embedding table {p['embedding_table'] / 1e6:.2f} M)", "",
+                  "| items | items/s | tokens/item | images/item | est. MFLOP/item | achieved GFLOP/s | "
+                  "share of matmul peak |", "|---|---|---|---|---|---|---|"]
+        for name in ("queries", "gallery images"):
+            e = enc[name]
+            lines.append(f"| {name} ({e['items']}) | {e['items_per_s']:.1f} | {e['tokens_per_item']:.0f} | "
+                         f"{e['images_per_item']:.1f} | {1000 * e['gflop_per_item']:.1f} | "
+                         f"{e['achieved_gflops']:.2f} | {pct(e['share_of_peak'])} |")
+        lines.append("")
+    se = res.get("search")
+    if se:
+        lines += [f"**Search** ({se['queries']:,} queries x {se['gallery']:,} gallery x D={se['dim']}, "
+                  f"K={se['k']}, best of 3; project == reference: {se['project_equals_reference']})", "",
+                  "| method | ms | vs bare faiss |", "|---|---|---|"]
+        for n, t in se["seconds"].items():
+            lines.append(f"| {n} | {1000 * t:.1f} | {se['ratio_to_bare_faiss'][n]:.2f}x |")
+        lines.append("")
+    wall = res.get("wall")
+    if wall:
+        lines += ["**Wall time**", "", "| command | seconds | minutes | |", "|---|---|---|---|"]
+        for w in wall.values():
+            s = w["seconds"]
+            cell = "n/a | n/a" if s is None else f"{s:.0f} | {s / 60:.1f}"
+            note = "measured now" if w["measured"] else w.get("note", "")
+            lines.append(f"| `{w['command']}` | {cell} | {note} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--batches", default="32,64,128", help="batch sizes for the memory comparison")
+    ap.add_argument("--chunk", type=int, default=16, help="GradCache chunk size for the memory comparison")
+    ap.add_argument("--memory-subset", default="cir/SynCIR-Top", help="training sub-dataset the batches come from")
+    ap.add_argument("--ckpt", default=None, help="checkpoint for the encode benchmark (default: a fresh tiny "
+                                                 "embedder; speed does not depend on trained weights)")
+    ap.add_argument("--n-queries", type=int, default=260, help="queries to encode (mixed over all tasks)")
+    ap.add_argument("--n-images", type=int, default=512, help="gallery images to encode")
+    ap.add_argument("--encode-batch", type=int, default=64, help="encode batch size (evaluate.py's default)")
+    ap.add_argument("--matmul-n", type=int, default=2048, help="size N of the N x N fp32 reference matmul")
+    ap.add_argument("--search", default="1500,8000", help="queries,gallery for the search benchmark")
+    ap.add_argument("--search-dim", type=int, default=0, help="embedding size D for search (0 = the model's)")
+    ap.add_argument("--k", type=int, default=50, help="K retrieved per query (evaluate.py's largest default K)")
+    ap.add_argument("--skip-train", action="store_true", help="do not run train.py; time evaluate.py on --run")
+    ap.add_argument("--run", default="runs/fashionlens-tiny", help="existing run for --skip-train")
+    ap.add_argument("--train-extra", default="", help="extra train.py flags for the wall-time run, only to "
+                                                      "smoke-test this script (e.g. '--steps 3'); '' = the default")
+    ap.add_argument("--no-wall", action="store_true", help="skip the train.py / evaluate.py wall times")
+    ap.add_argument("--no-memory", action="store_true", help="skip the GradCache memory measurement")
+    ap.add_argument("--out", default="benchmarks/speed_results.json", help="results JSON")
+    ap.add_argument("--memory-worker", nargs=2, type=int, metavar=("BATCH", "CHUNK"), help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.chdir(REPO)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*args.memory_worker, subset=args.memory_subset)))
+        return 0
+    import torch  # noqa: F401  (so machine_info reports torch's threads)
+
+    import data
+
+    info = machine_info()
+    print("# FashionLens speed benchmark")
+    print(machine_line(info), flush=True)
+    given = argv if argv is not None else sys.argv[1:]
+    res: dict = {"machine": info, "command": " ".join(["python", "benchmarks/speed.py", *given])}
+    t0 = time.time()
+
+    if not args.no_memory:
+        print("GradCache memory (one subprocess per configuration):", flush=True)
+        res["memory"] = measure_memory([int(b) for b in args.batches.split(",")], args.chunk, args.memory_subset)
+
+    print("Encode throughput:", flush=True)
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    emb = (FashionLensEmbedder.from_pretrained(args.ckpt, device="cpu") if args.ckpt
+           else FashionLensEmbedder(EmbedderConfig(device="cpu")))
+    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    peak = matmul_gflops(args.matmul_n)
+    print(f"  fp32 matmul {args.matmul_n}x{args.matmul_n}: {peak:.1f} GFLOP/s (best of 5)", flush=True)
+    res["encode"] = measure_encode(emb, ufire, args.n_queries, args.n_images, args.encode_batch, peak)
+    res["encode"]["matmul_n"] = args.matmul_n
+
+    print("Search:", flush=True)
+    n_q, n_g = (int(x) for x in args.search.split(","))
+    res["search"] = measure_search(n_q, n_g, args.search_dim or emb.dim, args.k)
+    del emb
+    gc.collect()
+
+    if not args.no_wall:
+        print("Wall time of the documented commands:", flush=True)
+        res["wall"] = measure_wall(args)
+    res["seconds"] = time.time() - t0
+
+    print("\n" + report(res))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, out)
+    print(f"benchmark took {res['seconds'] / 60:.1f} min; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
