@@ -139,7 +139,13 @@ def test_train_view_pairs(synthetic_root):
     for s in subs:
         p = tv.pair(s, 0, rng)
         r = tv.record(s, 0)
-        assert p.target.size == (32, 32) and p.target_key in {r.path(t) for t in r.target_image}
+        assert p.target.size == (32, 32)
+        # The in-batch positive key: the drawn image itself, or for asfr the label (every image
+        # under it is correct, so two queries with the same label must not repel each other).
+        if r.target_label:
+            assert p.target_key == f"label:{r.target_label}"
+        else:
+            assert p.target_key in {r.path(t) for t in r.target_image}
         assert len(p.query.images) <= 2 and all(im.size == (32, 32) for im in p.query.images)
         assert len(p.query.frames) == (3 if r.query_video else 0)
     # several targets / sketches are drawn at random, the eval query is deterministic

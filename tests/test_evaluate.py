@@ -166,3 +166,31 @@ def test_real_ood_task_end_to_end(shared_ufire, tmp_path, tiny_embedder):
     # A random embedder on placeholder images: every recall is a proper fraction and R@K grows with K.
     assert 0.0 <= row.recall[1] <= row.recall[10] <= row.recall[50] <= 1.0
     assert "ood/Image(s)+Text 2 Compatible Item | 2302 | 1000" in ev.format_table(res)
+
+
+# ---------------------------------------------------------------- random ≈ chance, trained > chance
+
+def test_random_near_chance_and_briefly_trained_clearly_above(synthetic_root, tmp_path, tiny_embedder):
+    """The metric must separate a model that knows nothing from one that learned something.
+
+    inshop (same product, another photo) is the quickest task for the tiny model to pick up, so
+    60 steps on it alone are enough to leave chance far behind; a random embedder must not.
+    """
+    import data
+    import train
+    from model import FashionLensEmbedder
+
+    ufire = data.UFire(str(synthetic_root))
+    subset = ["inshop/SynInshop"]
+    before = ev.evaluate(tiny_embedder, ufire, subset, ks=(10,), progress=False).rows[0]
+    cfg = train.TrainConfig(tasks="inshop", data=str(synthetic_root), out=str(tmp_path / "run"),
+                            steps=60, batch_size=16, chunk_size=16, eval_every=60, max_eval_queries=20,
+                            final_test=False, device="cpu", seed=0)
+    train.train(cfg)
+    trained = FashionLensEmbedder.from_pretrained(str(tmp_path / "run" / "best"))
+    after = ev.evaluate(trained, ufire, subset, ks=(10,), progress=False).rows[0]
+    chance = after.chance10  # same split, same gallery: the same chance level for both
+    # Random weights: within noise of chance (120 queries: a few hits either way).
+    assert before.recall[10] < 3 * chance, (before.recall, chance)
+    # Briefly trained: several times chance, and clearly better than the random model.
+    assert after.recall[10] > 4 * chance and after.recall[10] > before.recall[10] + 0.08, (after.recall, chance)
