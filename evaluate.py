@@ -308,15 +308,7 @@ def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarra
             emb = np.load(cache_file, allow_pickle=False)  # (G, D) plain array, no pickle
             if emb.shape[0] == len(paths):
                 return emb
-    chunks = []
-    step = max(cfg.batch_size, 1) * 8  # hand the embedder several batches at a time for the progress bar
-    bar = _progress(len(paths), "gallery", cfg.progress)
-    for s in range(0, len(paths), step):
-        part = list(paths[s:s + step])
-        chunks.append(embedder.encode_images(part, batch_size=cfg.batch_size).float().numpy())  # (g, D)
-        bar.update(len(part))
-    bar.close()
-    emb = np.concatenate(chunks, 0) if chunks else np.zeros((0, embedder.dim), np.float32)  # (G, D)
+    emb = _encode_in_parts(embedder.encode_images, paths, embedder.dim, cfg, "gallery")  # (G, D)
     if cache_file is not None:
         _atomic_save_array(cache_file, emb)
     return emb
@@ -324,15 +316,23 @@ def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarra
 
 def encode_queries(embedder, records: Sequence, cfg: EvalConfig) -> np.ndarray:
     """(B, D) calibrated query embeddings, one deterministic query per record."""
+    return _encode_in_parts(embedder.encode_queries, records, embedder.dim, cfg, "queries")  # (B, D)
+
+
+def _encode_in_parts(encode, items: Sequence, dim: int, cfg: EvalConfig, desc: str) -> np.ndarray:
+    """Call `encode` (an embedder's encode_images / encode_queries) on a few batches at a time.
+
+    The embedder batches internally; handing it 8 batches per call just lets the progress bar move.
+    """
     chunks = []
-    step = max(cfg.batch_size, 1) * 4
-    bar = _progress(len(records), "queries", cfg.progress)
-    for s in range(0, len(records), step):
-        part = list(records[s:s + step])
-        chunks.append(embedder.encode_queries(part, batch_size=cfg.batch_size).float().numpy())  # (b, D)
+    step = max(cfg.batch_size, 1) * 8
+    bar = _progress(len(items), desc, cfg.progress)
+    for s in range(0, len(items), step):
+        part = list(items[s:s + step])
+        chunks.append(encode(part, batch_size=cfg.batch_size).float().numpy())  # (n, D)
         bar.update(len(part))
     bar.close()
-    return np.concatenate(chunks, 0) if chunks else np.zeros((0, embedder.dim), np.float32)  # (B, D)
+    return np.concatenate(chunks, 0) if chunks else np.zeros((0, dim), np.float32)  # (N, D)
 
 
 class _NoBar:
