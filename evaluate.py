@@ -35,6 +35,7 @@ Run it
     python evaluate.py --ckpt runs/fashionlens-tiny/best            # test split of its training data
     python evaluate.py --ckpt runs/X/best --split val --tasks cir,t2i --k 1,10
     python evaluate.py --ckpt runs/X/best --ood only                 # just the out-of-distribution tasks
+    python evaluate.py --ckpt runs/X/best --max-queries 100          # quick look: 100 queries per sub-dataset
     python evaluate.py --self-check                                   # small demo on hand-made vectors
 
 Shape legend: B queries, G gallery images, D embedding size, K retrieved per query.
@@ -72,6 +73,9 @@ class EvalConfig:
     cache_dir: Optional[str] = ".cache/gallery"  # where gallery embeddings are kept; None = no cache
     progress: bool = True  # tqdm bars while encoding (off inside training and tests)
     keep_per_query: bool = False  # also return top-k ids/scores per query (for retrieval grids)
+    max_queries: int = 0  # score at most this many evenly spaced queries per sub-dataset; 0 = all.
+    #                       The gallery stays whole, so Recall@K keeps its meaning and only gets
+    #                       noisier (validation during training; a quick look at a real test split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,20 +359,37 @@ def _progress(total: int, desc: str, enabled: bool):
 # The whole evaluation
 # ----------------------------------------------------------------------------------------------
 
+def few_queries(view, n: int):
+    """The eval view with only n evenly spaced queries (first and last included); n <= 0: all.
+
+    Evenly spaced rather than the first n, because records are often grouped (by category,
+    by source file), and the first n would then measure one group only. `missing` (records with no
+    positive in the gallery) is left whole: it describes the data, not the sample.
+    """
+    if n <= 0 or len(view.records) <= n:
+        return view
+    keep = [round(i * (len(view.records) - 1) / max(1, n - 1)) for i in range(n)]  # n indices
+    return dataclasses.replace(view, records=[view.records[i] for i in keep],
+                               positives=[view.positives[i] for i in keep])
+
+
 def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: Sequence[int] = DEFAULT_KS,
              batch_size: int = 64, cache_dir: Optional[str] = None, progress: bool = True,
-             keep_per_query: bool = False) -> EvalResult:
+             keep_per_query: bool = False, max_queries: int = 0) -> EvalResult:
     """Evaluate `embedder` on `subsets` of a data.UFire and return the table's numbers.
 
     `subsets` are names from ufire.subsets(split) and/or ufire.ood_subsets() ("ood/<Task name>").
     train.py calls this with split="val" (and no cache, since the weights change between calls).
+    max_queries > 0 keeps that many evenly spaced queries per sub-dataset (see `few_queries`).
     """
     cfg = EvalConfig(split=split, ks=tuple(int(k) for k in ks), batch_size=batch_size,
-                     cache_dir=cache_dir, progress=progress, keep_per_query=keep_per_query)
+                     cache_dir=cache_dir, progress=progress, keep_per_query=keep_per_query,
+                     max_queries=max_queries)
     t0 = time.perf_counter()
     was_training = embedder.training
     embedder.eval()
-    views = [ufire.eval_view(s, split=split) for s in subsets]  # parse + de-duplicate per sub-dataset
+    views = [few_queries(ufire.eval_view(s, split=split), cfg.max_queries)  # parse + de-duplicate
+             for s in subsets]
 
     # 1. One gallery for everything: unique absolute paths in first-seen order.
     slot: dict = {}
@@ -472,6 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", default="1,5,10,50", help="comma-separated K values")
     ap.add_argument("--out", default=None, help="write results JSON here (+ .per_query.jsonl beside it)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-queries", type=int, default=0,
+                    help="score at most N evenly spaced queries per sub-dataset (0 = all); the gallery stays whole")
     ap.add_argument("--cache-dir", default=".cache/gallery", help="gallery embedding cache ('' to disable)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: the checkpoint's config)")
     ap.add_argument("--self-check", action="store_true", help="run the small built-in demo and exit")
@@ -493,8 +516,9 @@ def main(argv=None) -> int:
     subsets = select_subsets(ufire, args.split, args.tasks, args.ood)
     res = evaluate(embedder, ufire, subsets, split=args.split, ks=ks, batch_size=args.batch_size,
                    cache_dir=args.cache_dir or None, progress=sys.stderr.isatty(),
-                   keep_per_query=bool(args.out))
-    print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}")
+                   keep_per_query=bool(args.out), max_queries=args.max_queries)
+    some = f"   at most {args.max_queries} queries per sub-dataset" if args.max_queries > 0 else ""
+    print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}{some}")
     print(format_table(res))
     s = res.seconds
     print(f"\n{s['gallery_images']} unique gallery images, {s['queries']} queries; "

@@ -609,27 +609,6 @@ def select_subsets(ufire, split: str, tasks: str) -> list[str]:
     return evaluate.select_subsets(ufire, split, tasks, "skip")
 
 
-class FewQueries:
-    """A data.UFire stand-in whose eval views keep n evenly spaced queries per sub-dataset.
-
-    Galleries are untouched, so Recall@K keeps its meaning; only the estimate gets noisier. Used to
-    keep validation cheap during training (--max-eval-queries).
-    """
-
-    def __init__(self, ufire, n: int):
-        self.ufire, self.n = ufire, n
-
-    def eval_view(self, subset, split="test"):
-        v = self.ufire.eval_view(subset, split=split)
-        if self.n <= 0 or len(v.records) <= self.n:
-            return v
-        keep = [round(i * (len(v.records) - 1) / max(1, self.n - 1)) for i in range(self.n)]
-        return dataclasses.replace(v, records=[v.records[i] for i in keep], positives=[v.positives[i] for i in keep])
-
-    def __getattr__(self, name):
-        return getattr(self.ufire, name)
-
-
 def make_batch(view, subset: str, indices: list[int], seed: int, step: int) -> Batch:
     """Draw one (query, target) pair per record index (a random target/sketch among several).
 
@@ -775,9 +754,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
 
             t0 = time.time()
             with torch.random.fork_rng(devices=[di.device] if di.device.startswith("cuda") else []):
-                res = evaluate.evaluate(embedder, FewQueries(ufire, cfg.max_eval_queries), val_subsets,
-                                        split="val", ks=(1, 10), batch_size=cfg.eval_batch_size,
-                                        cache_dir=None, progress=False)
+                res = evaluate.evaluate(embedder, ufire, val_subsets, split="val", ks=(1, 10),
+                                        batch_size=cfg.eval_batch_size, cache_dir=None, progress=False,
+                                        max_queries=cfg.max_eval_queries)
             embedder.train()
             score = res.sum_recall(1)  # the authors' model-selection number
             rec = {"event": "val", "step": step, "sum_recall1": score,

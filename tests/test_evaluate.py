@@ -128,6 +128,26 @@ def test_each_gallery_image_encoded_once_then_cache_reused(synthetic_root, tmp_p
     assert sum(emb.image_calls.values()) == len(ufire.eval_view(subsets[0], "test").gallery)
 
 
+def test_max_queries_keeps_evenly_spaced_queries_and_the_whole_gallery(synthetic_root):
+    import data
+
+    ufire = data.UFire(str(synthetic_root))
+    sub = "cir/SynCIR-Top"
+    full = ufire.eval_view(sub, "test")
+    few = ev.few_queries(full, 5)
+    n = len(full.records)
+    # First and last query kept, evenly spaced in between, each with its own positives.
+    expect = [round(i * (n - 1) / 4) for i in range(5)]
+    assert [r.id for r in few.records] == [full.records[i].id for i in expect]
+    assert few.positives == [full.positives[i] for i in expect]
+    assert few.gallery == full.gallery  # Recall@K keeps its meaning: same gallery
+    assert ev.few_queries(full, 0) is full and ev.few_queries(full, n + 1) is full
+    emb = CountingEmbedder()
+    res = ev.evaluate(emb, ufire, [sub], cache_dir=None, progress=False, max_queries=5)
+    assert emb.query_calls == 5 and res.rows[0].queries == 5
+    assert res.rows[0].gallery == len(full.gallery)
+
+
 # ---------------------------------------------------------------- the real OOD task, end to end
 
 def _placeholder_ood_root(shared_ufire: Path, tmp: Path) -> Path:
