@@ -998,7 +998,12 @@ def render_tryon(item, dx: int = 0, dy: int = 0, bg=(226, 229, 222), stripes: in
     return im
 
 
-def _random_item(rng: random.Random, cats=None):
+def random_item(rng: random.Random, cats=None):
+    """A garment with every factor drawn uniformly: (category, colour, pattern, attribute values).
+
+    `cats` limits the categories (default: all). The generator draws every random item through this
+    function, and notebook 06 uses it to probe what the embedding encodes.
+    """
     cat = rng.choice(cats or sorted(CATEGORIES))
     return (cat, rng.choice(sorted(COLOURS)), rng.choice(PATTERNS),
             tuple(rng.choice(ATTRIBUTES[a]) for a in CATEGORIES[cat][1]))
@@ -1015,7 +1020,7 @@ def render_street(item, rng: random.Random) -> Image.Image:
         col = tuple(rng.randint(0, 255) for _ in range(3))
         (d.rectangle if rng.random() < 0.6 else d.ellipse)([x, y, x + w, y + h], fill=col)
     for _ in range(rng.randint(1, 2)):  # other garments (partly visible)
-        o = _random_item(rng)
+        o = random_item(rng)
         img, mask = _transformed(o, rng, rng.uniform(0.3, 0.5), rng.uniform(-30, 30))
         im.paste(img, (rng.choice((-8, 40)) + rng.randint(-4, 4), rng.randint(-8, 40)), mask)
     img, mask = _transformed(item, rng, rng.uniform(0.62, 0.9), rng.uniform(-22, 22))
@@ -1137,7 +1142,7 @@ class _Planner:
 
     def item(self, rng, cats, held: Optional[bool]):
         while True:
-            it = _random_item(rng, list(cats))
+            it = random_item(rng, list(cats))
             if held is None or self.held_out(it) == held:
                 return it
 
@@ -1178,7 +1183,7 @@ class _Planner:
         tries = 0
         while n_pos_images + len(out) * len(views) < need and tries < 200000:
             tries += 1
-            it = _random_item(rng, list(spec.fill_cats or spec.cats))
+            it = random_item(rng, list(spec.fill_cats or spec.cats))
             if key(it) not in used:
                 used.add(key(it))
                 out.append(it)
