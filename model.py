@@ -32,9 +32,11 @@ Backbones (same code path, detected from the AutoConfig `model_type`):
   * "tiny-qwen2-vl": the same idea on the Qwen2-VL architecture.
 What trains: LoRA (peft) on the language model's q/k/v/o/gate/up/down projections, the two summary
 tokens and the calibrator, always. A pretrained vision tower stays frozen (it already sees well and
-is the part most easily damaged). The *random* tiny vision tower has nothing to preserve and random
-patch features carry little signal, so by default (train_vision="auto") it trains in full; the tiny
-language model gets LoRA only, like the real one, so the tiny run exercises the paper's recipe.
+is the part most easily damaged). The *random* tiny vision tower is trainable by default
+(train_vision="auto"), but train.py gives it a 10x smaller learning rate (--vision-lr-scale 0.1):
+at the adapters' rate it quickly keeps only colour (the cue most tasks share) and forgets the
+garment's shape, which sketch, outfit and attribute queries need. The tiny language model gets LoRA
+only, like the real one, so the tiny run exercises the paper's recipe.
 
 Video: the stock Qwen video path needs the torchvision video processor (not allowed here) and, for
 Qwen3-VL, timestamp text; so a video is fed as `num_frames` ordered frames through the image path,
@@ -581,6 +583,13 @@ class FashionLensEmbedder(nn.Module):
     def encode_images(self, images: Sequence, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """Gallery images (PIL | path) -> (G, D) unit float32 CPU tensor, no grad, eval mode."""
         return self._encode(list(images), batch_size, "t", progress)
+
+    def vision_parameters(self) -> list[nn.Parameter]:
+        """The trainable vision-tower weights ([] when the tower is frozen): train.py gives them their
+        own learning rate (TrainConfig.vision_lr_scale)."""
+        if not self.train_vision:
+            return []
+        return [p for p in self._base().visual.parameters() if p.requires_grad]
 
     def token_parameters(self) -> list[nn.Parameter]:
         """The learnable query/target summary tokens (GGAS uses their gradient norm)."""

@@ -261,6 +261,24 @@ def _load_and_evaluate(ckpt: Path, tasks: str):
     return res
 
 
+def test_vision_tower_has_its_own_learning_rate(runs, tiny_embedder):
+    """The random tiny vision tower trains at lr x vision_lr_scale, everything else at lr."""
+    import train
+
+    cfg = train.TrainConfig()
+    groups = train.read_train_state(runs["B"] / "last")["optimizer"]["param_groups"]
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"adapters", "vision"}
+    assert by_name["adapters"]["initial_lr"] == pytest.approx(cfg.lr)
+    assert by_name["vision"]["initial_lr"] == pytest.approx(cfg.lr * cfg.vision_lr_scale)
+    # the vision group holds exactly the tower's trainable tensors, and nothing trainable is left out
+    n_vision = len(tiny_embedder.vision_parameters())
+    n_train = sum(1 for p in tiny_embedder.parameters() if p.requires_grad)
+    assert 0 < n_vision < n_train
+    assert len(by_name["vision"]["params"]) == n_vision
+    assert len(by_name["adapters"]["params"]) == n_train - n_vision
+
+
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(runs):
     a, b = runs["A"], runs["B"]
     assert "--resume" in runs["A1"][1]  # the interrupted run says how to continue
