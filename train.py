@@ -864,10 +864,12 @@ def params_digest(module) -> str:
 def check_ranks_agree(module, di: DistInfo) -> None:
     """DDP must keep every rank's weights identical; verify it at the end of a run (cheap)."""
     digest = params_digest(module)
-    print(f"[rank {di.rank}] trainable parameters sha256 {digest}", flush=True)
     mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=di.device)  # (32,)
-    parts = [torch.empty_like(mine) for _ in range(di.world)]
+    parts = [torch.empty_like(mine) for _ in range(di.world)]  # W x (32,)
     dist.all_gather(parts, mine)
+    if di.main:  # one process prints every rank's digest: lines from several processes can interleave
+        for r, p in enumerate(parts):
+            print(f"[rank {r}] trainable parameters sha256 {bytes(p.tolist()).hex()}", flush=True)
     if any(not torch.equal(p, parts[0]) for p in parts):
         raise TrainingError("DDP ranks ended with different parameters (digests differ): "
                             + ", ".join(bytes(p.tolist()).hex()[:12] for p in parts))
