@@ -672,6 +672,8 @@ def build_embedder(cfg: TrainConfig, device: str, resume_from: Optional[Path] = 
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
     """Run training as configured; returns a summary (best step/score, test result, wall time)."""
     t_start = time.time()
+    if cfg.vision_lr_scale < 0:  # checked before anything is created on disk
+        raise SystemExit(f"error: --vision-lr-scale {cfg.vision_lr_scale} is negative (0 freezes the tower's updates)")
     di = init_distributed(cfg.device)
     out = Path(cfg.resolved_out())
     cfg.data = resolve_data_root(cfg.data, di)
@@ -712,7 +714,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
     params = [p for p in embedder.parameters() if p.requires_grad]
     # Two parameter groups: the vision tower (if it trains) at lr x vision_lr_scale, the rest at lr.
     # The schedule (LambdaLR) multiplies each group's own base lr, so both follow warm-up + cosine.
-    vision_ids = {id(p) for p in getattr(embedder, "vision_parameters", lambda: [])()}
+    vision_ids = {id(p) for p in embedder.vision_parameters()}
     groups = [{"params": [p for p in params if id(p) not in vision_ids], "lr": cfg.lr, "name": "adapters"}]
     if vision_ids:
         groups.append({"params": [p for p in params if id(p) in vision_ids],
@@ -932,8 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
         "max_eval_queries": "validation queries per sub-dataset (0 = all)",
         "stop_at": "stop this invocation after this step (resume later with --resume)",
         "final_test": "evaluate best/ on the test split at the end",
-        "weight_decay": "AdamW weight decay",
-        "vision_lr_scale": "learning rate of a trainable vision tower, as a share of --lr", "warmup_ratio": "share of steps with linear lr warm-up",
+        "weight_decay": "AdamW weight decay", "warmup_ratio": "share of steps with linear lr warm-up",
+        "vision_lr_scale": "learning rate of a trainable vision tower, as a share of --lr",
         "min_lr_ratio": "final lr as a share of --lr (cosine decay)", "grad_clip": "max global gradient norm",
         "eval_batch_size": "batch size of validation/test encoding",
     }
