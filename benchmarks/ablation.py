@@ -91,9 +91,9 @@ CLAIMS = [
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
 ]
 KS = (1, 10)
-# Per-run budget: a third of the default run (train.py: 600 steps at batch 16, ~0.6-0.8 s/step on 2
-# cores). A 200-step run plus two validations and the test evaluation takes ~3 min, so the 15 runs
-# stay under 60 min. Measured: see the closing numbers printed at the end of a run.
+# Per-run budget: 200 steps at batch 16 (the default train.py run has 1400). A 200-step run plus two
+# validations and the test evaluation took ~2 min on 2 cores (28 min for the 15 runs, 2026-11-25), so
+# the table stays under an hour. Measured: see the closing numbers printed at the end of a run.
 DEFAULT_STEPS = 200
 QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
 

@@ -161,6 +161,22 @@ def test_save_load_round_trip(trained_ckpt, tiny_embedder):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_lora_dropout_auto_is_zero_on_tiny_and_paper_value_elsewhere(trained_ckpt, tiny_embedder):
+    """lora_dropout=None resolves per backbone, and the checkpoint stores the resolved number."""
+    from model import EmbedderConfig, auto_lora_dropout
+
+    assert EmbedderConfig().lora_dropout is None
+    assert auto_lora_dropout("tiny") == auto_lora_dropout("tiny-qwen2-vl") == 0.0
+    assert auto_lora_dropout("Qwen/Qwen3-VL-4B-Instruct") == 0.05  # the paper's value
+    assert tiny_embedder.config.lora_dropout == 0.0
+    # peft builds an Identity instead of a Dropout for p = 0: the tiny step pays nothing for it.
+    drops = [m for n, m in tiny_embedder.backbone.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(isinstance(m, torch.nn.Identity) for m in drops)
+    _, path = trained_ckpt
+    assert json.loads((path / "embedder_config.json").read_text())["config"]["lora_dropout"] == 0.0
+    assert json.loads((path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers API
 def test_adapter_loads_with_plain_peft(trained_ckpt):
     """adapter/ is a normal peft adapter: PeftModel.from_pretrained on the saved base works and

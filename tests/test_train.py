@@ -131,6 +131,7 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
     from model import EmbedderConfig, FashionLensEmbedder
 
     emb = FashionLensEmbedder(EmbedderConfig(lora_dropout=0.3, seed=1))  # own model: we perturb it
+    assert emb.config.lora_dropout == 0.3  # an explicit value is kept (the tiny default is 0)
     with torch.no_grad():  # LoRA B starts at 0, which would hide the dropout: give it weights
         g = torch.Generator().manual_seed(0)
         for name, prm in emb.named_parameters():
@@ -229,6 +230,9 @@ def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
         assert (b / ckpt / "embedder_config.json").is_file() and (b / ckpt / "train_config.json").is_file()
     assert (b / "last" / "train_state.json").is_file() and (b / "last" / "train_state.safetensors").is_file()
     assert json.loads((b / "config.json").read_text())["resolved"]["total_steps"] == 8
+    # auto threads: OMP_NUM_THREADS when the caller set it, else 1 for the tiny model on CPU
+    want = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else 1
+    assert json.loads((b / "config.json").read_text())["resolved"]["cpu_threads"] == want
     steps = _steps(b)
     assert [s["step"] for s in steps] == list(range(1, 9))
     for key in ("loss", "lr", "subset", "probabilities", "difficulties", "lam_mean", "time"):
@@ -259,6 +263,29 @@ def _load_and_evaluate(ckpt: Path, tasks: str):
                             progress=False)
     assert res.rows and all(0.0 <= r.recall[10] <= 1.0 for r in res.rows)
     return res
+
+
+def test_cpu_threads_auto_is_one_for_the_tiny_model_only(monkeypatch):
+    """--cpu-threads 0 (auto): 1 thread for a tiny backbone on CPU; an explicit count or
+    OMP_NUM_THREADS wins; other backbones and devices keep torch's choice; negative is refused."""
+    import train
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(3)
+        assert train.set_cpu_threads(train.TrainConfig(), "cpu") == 1
+        torch.set_num_threads(3)
+        assert train.set_cpu_threads(train.TrainConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"), "cpu") == 3
+        assert train.set_cpu_threads(train.TrainConfig(), "cuda:0") == 3
+        assert train.set_cpu_threads(train.TrainConfig(cpu_threads=2), "cpu") == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is kept
+        torch.set_num_threads(3)
+        assert train.set_cpu_threads(train.TrainConfig(), "cpu") == 3
+        with pytest.raises(SystemExit, match="--cpu-threads -1"):
+            train.set_cpu_threads(train.TrainConfig(cpu_threads=-1), "cpu")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_vision_tower_has_its_own_learning_rate(runs, tiny_embedder):
