@@ -112,7 +112,7 @@ class EmbedderConfig:
     lora_r: int = 8                 # LoRA rank (paper: 8)
     lora_alpha: int = 16            # LoRA scale numerator (paper: 16, i.e. scale 2)
     # LoRA dropout. None = auto: 0.05 (the paper) on a real backbone, 0 on the tiny CPU default, where
-    # peft's dropout costs ~30 % of a step and a 1 M-parameter model is far from overfitting in 1000
+    # peft's dropout costs ~30 % of a step and a 1 M-parameter model is far from overfitting in 1400
     # steps: the time buys more steps instead. The resolved number is what a checkpoint saves.
     lora_dropout: Optional[float] = None
     calibrator: str = "slerp"       # PGSQC mode: slerp (paper) | linear (ablation) | off (identity)
