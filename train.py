@@ -114,9 +114,9 @@ class TrainConfig:
     #                  0.79 vs 1.23); use ~1e-4 for a pretrained Qwen-VL
     vision_lr_scale: float = 0.1  # the trainable (random tiny) vision tower learns at lr x this. At the full
     #                              lr it soon encodes only colour and the sketch rows sit at chance; at 0.1
-    #                              the default run's overall test R@10 went from 29.3 to 33.9 % and the
-    #                              sketch rows to 5.6-6x chance (seed 0; README "Results"). No effect on a
-    #                              frozen (pretrained) tower
+    #                              the then 600-step default's overall test R@10 went from 29.3 to 33.9 %
+    #                              and the sketch rows to 5.6-6x chance (seed 0; README "Results"). No
+    #                              effect on a frozen (pretrained) tower
     weight_decay: float = 0.0  # AdamW decay; 0 as the LoRA adapters are small and the runs short
     warmup_ratio: float = 0.05  # share of steps with a linear lr warm-up, so Adam's moments settle first
     min_lr_ratio: float = 0.05  # cosine ends at lr x this, so the last steps still move the model a bit
