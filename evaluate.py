@@ -49,11 +49,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+import plumbing  # before numpy and torch: importing it sets OpenMP's wait policy, which must precede them
 
 import numpy as np
 import torch
@@ -160,11 +161,11 @@ def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterabl
     """
     ranks = first_hit_rank(ids, positives)  # (B,)
     scorable = np.array([len(p) > 0 for p in positives], dtype=bool)  # (B,)
-    n = int(scorable.sum())
+    n = int(scorable.sum())  # |Q|, the denominator
     out = {}
     for k in ks:
         hits = (ranks[scorable] >= 0) & (ranks[scorable] < k)  # (n,) first positive within the top k
-        out[int(k)] = float(hits.sum() / n) if n else float("nan")
+        out[int(k)] = float(hits.sum() / n) if n else float("nan")  # (1/|Q|) sum_i 1[hit_i]
     return out
 
 
@@ -182,8 +183,8 @@ def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int 
             continue
         miss = 1.0
         for j in range(min(k, gallery_size)):
-            miss *= max(gallery_size - p - j, 0) / (gallery_size - j)
-        vals.append(1.0 - miss)
+            miss *= max(gallery_size - p - j, 0) / (gallery_size - j)  # prod_{j<k} (G-P-j) / (G-j)
+        vals.append(1.0 - miss)  # P(at least one positive in a random top k)
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -221,6 +222,7 @@ class EvalResult:
                          if (include_ood or r.task != "ood") and not math.isnan(r.recall[k])))
 
     def to_dict(self) -> dict:
+        """Plain JSON types (per_query goes to its own .jsonl file)."""
         return {"ks": list(self.ks), "rows": [dataclasses.asdict(r) for r in self.rows],
                 "task_means": self.task_means, "overall": self.overall, "seconds": self.seconds}
 
@@ -231,7 +233,7 @@ def summarise(rows: list, ks: Sequence[int]) -> tuple[dict, dict]:
     for r in rows:
         by_task.setdefault(r.task, []).append(r)
     task_means = {t: {k: float(np.mean([r.recall[k] for r in rs])) for k in ks} for t, rs in by_task.items()}
-    ind = [t for t in task_means if t != "ood"]
+    ind = [t for t in task_means if t != "ood"]  # OOD tasks are reported, never averaged in
     overall = {k: float(np.mean([task_means[t][k] for t in ind])) for k in ks} if ind else {}
     return task_means, overall
 
@@ -251,108 +253,6 @@ def format_table(result: EvalResult) -> str:
         lines.append("| **overall** (mean of task means) | | | | "
                      + " | ".join(pct(result.overall[k]) for k in ks) + " | |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Gallery cache
-# ----------------------------------------------------------------------------------------------
-
-def checkpoint_fingerprint(embedder) -> str:
-    """A hash that changes whenever the gallery embeddings could change.
-
-    It covers the embedder's config (backbone id, image size, seed of a random tiny base...) and the
-    bytes of every *trainable* tensor (LoRA, learnable tokens, calibrator, a tiny model's vision
-    tower). Frozen pretrained weights are identified by the backbone id in the config, so hashing
-    a 4B-parameter base is not needed.
-    """
-    h = hashlib.sha256()
-    cfg = getattr(embedder, "config", None)
-    cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg)
-    h.update(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
-    for name, p in sorted(embedder.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def gallery_key(paths: Sequence[str]) -> str:
-    """A hash of the exact image list, with each file's size and mtime, so edits invalidate it."""
-    h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:  # a missing file is reported by the encoder with its record; hash the name
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
-
-
-def _atomic_save_array(path: Path, arr: np.ndarray) -> None:
-    """Write a .npy atomically: a crash mid-write never leaves a truncated cache behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarray:
-    """(G, D) float32 embeddings of `paths`, from the cache when this checkpoint saw this list before."""
-    cache_file = None
-    if cfg.cache_dir:
-        key = checkpoint_fingerprint(embedder)[:20] + "-" + gallery_key(paths)[:20]
-        cache_file = Path(cfg.cache_dir) / f"{key}.npy"
-        if cache_file.exists():
-            emb = np.load(cache_file, allow_pickle=False)  # (G, D) plain array, no pickle
-            if emb.shape[0] == len(paths):
-                return emb
-    emb = _encode_in_parts(embedder.encode_images, paths, embedder.dim, cfg, "gallery")  # (G, D)
-    if cache_file is not None:
-        _atomic_save_array(cache_file, emb)
-    return emb
-
-
-def encode_queries(embedder, records: Sequence, cfg: EvalConfig) -> np.ndarray:
-    """(B, D) calibrated query embeddings, one deterministic query per record."""
-    return _encode_in_parts(embedder.encode_queries, records, embedder.dim, cfg, "queries")  # (B, D)
-
-
-def _encode_in_parts(encode, items: Sequence, dim: int, cfg: EvalConfig, desc: str) -> np.ndarray:
-    """Call `encode` (an embedder's encode_images / encode_queries) on a few batches at a time.
-
-    The embedder batches internally; handing it 8 batches per call just lets the progress bar move.
-    """
-    chunks = []
-    step = max(cfg.batch_size, 1) * 8
-    bar = _progress(len(items), desc, cfg.progress)
-    for s in range(0, len(items), step):
-        part = list(items[s:s + step])
-        chunks.append(encode(part, batch_size=cfg.batch_size).float().numpy())  # (n, D)
-        bar.update(len(part))
-    bar.close()
-    return np.concatenate(chunks, 0) if chunks else np.zeros((0, dim), np.float32)  # (N, D)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or total == 0:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"encode {desc}", unit="item", leave=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +335,73 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
 
 
 # ----------------------------------------------------------------------------------------------
+# Encoding, and the gallery cache
+# ----------------------------------------------------------------------------------------------
+
+def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarray:
+    """(G, D) float32 embeddings of `paths`, from the cache when this checkpoint saw this list before.
+
+    The cache key must change whenever the embeddings could: it is the checkpoint's digest (its
+    config, which names a frozen pretrained base, plus the bytes of every trainable tensor: LoRA,
+    learnable tokens, calibrator, a tiny model's vision tower) and the digest of the image list.
+    """
+    cache_file = None
+    if cfg.cache_dir:
+        conf = getattr(embedder, "config", None)
+        conf = json.dumps(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else repr(conf),
+                          sort_keys=True, default=str)  # the config as text: the digest's prefix
+        key = plumbing.params_digest(embedder, prefix=conf)[:20] + "-" + gallery_key(paths)[:20]
+        cache_file = Path(cfg.cache_dir) / f"{key}.npy"
+        if cache_file.exists():
+            emb = np.load(cache_file, allow_pickle=False)  # (G, D) plain array, no pickle
+            if emb.shape[0] == len(paths):
+                return emb
+    emb = _encode_in_parts(embedder.encode_images, paths, embedder.dim, cfg, "gallery")  # (G, D)
+    if cache_file is not None:
+        def build(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a handle: np.save(name) would append ".npy" to the temporary
+                np.save(f, emb)
+        plumbing.atomic_write(cache_file, build)  # a crash mid-write never leaves a truncated cache
+    return emb
+
+
+def gallery_key(paths: Sequence[str]) -> str:
+    """A hash of the exact image list, with each file's size and mtime, so edits invalidate it."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # a missing file is reported by the encoder with its record; hash the name
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def encode_queries(embedder, records: Sequence, cfg: EvalConfig) -> np.ndarray:
+    """(B, D) calibrated query embeddings, one deterministic query per record."""
+    return _encode_in_parts(embedder.encode_queries, records, embedder.dim, cfg, "queries")  # (B, D)
+
+
+def _encode_in_parts(encode, items: Sequence, dim: int, cfg: EvalConfig, desc: str) -> np.ndarray:
+    """Call `encode` (an embedder's encode_images / encode_queries) on a few batches at a time.
+
+    The embedder batches internally; handing it 8 batches per call just lets the progress bar move.
+    """
+    from tqdm import tqdm  # a disabled bar is silent and keeps the same update/close
+
+    chunks = []
+    step = max(cfg.batch_size, 1) * 8
+    bar = tqdm(total=len(items), desc=f"encode {desc}", unit="item", leave=False,
+               disable=not cfg.progress or len(items) == 0)
+    for s in range(0, len(items), step):
+        part = list(items[s:s + step])
+        chunks.append(encode(part, batch_size=cfg.batch_size).float().numpy())  # (n, D)
+        bar.update(len(part))
+    bar.close()
+    return np.concatenate(chunks, 0) if chunks else np.zeros((0, dim), np.float32)  # (N, D)
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -506,8 +473,10 @@ def main(argv=None) -> int:
     ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
     ckpt = Path(args.ckpt)
     root = args.data or _training_data_root(ckpt) or "data/synthetic"
-    if root == "synthetic":
-        root = data.ensure_synthetic("data/synthetic")
+    if root == "synthetic":  # a run trained on `--data synthetic`: generate it if this clone lacks it
+        import synthetic  # the generator is needed only here: keep it off every other path
+
+        root = synthetic.ensure_synthetic("data/synthetic")
     from model import FashionLensEmbedder  # model imports transformers: keep it off the metric path
 
     kw = {"device": args.device} if args.device else {}
@@ -526,20 +495,12 @@ def main(argv=None) -> int:
           f"search {s['search']:.2f}s, total {s['total']:.1f}s")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"checkpoint": str(ckpt), "data": str(root), "split": args.split, **res.to_dict()}
-        _atomic_write_text(out, json.dumps(doc, indent=1))
-        _atomic_write_text(out.with_suffix(".per_query.jsonl"),
-                           "".join(json.dumps(r) + "\n" for r in res.per_query))
+        plumbing.atomic_write(out, json.dumps(doc, indent=1))  # a reader never sees half a file
+        plumbing.atomic_write(out.with_suffix(".per_query.jsonl"),
+                              "".join(json.dumps(r) + "\n" for r in res.per_query))
         print(f"wrote {out} and {out.with_suffix('.per_query.jsonl')}")
     return 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _self_check() -> int:

@@ -1,69 +1,64 @@
-"""FashionLens embedding model: one multimodal LLM that turns any fashion query or gallery image
-into a unit vector, so retrieval is a dot product.
+"""FashionLens embedding model: one multimodal LLM turns any fashion query, and any gallery image, into
+a unit vector, so that retrieval is a dot product.
 
 Concept (Wen et al., 2026, "Toward Versatile Fashion Image Retrieval via Task-Adaptive Learning").
-A Qwen-VL chat model reads a prompt and a *learnable summary token* sits in the assistant turn; the
-last hidden state at that token, L2-normalised, is the embedding:
+A Qwen-VL chat model reads a prompt whose assistant turn is a single learnable *summary token*. The
+model has been asked to "summarise the item in one word", so its last hidden state at that token is
+pushed to hold the whole request; L2-normalised, that state is the embedding:
 
-    query  prompt = system("fashion expert") + user(instruction, images / video frames in order,
-                    "summarise the target in one word") + assistant(<|query|>)
-    target prompt = system("fashion expert") + user(gallery image, "summarise it in one word")
-                    + assistant(<|target|>)
+    prompt_q = system("fashion expert") + user(instruction, images / video frames in order,
+               "summarise the target item in one word") + assistant(<|query|>)
+    prompt_t = system("fashion expert") + user(gallery image, "summarise this item in one word")
+               + assistant(<|target|>)
 
-    h_q = LLM(prompt_q)[pos(<|query|>)]          (B, D)   raw summary state
-    q_raw = h_q / ||h_q||                        (B, D)   uncalibrated query
-    q = PGSQC(h_q)  (calibrator.py, slerp on the sphere; q = q_raw when off)
-    t = h_t / ||h_t||,  h_t = LLM(prompt_t)[pos(<|target|>)]   (G, D)
-    score(q, t) = q . t
+    (1)  h_q   = LLM(prompt_q)[pos(<|query|>)]                    (B, D)  query summary state
+    (2)  q_raw = h_q / ||h_q||                                    (B, D)  uncalibrated query
+    (3)  q     = PGSQC(h_q)   (calibrator.py; q = q_raw when off)  (B, D)  calibrated query
+    (4)  t     = h_t / ||h_t||,  h_t = LLM(prompt_t)[pos(<|target|>)]      (G, D)  gallery item
+    (5)  score(q, t) = q . t                                      cosine similarity of unit vectors
 
 Only queries pass the calibrator, so the gallery is encoded once and cached (evaluate.py).
-The two summary tokens are nn.Parameters initialised from an existing word's embedding
-(" word" / " item"); they replace the embedding of two special tokens added to the tokenizer
-through `inputs_embeds`, so gradients reach them and the frozen embedding table stays frozen.
-Their gradient norm is the task-difficulty signal of GGAS (sampler.py, via token_parameters()).
 
-Where it sits: data.py makes Query objects and images -> **model.py embeds them** -> train.py
-(InfoNCE + GradCache + GGAS) and evaluate.py (faiss Recall@K) use the vectors.
+The summary tokens <|query|> and <|target|> are nn.Parameters of width D, initialised from the
+embeddings of the words " word" and " item". They are added to the tokenizer as special tokens and
+their slots in the input embeddings are overwritten (`inputs_embeds`), so gradients reach them while
+the embedding table itself stays frozen. Their gradient norm is GGAS's task-difficulty signal
+(sampler.py, via token_parameters()).
 
-Backbones (same code path, detected from the AutoConfig `model_type`):
-  * any Qwen2-VL / Qwen2.5-VL / Qwen3-VL hub id or local path (the paper: Qwen3-VL-4B-Instruct);
-  * "tiny" (default): the Qwen3-VL architecture from a small config, random init from `seed`,
-    with an offline byte-level BPE tokenizer trained deterministically on a fixed fashion corpus;
-  * "tiny-qwen2-vl": the same idea on the Qwen2-VL architecture.
 What trains: LoRA (peft) on the language model's q/k/v/o/gate/up/down projections, the two summary
-tokens and the calibrator, always. A pretrained vision tower stays frozen (it already sees well and
-is the part most easily damaged). The *random* tiny vision tower is trainable by default
-(train_vision="auto"), but train.py gives it a 10x smaller learning rate (--vision-lr-scale 0.1):
-at the adapters' rate it quickly keeps only colour (the cue most tasks share) and forgets the
-garment's shape, which sketch, outfit and attribute queries need. The tiny language model gets LoRA
-only, like the real one, so the tiny run exercises the paper's recipe. One departure: LoRA dropout is
-0.05 (the paper) on a real backbone but 0 on the tiny one (lora_dropout=None resolves per backbone),
-because on CPU the dropout masks cost ~30 % of a step and the time buys more steps instead.
+tokens and the calibrator, always. A pretrained vision tower stays frozen (it already sees well and is
+the part most easily damaged). The random tiny vision tower is trainable (train_vision="auto"), at a
+10x smaller learning rate (train.py's vision_lr_scale), because at the adapters' rate it soon keeps only
+colour (the cue most tasks share) and forgets the garment's shape, which sketch, outfit and attribute
+queries need.
 
-Video: the stock Qwen video path needs the torchvision video processor (not allowed here) and, for
-Qwen3-VL, timestamp text; so a video is fed as `num_frames` ordered frames through the image path,
-each frame its own <|vision_start|>...<|vision_end|> block after the words "Video frames in order:".
+Video: the stock Qwen video path needs torchvision's video processor and, for Qwen3-VL, timestamp
+text; so a video is fed as `num_frames` ordered frames through the image path, each frame its own
+<|vision_start|>...<|vision_end|> block after the words "Video frames in order:".
 
-Batch independence: sequences are right-padded; the summary token is the last real token and the
-attention is causal, so padding never reaches it; mRoPE position ids come from the backbone's own
-get_rope_index with the attention mask, and the vision tower attends within each image only.
+Batch independence: sequences are right-padded and attention is causal, and the summary token is the
+last real token, so padding never reaches it; mRoPE position ids come from the backbone's own
+get_rope_index with the attention mask; the vision tower attends within each image only.
 
+Backbones (one code path, told apart by the config's `model_type`): any Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL hub id or local path (the paper: Qwen3-VL-4B-Instruct), or an offline random "tiny" one
+(tiny_backbone.py, the default, so everything runs on a CPU with no download).
+
+Where it sits: data.py makes Query objects and images -> **model.py embeds them** -> train.py (InfoNCE
++ GradCache + GGAS) and evaluate.py (faiss Recall@K) use the vectors.
 Run: `python model.py` builds the tiny embedder (no network) and prints a similarity matrix.
-Shapes: B batch of queries, G gallery images, L sequence length, D hidden size, N image patches,
-r LoRA rank.
+Shapes: B queries, G gallery images, L sequence length, D hidden size, V vocabulary size,
+N image patches (all images of a batch), n_img images in a batch, C*T*p*p values per patch.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,49 +66,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-# Special tokens of the Qwen chat format (same strings as the real Qwen-VL tokenizers).
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-# Our two learnable summary tokens (added as special tokens so BPE never splits them).
-QUERY_TOKEN, TARGET_TOKEN = "<|query|>", "<|target|>"
-SYSTEM_PROMPT = "You are a fashion expert."
-QUERY_CLOSING = "Summarize the target fashion item in one word."
-TARGET_CLOSING = "Summarize this fashion item in one word."
-IMAGE_BLOCK = "<|vision_start|>{pads}<|vision_end|>"
-# The ChatML template the Qwen-VL family uses (text and image parts); `render_*` below produce the
-# same strings directly, which is faster than running jinja per item (a test checks they agree).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if not (loop.last and message['role'] == 'assistant') %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CONFIG_FILE, WEIGHTS_FILE = "embedder_config.json", "embedder.safetensors"
-ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
+import plumbing
+from tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
+                           processor_class, tiny_backbone_config, vision_geometry)
+
+# Architectures the embedder knows how to drive (their get_rope_index and vision tower API).
 SUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-TINY_TYPES = {"tiny": "qwen3_vl", "tiny-qwen2-vl": "qwen2_vl"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is incomplete or belongs to another backbone (message names the path)."""
 
 
 @dataclass
 class EmbedderConfig:
     """Everything needed to rebuild the embedder; saved as JSON inside each checkpoint."""
     backbone: str = "tiny"          # "tiny" | "tiny-qwen2-vl" | hub id | local path; tiny = offline CPU default
-    seed: int = 0                   # seeds the random tiny base, the LoRA init and the calibrator init
+    seed: int = 0                   # seeds the random tiny base (seed), the LoRA init (+1), the calibrator (+2)
     image_size: int = 64            # every image is resized to image_size^2 -> a fixed token count per image
     max_query_images: int = 4       # a query keeps at most this many images (outfits have up to ~4 items)
     num_frames: int = 4             # video queries are this many ordered frames
     lora_r: int = 8                 # LoRA rank (paper: 8)
-    lora_alpha: int = 16            # LoRA scale numerator (paper: 16, i.e. scale 2)
-    # LoRA dropout. None = auto: 0.05 (the paper) on a real backbone, 0 on the tiny CPU default, where
-    # peft's dropout costs ~30 % of a step and a 1 M-parameter model is far from overfitting in 1400
-    # steps: the time buys more steps instead. The resolved number is what a checkpoint saves.
+    lora_alpha: int = 16            # LoRA scale numerator (paper: 16, i.e. scale alpha / r = 2)
+    # LoRA dropout. None = auto (auto_lora_dropout): the paper's 0.05 on a real backbone, 0 on the tiny
+    # CPU default, where the dropout masks are a sizeable share of a step's time and a model this small,
+    # trained this briefly, is far from overfitting, so the time buys more steps instead.
+    # A checkpoint saves the resolved number.
     lora_dropout: Optional[float] = None
     calibrator: str = "slerp"       # PGSQC mode: slerp (paper) | linear (ablation) | off (identity)
     calibrator_rank: int = 32       # rank r of the calibrator's per-query low-rank map (paper: 32)
@@ -123,7 +97,7 @@ class EmbedderConfig:
     device: str = "auto"            # auto: cuda if available else cpu
     # auto: train a random tiny vision tower in full, freeze a pretrained one; "true"/"false" force it
     train_vision: str = "auto"
-    tiny_vocab_size: int = 1536     # BPE vocabulary of the offline tokenizer (fashion corpus is small)
+    tiny_vocab_size: int = 1536     # BPE vocabulary of the offline tokenizer (its fashion corpus is small)
 
 
 def auto_lora_dropout(backbone: str) -> float:
@@ -131,329 +105,36 @@ def auto_lora_dropout(backbone: str) -> float:
     return 0.0 if backbone in TINY_TYPES else 0.05
 
 
-# ----------------------------------------------------------------------------------------------
-# Offline tokenizer, processor and tiny backbones
-# ----------------------------------------------------------------------------------------------
-COLOURS = ("black white grey gray red blue navy green olive yellow orange pink purple violet brown beige "
-           "cream ivory khaki tan burgundy maroon teal turquoise gold silver charcoal mint coral lavender "
-           "denim camel multicolor dark light pale bright")
-CATEGORIES = ("dress shirt t-shirt tshirt top blouse sweater cardigan hoodie jacket coat blazer vest jeans "
-              "pants trousers shorts skirt leggings jumpsuit romper suit bag handbag backpack tote clutch "
-              "wallet shoe shoes sneaker sneakers boot boots sandal sandals heels loafers hat cap beanie scarf "
-              "belt watch sunglasses glasses necklace earrings bracelet ring socks tie gown tunic tank polo "
-              "parka trench anorak kimono cape poncho bodysuit swimsuit bikini lingerie pajamas outfit item")
-PATTERNS = ("solid striped stripes stripe plaid checked check checkered floral flower dotted dots polka "
-            "paisley geometric graphic printed print camouflage camo animal leopard zebra houndstooth "
-            "tie-dye gradient logo lettering embroidered sequined lace mesh ribbed quilted knit knitted "
-            "denim leather suede silk satin cotton linen wool cashmere velvet chiffon nylon polyester")
-ATTRIBUTES = ("long short sleeve sleeves sleeveless neck neckline collar collared v-neck crew round "
-              "turtleneck hood hooded zipper zip button buttons pocket pockets slim fit loose oversized "
-              "cropped high low waist rise midi maxi mini length fitted flared straight skinny wide leg "
-              "casual formal sporty elegant vintage classic modern summer winter spring autumn fall "
-              "men women kids unisex small large size style shape texture fabric material color colour "
-              "pattern category attribute brand occasion party office beach wedding evening daily")
-INSTRUCTIONS = (
-    "Find the image that matches the description. Retrieve the fashion item described by the text. "
-    "Find the product photo matching this sketch. Find the shop image of the item worn in this street "
-    "photo. Find the same item shown in a different view. Find the item shown in this video. Find the "
-    "item in the sketch with the following changes. Change the image so that it is more and less with "
-    "a different color and pattern. Is shorter, is longer, has no sleeves, make it, replace the, with, "
-    "without, instead of, same as, similar to, but, and, or, the, a, an, of, in, on, for, to, this, "
-    "that, these, those, is, are, has, have. Find an item that completes this outfit. Find a compatible "
-    "item that goes well with these. Find the item with the given attribute value. Try on the garment. "
-    "Query target image images video frames sketch street shop photo text description modification "
-    "reference candidate gallery retrieve retrieval search find match matching compatible outfit. "
-    "You are a fashion expert. Summarize the target fashion item in one word. Summarize this fashion "
-    "item in one word. Video frames in order: user assistant system word one two three four. "
-    "0 1 2 3 4 5 6 7 8 9 10 #")
+# The prompt pieces. The strings are part of the model: a checkpoint only works with the prompts it
+# was trained on, so they never change. Our two learnable summary tokens are added to the tokenizer
+# as special tokens, so BPE never splits them.
+QUERY_TOKEN, TARGET_TOKEN = "<|query|>", "<|target|>"
+SYSTEM_PROMPT = "You are a fashion expert."
+QUERY_CLOSING = "Summarize the target fashion item in one word."
+TARGET_CLOSING = "Summarize this fashion item in one word."
+IMAGE_PAD = "<|image_pad|>"                           # one visual token's placeholder
+IMAGE_BLOCK = "<|vision_start|>{pads}<|vision_end|>"  # one image: its placeholders between markers
 
 
-def fashion_corpus() -> list[str]:
-    """The fixed corpus the offline tokenizer learns from (deterministic: same list every time)."""
-    words = " ".join([COLOURS, CATEGORIES, PATTERNS, ATTRIBUTES]).split()
-    lines = [INSTRUCTIONS] * 4
-    # Word lists alone, then every colour+pattern+category triple a synthetic caption may contain.
-    lines += [" ".join(words)] * 4
-    for c in COLOURS.split():
-        for p in PATTERNS.split()[:12]:
-            lines.append(" ".join(f"{c} {p} {k}" for k in CATEGORIES.split()[:30]))
-    lines += [w.capitalize() for w in words]
-    return lines
-
-
-def build_tiny_tokenizer(vocab_size: int = 1536):
-    """Byte-level BPE trained on `fashion_corpus()`, with Qwen's special tokens, as a fast tokenizer.
-
-    Byte-level means any string (typos, other languages) still encodes; the vocabulary just makes
-    the fashion words short. The BPE trainer is deterministic for a fixed corpus and settings.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(fashion_corpus(), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  padding_side="right")
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def _processor_class():
-    """An image-only Qwen-VL processor (the stock ones also build a torchvision video processor)."""
-    from transformers import ProcessorMixin
-
-    class FashionLensProcessor(ProcessorMixin):
-        """Tokenizer + Qwen2-VL PIL/numpy image processor; images only, video comes as frames."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, chat_template=chat_template)
-
-    return FashionLensProcessor
-
-
-def build_image_processor(image_size: int, patch_size: int, merge_size: int, temporal_patch_size: int,
-                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """Qwen's PIL/numpy image processor with min_pixels = max_pixels = image_size^2, so every (square)
-    image becomes the same (image_size / patch)^2 patches -> fixed token count, batch-friendly."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size,
-                                    merge_size=merge_size, temporal_patch_size=temporal_patch_size,
-                                    image_mean=list(mean), image_std=list(std))
-
-
-def tiny_backbone_config(kind: str, vocab_size: int, token_ids: dict, attn: str):
-    """A ~1 M-parameter Qwen3-VL (or Qwen2-VL) config: text 128 wide x 4 layers, vision 64 wide x 2.
-
-    Constraints the architectures impose: mRoPE sections sum to head_dim/2 (6+5+5 = 16 = 32/2);
-    the vision tower's output width equals the text width (128); Qwen3 also needs a square
-    num_position_embeddings (64 = 8x8 patches of a 64-px image) and deepstack indexes < depth.
-    """
-    from transformers import Qwen2VLConfig, Qwen3VLConfig
-
-    text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=token_ids["pad"])
-    specials = dict(bos_token_id=token_ids["pad"], eos_token_id=token_ids["eos"])  # Qwen: no BOS in prompts
-    ids = dict(image_token_id=token_ids["image"], video_token_id=token_ids["video"],
-               vision_start_token_id=token_ids["vision_start"], vision_end_token_id=token_ids["vision_end"])
-    if kind == "tiny":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5],
-                                   "mrope_interleaved": True}
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0])
-        cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    elif kind == "tiny-qwen2-vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5]}
-        vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=2, patch_size=8,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        text.update(specials)
-        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **specials)
-    else:
-        raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {sorted(TINY_TYPES)}")
-    cfg._attn_implementation = attn
-    return cfg
-
-
-def _vision_geometry(cfg) -> tuple[int, int, int]:
-    """(patch_size, spatial_merge_size, temporal_patch_size) of a Qwen-VL config's vision tower."""
-    v = cfg.vision_config
-    return int(v.patch_size), int(v.spatial_merge_size), int(v.temporal_patch_size)
-
-
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "numpy": np.__version__}
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedder
-# ----------------------------------------------------------------------------------------------
 class FashionLensEmbedder(nn.Module):
     """Qwen-VL + LoRA + learnable query/target summary tokens + optional PGSQC calibrator.
 
     forward(queries=None, images=None) -> dict(q, q_raw, lam, reg, t) with gradients (training);
     encode_queries / encode_images -> float32 CPU tensors, no grad, eval mode, batched (inference).
+    Construction (__init__) comes after the computation below; read it second.
     """
 
-    def __init__(self, config: Optional[EmbedderConfig] = None, *, _checkpoint: Optional[str] = None):
-        super().__init__()
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        config = config or EmbedderConfig()
-        self.tiny = config.backbone in TINY_TYPES
-        if config.lora_dropout is None:  # resolve "auto" once, so the saved config holds the number
-            config = replace(config, lora_dropout=auto_lora_dropout(config.backbone))
-        self.config = config
-        dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self._device = torch.device(dev)
-        if config.dtype == "auto":
-            self.model_dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
-        else:
-            self.model_dtype = getattr(torch, config.dtype)
-        ckpt = Path(_checkpoint) if _checkpoint else None
-
-        # --- backbone + processor ----------------------------------------------------------------
-        with torch.random.fork_rng(devices=[]):  # seeded builds must not disturb the caller's RNG
-            torch.manual_seed(config.seed)
-            base, self.processor = self._build_backbone(ckpt)
-        self.model_type = base.config.model_type
-        self.tokenizer = self.processor.tokenizer
-        self.image_processor = self.processor.image_processor
-        tok = self.tokenizer
-        self.query_token_id = tok.convert_tokens_to_ids(QUERY_TOKEN)
-        self.target_token_id = tok.convert_tokens_to_ids(TARGET_TOKEN)
-        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.pad_token_id = tok.pad_token_id
-        self.dim = int(base.config.text_config.hidden_size)  # D
-        # Visual tokens per image: ask the processor once (its smart_resize rounds to patch*merge),
-        # then divide the patch grid by the merge^2 patches each token pools.
-        probe = self.image_processor([Image.new("RGB", (config.image_size,) * 2)], return_tensors="np")
-        merge = self.image_processor.merge_size
-        self.tokens_per_image = int(probe["image_grid_thw"][0].prod()) // merge ** 2  # 16 for the tiny default
-
-        # --- what trains: LoRA on LM linears; vision tower in full only when random --------------
-        train_vision = config.train_vision == "true" or (config.train_vision == "auto" and self.tiny)
-        self.train_vision = bool(train_vision)
-        # peft matches module names with this regex: only the language model's projections
-        # (Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare name list would catch it).
-        target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-        if ckpt is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed + 1)
-                lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                  lora_dropout=config.lora_dropout, target_modules=target, bias="none")
-                with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
-                    warnings.simplefilter("ignore", FutureWarning)
-                    self.backbone = get_peft_model(base, lora)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                self.backbone = PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=True)
-        if self.train_vision:
-            for p in self._base().visual.parameters():
-                p.requires_grad_(True)
-
-        # --- learnable summary tokens, initialised from existing word embeddings -----------------
-        emb = self._base().get_input_embeddings().weight  # (V, D)
-        q_init = tok.encode(" word", add_special_tokens=False)[-1]
-        t_init = tok.encode(" item", add_special_tokens=False)[-1]
-        self.query_token = nn.Parameter(emb[q_init].detach().float().clone())   # (D,)
-        self.target_token = nn.Parameter(emb[t_init].detach().float().clone())  # (D,)
-
-        # --- calibrator (queries only) -----------------------------------------------------------
-        self.calibrator = None
-        if config.calibrator != "off":
-            from calibrator import SphericalQueryCalibrator  # lazy: model.py imports fine without it
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed + 2)
-                self.calibrator = SphericalQueryCalibrator(self.dim, rank=config.calibrator_rank,
-                                                           hidden=config.calibrator_hidden,
-                                                           mode=config.calibrator)
-        self.backbone.to(self._device, self.model_dtype)
-        self.query_token.data = self.query_token.data.to(self._device)   # tokens/calibrator stay fp32
-        self.target_token.data = self.target_token.data.to(self._device)
-        if self.calibrator is not None:
-            self.calibrator.to(self._device)
-        if ckpt is not None:
-            self._load_extras(ckpt)
-
-    # ------------------------------------------------------------------------------------------
-    def _base(self):
-        """The Qwen-VL base model (with LoRA layers injected in place)."""
-        return self.backbone.get_base_model()
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def _build_backbone(self, ckpt: Optional[Path]):
-        """Return (base model, processor): tiny from config/seed (or its saved weights), else hub/path."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        cfg, Proc = self.config, _processor_class()
-        if ckpt is not None:  # processor always comes from the checkpoint (it holds the added tokens)
-            processor = Proc.from_pretrained(str(ckpt / PROCESSOR_DIR))
-            tok = processor.tokenizer
-        elif self.tiny:
-            tok = build_tiny_tokenizer(cfg.tiny_vocab_size)
-        else:
-            tok = AutoTokenizer.from_pretrained(cfg.backbone, padding_side="right")
-        tok.padding_side = "right"
-        if ckpt is None:
-            tok.add_special_tokens({"additional_special_tokens": [QUERY_TOKEN, TARGET_TOKEN]},
-                                   replace_extra_special_tokens=False)
-        ids = {"pad": tok.convert_tokens_to_ids("<|endoftext|>"), "eos": tok.convert_tokens_to_ids("<|im_end|>"),
-               "image": tok.convert_tokens_to_ids("<|image_pad|>"),
-               "video": tok.convert_tokens_to_ids("<|video_pad|>"),
-               "vision_start": tok.convert_tokens_to_ids("<|vision_start|>"),
-               "vision_end": tok.convert_tokens_to_ids("<|vision_end|>")}
-        if tok.pad_token is None:
-            tok.pad_token = "<|endoftext|>"
-
-        if self.tiny:
-            if ckpt is not None:  # a random base cannot be re-drawn reliably: load the saved one
-                mcfg = AutoConfig.from_pretrained(str(ckpt / BASE_DIR))
-                mcfg._attn_implementation = cfg.attn_implementation
-                base = AutoModel.from_config(mcfg)
-                from safetensors.torch import load_file
-                state = load_file(str(ckpt / BASE_DIR / "model.safetensors"))
-                missing, unexpected = base.load_state_dict(state, strict=False)
-                if missing or unexpected:
-                    raise CheckpointError(f"{ckpt / BASE_DIR / 'model.safetensors'}: base weights do not fit "
-                                          f"the {mcfg.model_type} architecture (missing {missing[:3]}, "
-                                          f"unexpected {unexpected[:3]})")
-            else:
-                vocab = len(tok)
-                mcfg = tiny_backbone_config(cfg.backbone, vocab, ids, cfg.attn_implementation)
-                base = AutoModel.from_config(mcfg)
-        else:
-            mcfg = AutoConfig.from_pretrained(cfg.backbone)
-            if mcfg.model_type not in SUPPORTED_TYPES:
-                raise ValueError(f"backbone {cfg.backbone!r} has model_type {mcfg.model_type!r}; "
-                                 f"supported: {SUPPORTED_TYPES}")
-            base = AutoModel.from_pretrained(cfg.backbone, attn_implementation=cfg.attn_implementation,
-                                             dtype=self.model_dtype)
-            if len(tok) > base.get_input_embeddings().weight.shape[0]:
-                base.resize_token_embeddings(len(tok))  # only if the added tokens overflow the table
-        if ckpt is None:
-            patch, merge, tpatch = _vision_geometry(base.config)
-            mean, std = (0.5,) * 3, (0.5,) * 3
-            if not self.tiny:  # keep the pretrained normalisation
-                try:
-                    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
-                        Qwen2VLImageProcessorPil
-                    ref = Qwen2VLImageProcessorPil.from_pretrained(cfg.backbone)
-                    mean, std = tuple(ref.image_mean), tuple(ref.image_std)
-                except Exception:  # noqa: BLE001 -- fall back to Qwen3-VL's 0.5/0.5
-                    pass
-            improc = build_image_processor(cfg.image_size, patch, merge, tpatch, mean, std)
-            processor = Proc(improc, tok, chat_template=CHAT_TEMPLATE)
-        base.config.use_cache = False
-        for p in base.parameters():  # peft freezes the base anyway; be explicit for the vision tower
-            p.requires_grad_(False)
-        return base, processor
-
-    # ------------------------------------------------------------------------------------------
-    # Prompt rendering
-    # ------------------------------------------------------------------------------------------
+    # ==============================================================================================
+    # Prompts: the chat strings of prompt_q and prompt_t
+    # ==============================================================================================
     def _image_block(self) -> str:
-        return IMAGE_BLOCK.format(pads="<|image_pad|>" * self.tokens_per_image)
+        """One image in a prompt: tokens_per_image placeholders, later replaced by its visual tokens."""
+        return IMAGE_BLOCK.format(pads=IMAGE_PAD * self.tokens_per_image)
 
     def render_query(self, instruction: str, n_images: int, n_frames: int, expand: bool = True) -> str:
-        """Chat-formatted query prompt ending with the learnable query token (expand: image pads)."""
-        block = self._image_block() if expand else IMAGE_BLOCK.format(pads="<|image_pad|>")
+        """prompt_q as text, ending with the query token. expand=False writes one placeholder per image
+        (the chat template's form, used to check the two agree)."""
+        block = self._image_block() if expand else IMAGE_BLOCK.format(pads=IMAGE_PAD)
         user = instruction.strip()
         if n_images:
             user += "\n" + block * n_images
@@ -464,19 +145,16 @@ class FashionLensEmbedder(nn.Module):
                 f"<|im_start|>assistant\n{QUERY_TOKEN}")
 
     def render_target(self, expand: bool = True) -> str:
-        """Chat-formatted gallery prompt ending with the learnable target token."""
-        block = self._image_block() if expand else IMAGE_BLOCK.format(pads="<|image_pad|>")
+        """prompt_t as text, ending with the target token (the same string for every gallery image)."""
+        block = self._image_block() if expand else IMAGE_BLOCK.format(pads=IMAGE_PAD)
         return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{block}\n{TARGET_CLOSING}"
                 f"<|im_end|>\n<|im_start|>assistant\n{TARGET_TOKEN}")
 
-    # ------------------------------------------------------------------------------------------
-    # Input normalisation
-    # ------------------------------------------------------------------------------------------
     def _prep_image(self, img) -> Image.Image:
         """PIL or path -> RGB image_size x image_size (square, so every image has the same tokens)."""
         s = self.config.image_size
         if isinstance(img, (str, os.PathLike)):
-            import data
+            import data  # lazy: only path inputs need data.py's image loader
             img = data.load_image(str(img), s)
         if img.mode != "RGB":
             img = img.convert("RGB")
@@ -485,7 +163,7 @@ class FashionLensEmbedder(nn.Module):
         return img
 
     def _as_query(self, item):
-        """Query | Record | str -> (instruction, images, frames) with the configured caps."""
+        """Query | Record | str -> (instruction, images, frames) within the configured caps."""
         if isinstance(item, str):
             return item, [], []
         if not hasattr(item, "instruction"):  # a data.Record: build its deterministic eval query
@@ -499,12 +177,12 @@ class FashionLensEmbedder(nn.Module):
             frames = [frames[round(i * (len(frames) - 1) / max(n - 1, 1))] for i in range(n)]
         return item.instruction, images, frames
 
-    # ------------------------------------------------------------------------------------------
-    # Core: prompts + images -> hidden state at the summary token
-    # ------------------------------------------------------------------------------------------
+    # ==============================================================================================
+    # Summary state: prompts + images -> h = LLM(prompt)[pos(summary token)]   (eq. 1 and 4)
+    # ==============================================================================================
     def _summary_states(self, texts: list[str], images: list[Image.Image], token_id: int,
                         token: torch.Tensor) -> torch.Tensor:
-        """Run the backbone on B prompts (their images in prompt order) -> (B, D) summary states."""
+        """Run the backbone on B prompts (their images in prompt order) -> (B, D) summary states h."""
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         input_ids = enc["input_ids"].to(self._device)            # (B, L)
         attn = enc["attention_mask"].to(self._device)            # (B, L) 1 = real token, right-padded
@@ -518,35 +196,39 @@ class FashionLensEmbedder(nn.Module):
         # mRoPE positions (3, B, L) from the backbone's own rule; padding is excluded by the mask,
         # so a row's positions depend only on that row.
         pos, _ = base.get_rope_index(input_ids, mm_token_type_ids=is_img.int(), image_grid_thw=grid,
-                                     attention_mask=attn)
-        # Embeddings of the prompt; our summary-token slots get the learnable vector instead.
+                                     attention_mask=attn)   # (3, B, L)
+        # Embed the prompt, then put the learnable vector into the summary token's slot. Our added
+        # token ids lie past the frozen table's end, so they look up the pad row first (overwritten).
         safe_ids = input_ids.masked_fill(input_ids >= base.get_input_embeddings().weight.shape[0],
                                          self.pad_token_id)         # (B, L)
         embeds = base.get_input_embeddings()(safe_ids)              # (B, L, D)
         slot = (input_ids == token_id)                               # (B, L) exactly one per row
         embeds = torch.where(slot[..., None], token.to(embeds.dtype), embeds)  # (B, L, D)
+        # The backbone writes each image's visual tokens into its placeholder slots itself.
         out = base(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, pixel_values=pixel_values,
                    image_grid_thw=grid, use_cache=False)
         hidden = out.last_hidden_state                               # (B, L, D)
-        idx = slot.float().argmax(dim=1)                             # (B,) position of the summary token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()  # (B, D)
+        idx = slot.float().argmax(dim=1)                             # (B,) pos(summary token)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()  # (B, D) h
 
     def _query_states(self, queries: Sequence) -> torch.Tensor:
+        """Eq. 1: h_q for B queries, images first, then video frames, as the prompt orders them."""
         texts, imgs = [], []
         for q in queries:
             instr, images, frames = self._as_query(q)
             texts.append(self.render_query(instr, len(images), len(frames)))
             imgs += images + frames  # prompt order: images first, then the video frames
-        return self._summary_states(texts, imgs, self.query_token_id, self.query_token)  # (B, D)
+        return self._summary_states(texts, imgs, self.query_token_id, self.query_token)  # (B, D) h_q
 
     def _image_states(self, images: Sequence) -> torch.Tensor:
+        """Eq. 4 before normalising: h_t for G gallery images (one prompt each)."""
         text = self.render_target()
         return self._summary_states([text] * len(images), list(images), self.target_token_id,
-                                    self.target_token)  # (G, D)
+                                    self.target_token)  # (G, D) h_t
 
-    # ------------------------------------------------------------------------------------------
-    # Public API
-    # ------------------------------------------------------------------------------------------
+    # ==============================================================================================
+    # Forward (training) and encode (inference)
+    # ==============================================================================================
     def forward(self, queries: Optional[Sequence] = None, images: Optional[Sequence] = None) -> dict:
         """Embed queries and/or gallery images with gradients.
 
@@ -556,23 +238,24 @@ class FashionLensEmbedder(nn.Module):
         no queries). All float32.
         """
         out: dict[str, torch.Tensor] = {}
-        reg = torch.zeros((), device=self._device)
+        reg = torch.zeros((), device=self._device)                   # () no calibrator -> no penalty
         if queries is not None and len(queries):
-            h = self._query_states(queries)                          # (B, D) raw summary states
-            out["q_raw"] = F.normalize(h, dim=-1)                    # (B, D) q_raw = h / ||h||
+            h = self._query_states(queries)                          # (B, D) eq. 1: h_q
+            out["q_raw"] = F.normalize(h, dim=-1)                    # (B, D) eq. 2: q_raw = h_q / ||h_q||
             if self.calibrator is not None:
-                cal = self.calibrator(h)
+                cal = self.calibrator(h)                             # eq. 3: q = PGSQC(h_q)
                 out["q"], out["lam"], reg = cal.query, cal.lam, cal.reg  # (B, D), (B,), ()
             else:
-                out["q"] = out["q_raw"]
+                out["q"] = out["q_raw"]                              # (B, D) eq. 3 when off: q = q_raw
                 out["lam"] = torch.zeros(h.shape[0], device=h.device)  # (B,)
         if images is not None and len(images):
-            out["t"] = F.normalize(self._image_states(images), dim=-1)  # (G, D) t = h_t / ||h_t||
+            out["t"] = F.normalize(self._image_states(images), dim=-1)  # (G, D) eq. 4: t = h_t / ||h_t||
         out["reg"] = reg
         return out
 
     @torch.no_grad()
     def _encode(self, items: Sequence, batch_size: int, key: str, progress: bool) -> torch.Tensor:
+        """Batched forward in eval mode, keeping only out[key]; restores the caller's train/eval mode."""
         was_training = self.training
         self.eval()
         try:
@@ -584,7 +267,7 @@ class FashionLensEmbedder(nn.Module):
             for i in rng:
                 part = items[i: i + batch_size]
                 res = self(queries=part) if key == "q" else self(images=part)
-                chunks.append(res[key].float().cpu())
+                chunks.append(res[key].float().cpu())                # (batch, D)
             return torch.cat(chunks) if chunks else torch.zeros(0, self.dim)  # (B|G, D)
         finally:
             self.train(was_training)
@@ -597,6 +280,191 @@ class FashionLensEmbedder(nn.Module):
         """Gallery images (PIL | path) -> (G, D) unit float32 CPU tensor, no grad, eval mode."""
         return self._encode(list(images), batch_size, "t", progress)
 
+    # ==============================================================================================
+    # Construction. Each random draw of a fresh build happens inside fork_rng with its own seed
+    # (base: seed, LoRA: seed + 1, calibrator: seed + 2), so the same config always gives the same
+    # weights and building one leaves the caller's RNG as it was. (Loading a checkpoint does draw from
+    # the caller's RNG: peft initialises the LoRA layers before it copies the saved values in.)
+    # ==============================================================================================
+    def __init__(self, config: Optional[EmbedderConfig] = None, *, _checkpoint: Optional[str] = None):
+        """Build from `config`; `_checkpoint` (used by from_pretrained) loads every weight from there."""
+        super().__init__()
+        config = config or EmbedderConfig()
+        if config.lora_dropout is None:  # resolve "auto" once, so the saved config holds the number
+            config = replace(config, lora_dropout=auto_lora_dropout(config.backbone))
+        self.config, self.tiny = config, config.backbone in TINY_TYPES
+        dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self._device = torch.device(dev)
+        if config.dtype == "auto":  # float32 on CPU for exact tests; bfloat16 on GPU for memory/speed
+            self.model_dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        else:
+            self.model_dtype = getattr(torch, config.dtype)
+        ckpt = Path(_checkpoint) if _checkpoint else None
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the random tiny base's weights
+            base, self.processor = self._build_backbone(ckpt)
+        self._read_token_layout(base)
+        self.train_vision = config.train_vision == "true" or (config.train_vision == "auto" and self.tiny)
+        self.backbone = self._add_lora(base, ckpt)
+        if self.train_vision:
+            for p in self._base().visual.parameters():
+                p.requires_grad_(True)
+        self._add_summary_tokens()
+        self.calibrator = self._new_calibrator()
+        self.backbone.to(self._device, self.model_dtype)
+        self.query_token.data = self.query_token.data.to(self._device)   # (D,) tokens/calibrator stay fp32
+        self.target_token.data = self.target_token.data.to(self._device)  # (D,)
+        if self.calibrator is not None:
+            self.calibrator.to(self._device)
+        if ckpt is not None:
+            self._load_extras(ckpt)
+
+    def _read_token_layout(self, base) -> None:
+        """Token ids, width D and visual tokens per image, read off the built tokenizer and processor."""
+        self.model_type = base.config.model_type
+        self.tokenizer = self.processor.tokenizer
+        self.image_processor = self.processor.image_processor
+        tok = self.tokenizer
+        self.query_token_id = tok.convert_tokens_to_ids(QUERY_TOKEN)
+        self.target_token_id = tok.convert_tokens_to_ids(TARGET_TOKEN)
+        self.image_token_id = tok.convert_tokens_to_ids(IMAGE_PAD)
+        self.pad_token_id = tok.pad_token_id
+        self.dim = int(base.config.text_config.hidden_size)  # D
+        # Ask the processor once (its smart_resize rounds to patch * merge), then divide the patch
+        # grid by the merge^2 patches each visual token pools.
+        probe = self.image_processor([Image.new("RGB", (self.config.image_size,) * 2)], return_tensors="np")
+        merge = self.image_processor.merge_size
+        self.tokens_per_image = int(probe["image_grid_thw"][0].prod()) // merge ** 2  # 16 for the tiny default
+
+    def _add_lora(self, base, ckpt: Optional[Path]):
+        """Wrap `base` in LoRA on the language model's linears: a fresh init (seed + 1) or a saved one."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        cfg = self.config
+        # peft matches module names with this regex: only the language model's projections
+        # (Qwen2.5-VL's vision MLP also has gate/up/down_proj, so a bare name list would catch it).
+        target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            if ckpt is not None:
+                return PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  target_modules=target, bias="none")
+                return get_peft_model(base, lora)
+
+    def _add_summary_tokens(self) -> None:
+        """The learnable <|query|> / <|target|> vectors, initialised from the words " word" / " item"."""
+        emb = self._base().get_input_embeddings().weight  # (V, D) the frozen embedding table
+        q_init = self.tokenizer.encode(" word", add_special_tokens=False)[-1]
+        t_init = self.tokenizer.encode(" item", add_special_tokens=False)[-1]
+        self.query_token = nn.Parameter(emb[q_init].detach().float().clone())   # (D,)
+        self.target_token = nn.Parameter(emb[t_init].detach().float().clone())  # (D,)
+
+    def _new_calibrator(self):
+        """PGSQC for the queries (eq. 3), initialised from seed + 2; None when calibrator="off"."""
+        cfg = self.config
+        if cfg.calibrator == "off":
+            return None
+        from calibrator import SphericalQueryCalibrator  # lazy: model.py imports fine without it
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 2)
+            return SphericalQueryCalibrator(self.dim, rank=cfg.calibrator_rank, hidden=cfg.calibrator_hidden,
+                                            mode=cfg.calibrator)
+
+    def _base(self):
+        """The Qwen-VL base model (with LoRA layers injected in place)."""
+        return self.backbone.get_base_model()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone, the tokens and the calibrator live."""
+        return self._device
+
+    def _build_backbone(self, ckpt: Optional[Path]):
+        """(base model, processor), the base frozen: a tiny one from config and seed (or its saved
+        weights), else a hub id / local path. A checkpoint always supplies the processor, because
+        its tokenizer holds the added summary tokens."""
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        processor = processor_class().from_pretrained(str(ckpt / PROCESSOR_DIR)) if ckpt is not None else None
+        if processor is not None:
+            tok = processor.tokenizer
+        elif self.tiny:
+            tok = build_tiny_tokenizer(cfg.tiny_vocab_size)
+        else:
+            tok = AutoTokenizer.from_pretrained(cfg.backbone, padding_side="right")
+        tok.padding_side = "right"  # the summary token must be each row's last real token
+        if ckpt is None:
+            tok.add_special_tokens({"additional_special_tokens": [QUERY_TOKEN, TARGET_TOKEN]},
+                                   replace_extra_special_tokens=False)
+        ids = {"pad": tok.convert_tokens_to_ids("<|endoftext|>"), "eos": tok.convert_tokens_to_ids("<|im_end|>"),
+               "image": tok.convert_tokens_to_ids(IMAGE_PAD), "video": tok.convert_tokens_to_ids("<|video_pad|>"),
+               "vision_start": tok.convert_tokens_to_ids("<|vision_start|>"),
+               "vision_end": tok.convert_tokens_to_ids("<|vision_end|>")}
+        if tok.pad_token is None:
+            tok.pad_token = "<|endoftext|>"
+        base = self._build_base(tok, ids, ckpt)
+        if processor is None:
+            processor = self._new_processor(base, tok)
+        base.config.use_cache = False
+        for p in base.parameters():  # peft freezes the base anyway; be explicit for the vision tower
+            p.requires_grad_(False)
+        return base, processor
+
+    def _build_base(self, tok, ids: dict, ckpt: Optional[Path]):
+        """The Qwen-VL base model: tiny (saved weights, or random from the seeded RNG) or pretrained."""
+        from transformers import AutoConfig, AutoModel
+
+        cfg = self.config
+        if self.tiny and ckpt is not None:  # a random base cannot be re-drawn reliably: load the saved one
+            from safetensors.torch import load_file
+
+            mcfg = AutoConfig.from_pretrained(str(ckpt / BASE_DIR))
+            mcfg._attn_implementation = cfg.attn_implementation
+            base = AutoModel.from_config(mcfg)
+            state = load_file(str(ckpt / BASE_DIR / "model.safetensors"))
+            missing, unexpected = base.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(f"{ckpt / BASE_DIR / 'model.safetensors'}: base weights do not fit "
+                                      f"the {mcfg.model_type} architecture (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]})")
+            return base
+        if self.tiny:
+            mcfg = tiny_backbone_config(cfg.backbone, len(tok), ids, cfg.attn_implementation)
+            return AutoModel.from_config(mcfg)  # random weights from the caller's seeded RNG
+        mcfg = AutoConfig.from_pretrained(cfg.backbone)
+        if mcfg.model_type not in SUPPORTED_TYPES:
+            raise ValueError(f"backbone {cfg.backbone!r} has model_type {mcfg.model_type!r}; "
+                             f"supported: {SUPPORTED_TYPES}")
+        base = AutoModel.from_pretrained(cfg.backbone, attn_implementation=cfg.attn_implementation,
+                                         dtype=self.model_dtype)
+        if len(tok) > base.get_input_embeddings().weight.shape[0]:
+            base.resize_token_embeddings(len(tok))  # only if the added tokens overflow the table
+        return base
+
+    def _new_processor(self, base, tok):
+        """Tokenizer + an image processor fixed to image_size^2; a pretrained backbone keeps its own
+        pixel normalisation (0.5 / 0.5, Qwen3-VL's, when it cannot be read)."""
+        patch, merge, tpatch = vision_geometry(base.config)
+        mean, std = (0.5,) * 3, (0.5,) * 3
+        if not self.tiny:
+            try:
+                from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+                ref = Qwen2VLImageProcessorPil.from_pretrained(self.config.backbone)
+                mean, std = tuple(ref.image_mean), tuple(ref.image_std)
+            except Exception:  # noqa: BLE001 -- fall back to Qwen3-VL's 0.5/0.5
+                pass
+        improc = build_image_processor(self.config.image_size, patch, merge, tpatch, mean, std)
+        return processor_class()(improc, tok, chat_template=CHAT_TEMPLATE)
+
+    # ==============================================================================================
+    # Parameter groups (train.py gives each its own treatment)
+    # ==============================================================================================
     def vision_parameters(self) -> list[nn.Parameter]:
         """The trainable vision-tower weights ([] when the tower is frozen): train.py gives them their
         own learning rate (TrainConfig.vision_lr_scale)."""
@@ -614,12 +482,42 @@ class FashionLensEmbedder(nn.Module):
         train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"total": total, "trainable": train}
 
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------
+    # ==============================================================================================
+    # Save and load. A checkpoint folder holds: the embedder config (JSON), the LoRA adapter in peft's
+    # own format, the tokens + calibrator + trained vision tower (safetensors), the processor, and for
+    # a tiny backbone its random base (it cannot be downloaded, and re-drawing it is not guaranteed).
+    # ==============================================================================================
+    def save_into(self, folder: str | os.PathLike) -> None:
+        """Write every checkpoint file into `folder`, which must not exist yet (it is created).
+
+        Not atomic on its own: save_pretrained, and train.py's checkpoints, call it through
+        plumbing.atomic_write, which builds the folder beside the target and swaps it in.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True)
+        meta = {"config": asdict(self.config), "versions": _versions(), "model_type": self.model_type,
+                "dim": self.dim, "tokens_per_image": self.tokens_per_image, "format": 1,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        self.backbone.save_pretrained(str(folder / ADAPTER_DIR))  # peft's own format
+        save_file(self._extra_state(), str(folder / WEIGHTS_FILE))
+        self.processor.save_pretrained(str(folder / PROCESSOR_DIR))
+        if self.tiny:  # a random base must travel with its checkpoint
+            (folder / BASE_DIR).mkdir()
+            self._base().config.save_pretrained(str(folder / BASE_DIR))
+            save_file(self._clean_base_state(), str(folder / BASE_DIR / "model.safetensors"))
+
+    def save_pretrained(self, path: str | os.PathLike) -> str:
+        """Write the checkpoint folder atomically (the old one stays until the new one is complete)."""
+        path = Path(path).resolve()
+        plumbing.atomic_write(path, self.save_into)
+        return str(path)
+
     def _extra_state(self) -> dict[str, torch.Tensor]:
         """Tokens, calibrator and trained non-LoRA base weights (e.g. the tiny vision tower)."""
-        state = {"query_token": self.query_token.detach(), "target_token": self.target_token.detach()}
+        state = {"query_token": self.query_token.detach(), "target_token": self.target_token.detach()}  # (D,) each
         if self.calibrator is not None:
             state.update({f"calibrator.{k}": v for k, v in self.calibrator.state_dict().items()})
         if self.train_vision:
@@ -632,47 +530,12 @@ class FashionLensEmbedder(nn.Module):
         for k, v in self._base().state_dict().items():
             if "lora_" in k:
                 continue
-            out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous().clone()
+            out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous().clone()  # v's shape, on CPU
         return out
-
-    def save_pretrained(self, path: str | os.PathLike) -> str:
-        """Write the checkpoint directory atomically (temp dir + os.replace; old dir kept until done)."""
-        from safetensors.torch import save_file
-
-        path = Path(path).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            meta = {"config": asdict(self.config), "versions": _versions(), "model_type": self.model_type,
-                    "dim": self.dim, "tokens_per_image": self.tokens_per_image, "format": 1,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            self.backbone.save_pretrained(str(tmp / ADAPTER_DIR))  # peft's own format
-            save_file(self._extra_state(), str(tmp / WEIGHTS_FILE))
-            self.processor.save_pretrained(str(tmp / PROCESSOR_DIR))
-            if self.tiny:  # a random base must travel with its checkpoint
-                (tmp / BASE_DIR).mkdir()
-                self._base().config.save_pretrained(str(tmp / BASE_DIR))
-                save_file(self._clean_base_state(), str(tmp / BASE_DIR / "model.safetensors"))
-            backup = None
-            if path.exists():  # swap: old -> backup, new -> path, then drop backup
-                backup = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.replace(path, backup)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                if backup is not None:
-                    os.replace(backup, path)
-                raise
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(path)
 
     @classmethod
     def required_files(cls, meta_config: dict) -> list[str]:
+        """The files a complete checkpoint of this config has (checked before loading anything)."""
         files = [CONFIG_FILE, WEIGHTS_FILE, f"{ADAPTER_DIR}/adapter_config.json",
                  f"{ADAPTER_DIR}/adapter_model.safetensors", f"{PROCESSOR_DIR}/tokenizer.json"]
         if meta_config.get("backbone") in TINY_TYPES:
@@ -682,14 +545,18 @@ class FashionLensEmbedder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, backbone: Optional[str] = None,
                         device: Optional[str] = None) -> "FashionLensEmbedder":
-        """Load a checkpoint dir. `backbone` (optional) asserts which backbone the caller expects."""
+        """Load a checkpoint folder. `backbone` (optional) asserts which backbone the caller expects.
+
+        Every way a folder can be wrong (missing files, another backbone, edited configs, weights of
+        another shape) raises CheckpointError naming the path, before or while loading.
+        """
         path = Path(path)
         cfg_file = path / CONFIG_FILE
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: not a FashionLens checkpoint (missing {CONFIG_FILE})")
         try:
             meta = json.loads(cfg_file.read_text())
-            known = {f.name for f in fields(EmbedderConfig)}
+            known = {f.name for f in fields(EmbedderConfig)}  # tolerate fields a newer version added
             config = EmbedderConfig(**{k: v for k, v in meta["config"].items() if k in known})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{cfg_file}: unreadable embedder config ({e})") from e
@@ -699,7 +566,7 @@ class FashionLensEmbedder(nn.Module):
         if backbone is not None and backbone != config.backbone:
             raise CheckpointError(f"{path}: checkpoint was trained on backbone {config.backbone!r}, "
                                   f"not {backbone!r}")
-        # The saved architecture must be the one the config names (catches swapped/edited dirs).
+        # The saved architecture must be the one the config names (catches swapped/edited folders).
         expected = TINY_TYPES.get(config.backbone)
         if expected is not None:
             found = json.loads((path / BASE_DIR / "config.json").read_text()).get("model_type")
@@ -718,6 +585,7 @@ class FashionLensEmbedder(nn.Module):
         return emb
 
     def _load_extras(self, ckpt: Path) -> None:
+        """Copy the saved tokens, calibrator and vision tower (WEIGHTS_FILE) into this embedder."""
         from safetensors.torch import load_file
 
         file = ckpt / WEIGHTS_FILE
@@ -725,7 +593,7 @@ class FashionLensEmbedder(nn.Module):
         try:
             with torch.no_grad():
                 for name in ("query_token", "target_token"):
-                    src = state[name]
+                    src = state[name]                                # (D,)
                     if src.shape != (self.dim,):
                         raise CheckpointError(f"{file}: {name} has shape {tuple(src.shape)}, expected "
                                               f"({self.dim},) -- checkpoint of another backbone?")
@@ -741,29 +609,27 @@ class FashionLensEmbedder(nn.Module):
             raise CheckpointError(f"{file}: does not fit this embedder ({e})") from e
 
 
-# ----------------------------------------------------------------------------------------------
-# Demo
-# ----------------------------------------------------------------------------------------------
-def _demo_images(n: int = 4, size: int = 64) -> list[Image.Image]:
-    """Flat-colour garment silhouettes, stand-ins for the synthetic U-FIRE images."""
-    from PIL import ImageDraw
+# The checkpoint folder's layout (names other tools, e.g. plain peft, can open directly).
+CONFIG_FILE, WEIGHTS_FILE = "embedder_config.json", "embedder.safetensors"
+ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
 
-    colours = [(200, 30, 30), (30, 60, 200), (30, 160, 60), (230, 200, 40), (120, 40, 160), (20, 20, 20)]
-    out = []
-    for i in range(n):
-        im = Image.new("RGB", (size, size), (245, 245, 245))
-        d = ImageDraw.Draw(im)
-        c = colours[i % len(colours)]
-        if i % 2 == 0:  # a dress-like trapezoid
-            d.polygon([(24, 8), (40, 8), (54, 58), (10, 58)], fill=c)
-        else:           # a shirt-like box with sleeves
-            d.rectangle([18, 12, 46, 56], fill=c)
-            d.rectangle([6, 12, 58, 26], fill=c)
-        out.append(im)
-    return out
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or belongs to another backbone (the message names the path)."""
+
+
+def _versions() -> dict:
+    """Library versions, saved with each checkpoint so a mismatch can be diagnosed later."""
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "numpy": np.__version__}
 
 
 if __name__ == "__main__":
+    # Demo: build the offline tiny embedder, embed four text queries and four flat-colour swatches
+    # (stand-ins for product photos), print their cosine similarities and the encoding throughput.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
     emb = FashionLensEmbedder(EmbedderConfig())
@@ -771,21 +637,17 @@ if __name__ == "__main__":
     print(f"built tiny {emb.model_type} embedder in {time.time() - t0:.1f}s: D={emb.dim}, "
           f"{counts['total'] / 1e6:.2f} M params, {counts['trainable'] / 1e6:.2f} M trainable, "
           f"{emb.tokens_per_image} tokens/image")
-    imgs = _demo_images(4, emb.config.image_size)
-    names = ["red dress", "blue shirt", "green dress", "yellow shirt"]
-    try:
-        from data import Query
-    except ImportError:  # pragma: no cover
-        Query = None
-    queries = [Query(instruction=f"Find the {n}.", images=[]) for n in names] if Query else names
-    q = emb.encode_queries(queries)      # (4, D)
-    t = emb.encode_images(imgs)          # (4, D)
-    sim = q @ t.T                        # (4, 4) cosine similarities (random weights: no structure yet)
-    print("query \\ image  " + "  ".join(f"{n:>12s}" for n in names))
-    for n, row in zip(names, sim.tolist()):
+    colours = {"red dress": (200, 30, 30), "blue shirt": (30, 60, 200), "green dress": (30, 160, 60),
+               "yellow shirt": (230, 200, 40)}
+    size = emb.config.image_size
+    swatches = [Image.new("RGB", (size, size), c) for c in colours.values()]
+    q = emb.encode_queries([f"Find the {n}." for n in colours])  # (4, D) plain-text queries
+    t = emb.encode_images(swatches)                               # (4, D)
+    sim = q @ t.T                        # (4, 4) eq. 5 scores (random weights: no structure yet)
+    print("query \\ image  " + "  ".join(f"{n:>12s}" for n in colours))
+    for n, row in zip(colours, sim.tolist()):
         print(f"{n:>13s}  " + "  ".join(f"{v:12.3f}" for v in row))
-    gal = _demo_images(6, emb.config.image_size) * 40  # 240 images for a quick throughput figure
     t0 = time.time()
-    emb.encode_images(gal, batch_size=64)
-    print(f"encode_images: {len(gal) / (time.time() - t0):.0f} images/s (batch 64, "
+    emb.encode_images(swatches * 60, batch_size=64)  # 240 images for a quick throughput figure
+    print(f"encode_images: {240 / (time.time() - t0):.0f} images/s (batch 64, "
           f"{torch.get_num_threads()} threads)")

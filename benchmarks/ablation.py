@@ -91,9 +91,8 @@ CLAIMS = [
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
 ]
 KS = (1, 10)
-# Per-run budget: 200 steps at batch 16 (the default train.py run has 1400). A 200-step run plus two
-# validations and the test evaluation took ~2 min on 2 cores (28 min for the 15 runs, 2026-11-25), so
-# the table stays under an hour. Measured: see the closing numbers printed at the end of a run.
+# Per-run budget: 200 steps at batch 16 (the default train.py run has 1400), so that the 15 runs of the
+# table fit in under an hour on 2 CPU cores; a run prints its own wall time at the end.
 DEFAULT_STEPS = 200
 QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
 
@@ -285,6 +284,7 @@ def run_settings(variant: str, seed: int, args) -> dict:
 def run_one(variant: str, seed: int, args, ufire) -> dict:
     """Train one variant/seed (or reuse a finished run with the same settings); return its test numbers."""
     import evaluate
+    import plumbing
     import train
     from model import FashionLensEmbedder
 
@@ -324,9 +324,7 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
            "task_means": {t: {str(k): v for k, v in m.items()} for t, m in res.task_means.items()},
            "rows": [{"subset": r.subset, "recall": {str(k): v for k, v in r.recall.items()}} for r in res.rows],
            "seconds": t_total, "train_seconds": t_train, "eval_seconds": t_total - t_train}
-    tmp = done.with_name(".ablation_run.json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, done)  # written last and atomically: its presence means "this run finished"
+    plumbing.atomic_write(done, json.dumps(doc, indent=1))  # written last: its presence means "finished"
     del best
     gc.collect()
     return doc
@@ -384,11 +382,12 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: shared cores, see its comment
+    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
     import data
+    import synthetic
     import train  # noqa: F401  (imports torch; one import of transformers for all runs happens below)
 
-    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
     info = machine_info()
     kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"
     print(f"# FashionLens {kind}: {len(variants)} variants x seeds {seeds}, {args.steps} steps each, "
@@ -439,11 +438,7 @@ def main(argv=None) -> int:
            "runs": [{k: r[k] for k in ("variant", "seed", "overall", "task_means", "rows", "best", "seconds",
                                        "train_seconds", "eval_seconds")} for r in runs],
            "wall_seconds": wall}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=float))
-    os.replace(tmp, out)
+    out = plumbing.atomic_write(args.out, json.dumps(doc, indent=1, default=float))
     print(f"wrote {out}")
     return 0
 

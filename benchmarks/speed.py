@@ -67,7 +67,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: shared cores, see its comment
 
 from ablation import machine_info, machine_line  # noqa: E402  (same machine header in both scripts)
 
@@ -127,12 +126,13 @@ def pct(x: float) -> str:
 def memory_worker(batch: int, chunk: int, subset: str) -> dict:
     """Runs in a fresh process: peak resident memory of one training step at (batch, chunk)."""
     import data
+    import synthetic
     import train
     from model import EmbedderConfig, FashionLensEmbedder
 
     emb = FashionLensEmbedder(EmbedderConfig(seed=0, device="cpu"))
     emb.train()
-    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
     cfg = emb.config
     view = ufire.train_view([subset], image_size=cfg.image_size, max_images=cfg.max_query_images,
                             num_frames=cfg.num_frames)
@@ -240,6 +240,7 @@ def flops_per_item(emb, params: dict, n_tokens: float, n_images: float, query: b
 def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, peak_gflops: float) -> dict:
     """items/s of query and gallery encoding, and the share of peak matmul throughput it reaches."""
     import data
+    import evaluate
 
     cfg = emb.config
     test = ufire.subsets("test")
@@ -247,8 +248,7 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
     records, gallery = [], []
     for s in test:  # a mix of every task's queries, evenly spaced in each sub-dataset
         v = ufire.eval_view(s, split="test")
-        idx = [round(i * (len(v.records) - 1) / max(1, per - 1)) for i in range(min(per, len(v.records)))]
-        records += [v.records[i] for i in idx]
+        records += evaluate.few_queries(v, per).records  # the same spacing as evaluate's --max-queries
         gallery += [g for g in v.gallery if g not in gallery][: max(1, n_images // len(test) + 1)]
     records, gallery = records[:n_queries], gallery[:n_images]
 
@@ -493,12 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.chdir(REPO)
+    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
+
     if args.memory_worker:
         print(json.dumps(memory_worker(*args.memory_worker, subset=args.memory_subset)))
         return 0
     import torch  # noqa: F401  (so machine_info reports torch's threads)
 
     import data
+    import synthetic
 
     info = machine_info()
     print("# FashionLens speed benchmark")
@@ -516,7 +519,7 @@ def main(argv=None) -> int:
 
     emb = (FashionLensEmbedder.from_pretrained(args.ckpt, device="cpu") if args.ckpt
            else FashionLensEmbedder(EmbedderConfig(device="cpu")))
-    ufire = data.UFire(data.ensure_synthetic("data/synthetic"))
+    ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
     peak = matmul_gflops(args.matmul_n)
     print(f"  fp32 matmul {args.matmul_n}x{args.matmul_n}: {peak:.1f} GFLOP/s (best of 5)", flush=True)
     res["encode"] = measure_encode(emb, ufire, args.n_queries, args.n_images, args.encode_batch, peak)
@@ -534,11 +537,7 @@ def main(argv=None) -> int:
     res["seconds"] = time.time() - t0
 
     print("\n" + report(res))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    out = plumbing.atomic_write(args.out, json.dumps(res, indent=1))
     print(f"benchmark took {res['seconds'] / 60:.1f} min; wrote {out}")
     return 0
 

@@ -18,10 +18,9 @@ SHARED_UFIRE = REPO.parent / "shared" / "ufire"
 # Tests import the flat modules directly (data, model, ...), as a reader of the repo would.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-# Idle OpenMP threads busy-spin by default; on a 2-core machine shared with a notebook kernel or a
-# torchrun child that turns a 1 s training step into 20 s. PASSIVE makes them sleep (must be set
-# before torch is imported, which is why it lives here).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# plumbing sets OMP_WAIT_POLICY=PASSIVE before torch loads (idle OpenMP threads busy-spin otherwise,
+# which crawls on 2 cores shared with a notebook kernel or a torchrun child); import it first.
+import plumbing  # noqa: E402,F401
 # Nothing in the test suite may touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,10 +37,10 @@ def shared_ufire() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A synthetic U-FIRE at the default scale and seed, generated once per session."""
-    import data
+    import synthetic
 
     out = tmp_path_factory.mktemp("ufire") / "synthetic"
-    return Path(data.ensure_synthetic(str(out), seed=0, scale=1.0))
+    return Path(synthetic.ensure_synthetic(str(out), seed=0, scale=1.0))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
-"""Tests for data.py: the real U-FIRE annotations parse, the synthetic U-FIRE round-trips through the
-same loader, `check` reports what is missing, and every kind of bad input names its file and record."""
+"""Tests for data.py and synthetic.py: the real U-FIRE annotations parse, the synthetic U-FIRE
+round-trips through the same loader (and is written byte for byte the same by the API and the CLI),
+`check` reports what is missing, and every kind of bad input names its file and record."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+import synthetic
 from data import UFire, UFireError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +130,7 @@ def test_synthetic_task_semantics(synthetic_root):
     # compatibility: colour rule holds between the outfit and its target
     for r in uf.records("compatibility/SynOutfit", "test")[:50]:
         cols = [os.path.basename(p).split("+")[2] for p in r.query_image + r.target_image]
-        assert data.colours_compatible(cols), r.id
+        assert synthetic.colours_compatible(cols), r.id
 
 
 def test_train_view_pairs(synthetic_root):
@@ -163,25 +166,54 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def test_synthetic_deterministic(tmp_path):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    data.generate_synthetic(a, seed=3, scale=0.04, workers=1, verbose=False)
-    data.generate_synthetic(b, seed=3, scale=0.04, workers=2, verbose=False)
+    a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
+    synthetic.generate_synthetic(a, seed=3, scale=0.04, workers=1, verbose=False)
+    synthetic.generate_synthetic(b, seed=3, scale=0.04, workers=2, verbose=False)
     ha, hb = _hashes(a), _hashes(b)
     assert len(ha) > 100 and ha == hb  # same seed -> same bytes, whatever the worker count
-    data.generate_synthetic(c, seed=4, scale=0.04, workers=2, verbose=False)
+    synthetic.generate_synthetic(c, seed=4, scale=0.04, workers=2, verbose=False)
     assert _hashes(c) != ha
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".synthetic")]  # temp dirs gone
+    # the command line writes the same bytes as the function
+    p = subprocess.run([sys.executable, "synthetic.py", "--out", str(d), "--seed", "3", "--scale", "0.04",
+                        "--workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert _hashes(d) == ha
+    # writing over an existing set replaces it whole (atomic_write), leaving no temporary behind
+    synthetic.generate_synthetic(c, seed=3, scale=0.04, workers=1, verbose=False)
+    assert _hashes(c) == ha
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp / old folders gone
 
 
 def test_ensure_synthetic_reuses(tmp_path):
-    root = data.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03)
-    stamp = os.stat(Path(root) / data.INFO_FILE).st_mtime_ns
-    assert data.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03) == root
-    assert os.stat(Path(root) / data.INFO_FILE).st_mtime_ns == stamp  # not regenerated
+    root = synthetic.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03)
+    stamp = os.stat(Path(root) / synthetic.INFO_FILE).st_mtime_ns
+    assert synthetic.ensure_synthetic(str(tmp_path / "s"), seed=1, scale=0.03) == root
+    assert os.stat(Path(root) / synthetic.INFO_FILE).st_mtime_ns == stamp  # not regenerated
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
-    with pytest.raises(UFireError, match="not a synthetic U-FIRE"):
-        data.ensure_synthetic(str(tmp_path / "other"))
+    with pytest.raises(synthetic.SyntheticError, match="not a synthetic U-FIRE"):
+        synthetic.ensure_synthetic(str(tmp_path / "other"))
+    assert (tmp_path / "other" / "x.txt").read_text() == "mine"  # nothing overwritten
+
+
+def test_synthetic_agrees_with_the_registry():
+    # synthetic.py keeps its own copies (a support file imports no core file): they must not drift
+    assert synthetic.OOD_TASKS == data.OOD_TASKS
+    assert synthetic.TASK_WORDS == data.TASK_WORDS
+    assert set(synthetic.PLANNERS) == set(data.TASK_WORDS)  # one planner per task word
+    assert set(synthetic.INSTRUCTIONS) == set(data.TASKS)  # phrasings for every task, OOD included
+    assert {s.task for s in synthetic.SYNTH_SUBSETS} == set(data.TASK_WORDS)
+    imported = set()  # imports flow one way: support -> core, never back
+    for node in ast.walk(ast.parse((REPO / "synthetic.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert not imported & {"data", "model", "train", "evaluate"}, imported
+    # items are named tuples: the fields read as what they are, equality stays a tuple's
+    g = synthetic.random_item(random.Random(0))
+    assert isinstance(g, synthetic.Garment) and g == tuple(g)
+    assert synthetic.item_code(g) == "+".join((g.category, g.colour, g.pattern) + g.attrs)
 
 
 def test_check_passes_on_synthetic(synthetic_root):

@@ -112,6 +112,10 @@ def test_each_gallery_image_encoded_once_then_cache_reused(synthetic_root, tmp_p
     assert set(emb.image_calls) == union
     assert max(emb.image_calls.values()) == 1, "a gallery image was encoded twice in one run"
     assert res.seconds["gallery_images"] == len(union)
+    # The cache is one complete .npy, published atomically: no temporary or old copy is left beside it.
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".npy" and not cached[0].name.startswith(".")
+    assert np.load(cached[0]).shape == (len(union), emb.dim)
     # The oracle-like stand-in puts the first target on top: Recall@1 must be high everywhere.
     for row in res.rows:
         if row.task != "asfr":

@@ -221,6 +221,28 @@ def test_bad_checkpoints(trained_ckpt, tmp_path):
         FashionLensEmbedder.from_pretrained(other)
 
 
+def test_save_into_writes_a_new_folder(trained_ckpt, tmp_path):
+    """save_into builds the same files as save_pretrained, and only into a folder that is new."""
+    emb, path = trained_ckpt
+    dst = tmp_path / "fresh" / "ckpt"
+    emb.save_into(dst)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == \
+        sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    assert (dst / "embedder.safetensors").read_bytes() == (path / "embedder.safetensors").read_bytes()
+    with pytest.raises(FileExistsError):
+        emb.save_into(dst)  # never mixes with an older checkpoint's files
+
+
+def test_tiny_backbone_imports_no_core_file():
+    """tiny_backbone.py is support: importing it pulls in none of data/model/train/evaluate."""
+    code = ("import sys, tiny_backbone\n"
+            "core = {'data', 'model', 'train', 'evaluate'} & set(sys.modules)\n"
+            "assert not core, core\n"
+            "assert tiny_backbone.TINY_TYPES == {'tiny': 'qwen3_vl', 'tiny-qwen2-vl': 'qwen2_vl'}\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_failed_save_keeps_old_checkpoint(trained_ckpt, tmp_path, monkeypatch):
     from model import FashionLensEmbedder
 
@@ -261,7 +283,7 @@ def test_tiny_builds_offline_and_qwen2_variant():
 
 def test_tiny_is_deterministic_from_seed(tiny_embedder):
     """Same seed -> same random base, tokenizer and tokens (so runs are reproducible)."""
-    from model import build_tiny_tokenizer
+    from tiny_backbone import build_tiny_tokenizer
 
     a, b = build_tiny_tokenizer(), build_tiny_tokenizer()
     assert a.get_vocab() == b.get_vocab()

@@ -1,6 +1,6 @@
 """Execute every notebook in notebooks/ top to bottom (nbclient) and fail on any cell error.
 
-The notebooks are the students' walkthrough (issue 7): each must run on a CPU with no downloads,
+The notebooks are the students' walkthrough: each must run on a CPU with no downloads,
 importing the project's modules. They run in reading order, because 03 trains the shared demo
 checkpoint runs/notebook-demo (reused by 04-06) when it does not exist yet. Executed copies are
 written to a temporary folder; the committed notebooks (with their saved outputs) are not touched.

@@ -5,11 +5,13 @@ short runs (module fixture `runs`), each a subprocess exactly as a user would ty
 
     B   --steps 8 --eval-every 4                      (uninterrupted)
     A1  --steps 8 --eval-every 4 --stop-at 4          (interrupted after step 4; in this process)
-    A2  --resume A --debug-nan-at-step 6               (forced non-finite loss at step 6; in this process)
+    A2  --resume A, info_nce patched to NaN at step 6  (forced non-finite loss; in this process)
     A3  --resume A                                     (continues to step 8; in this process)
     D   torchrun --nproc_per_node 2 (gloo), 2 steps    (DDP on CPU)
 
 Each test then checks one property of those runs. All of it takes ~2-3 minutes on 2 cores.
+Test-only code lives here, not in train.py: the NaN stop is provoked by monkeypatching
+train.info_nce, and the chunked reference step that GradCache is held equal to is `chunked_reference_step`.
 """
 from __future__ import annotations
 
@@ -23,10 +25,8 @@ from pathlib import Path
 
 import pytest
 
-# Busy-waiting OpenMP threads crawl when the 2 cores are shared (measured 15x slower steps);
-# only effective if torch is not loaded yet in this session, and always for our subprocesses.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # Small runs: two tasks (5 sub-datasets), batch 8 in chunks of 4, 4 validation queries each.
@@ -35,8 +35,7 @@ COMMON = ["--tasks", "t2i,cir", "--batch-size", "8", "--chunk-size", "4", "--max
 
 
 def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               OMP_WAIT_POLICY="PASSIVE")  # busy-waiting OpenMP threads crawl on shared cores
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)  # never inherit a launcher's rank
     return env
 
@@ -70,9 +69,9 @@ def _weights(ckpt: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> str:
-    import data
+    import synthetic
 
-    return data.ensure_synthetic(str(tmp_path_factory.mktemp("ufire_small") / "synthetic"), seed=0, scale=0.1)
+    return synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire_small") / "synthetic"), seed=0, scale=0.1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,16 +103,14 @@ def test_info_nce_multi_positive_matches_hand_computation():
 def test_train_state_roundtrip_without_pickle(tmp_path):
     import random
 
-    import train
-
     p = torch.nn.Parameter(torch.randn(3, 2))
     opt = torch.optim.AdamW([p], lr=1e-3)
     p.grad = torch.randn(3, 2)
     opt.step()
     rnd = random.Random(3)
     state = {"optimizer": opt.state_dict(), "py": rnd.getstate(), "torch": torch.get_rng_state(), "step": 7}
-    train.write_train_state(tmp_path, state)
-    back = train.read_train_state(tmp_path)
+    plumbing.write_state(tmp_path, state)
+    back = plumbing.read_state(tmp_path)
     opt2 = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3)
     opt2.load_state_dict(back["optimizer"])  # int keys and tuples survived the JSON round trip
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
@@ -122,6 +119,30 @@ def test_train_state_roundtrip_without_pickle(tmp_path):
     assert [rnd2.random() for _ in range(3)] == [rnd.random() for _ in range(3)]
     assert torch.equal(back["torch"], state["torch"]) and back["step"] == 7
     assert b"pickle" not in (tmp_path / "train_state.json").read_bytes()
+
+
+def chunked_reference_step(model, batch, temperature: float, chunk_size: int):
+    """train.full_batch_step with its forward split into chunks: every graph is kept, one backward.
+
+    Splitting the forward draws the dropout masks chunk by chunk, exactly as GradCache's passes do,
+    so the two must give the same loss and gradient even with dropout on. One process only.
+    """
+    import train
+
+    n = len(batch.queries)
+    qs, ts, reg, lams = [], [], 0.0, []
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        out = model(queries=batch.queries[s:e], images=batch.images[s:e])
+        qs.append(out["q"].float())  # (c, D)
+        ts.append(out["t"].float())  # (c, D)
+        reg = reg + out["reg"].float() * (e - s) / n  # () R_cal: chunk means -> batch mean
+        lams.append(out["lam"].detach().float())  # (c,)
+    q, t = torch.cat(qs), torch.cat(ts)  # (B, D), (B, D)
+    nce = train.info_nce(q, t, train.key_ids(batch.keys, q.device), temperature)  # () L_nce
+    (nce + reg).backward()
+    return train.StepOut(loss=float(nce.detach() + reg.detach()), nce=float(nce.detach()),
+                         reg=float(reg.detach()), lam=float(torch.cat(lams).mean()))
 
 
 def test_gradcache_equals_full_batch_with_dropout(small_root):
@@ -150,7 +171,7 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
         out = step_fn(emb, batch, 0.07, chunk_size=chunk)
         return out, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
 
-    ref, g_ref = grads_of(train.full_batch_step, 11, 3)  # reference: every activation kept
+    ref, g_ref = grads_of(chunked_reference_step, 11, 3)  # reference: every activation kept
     gc, g_gc = grads_of(train.gradcache_step, 11, 3)  # GradCache, uneven chunks 3+3+2
     assert abs(ref.loss - gc.loss) <= 1e-5 * abs(ref.loss)
     assert set(g_ref) == set(g_gc) and len(g_ref) >= len(params) - 2
@@ -158,7 +179,7 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
         err = float((g_ref[n] - g_gc[n]).norm())
         assert err <= 1e-5 * float(g_ref[n].norm()) + 1e-9, f"{n}: |diff| {err:.3e} vs |g| {float(g_ref[n].norm()):.3e}"
     # Dropout is really on: another seed gives other masks, hence another loss.
-    other, _ = grads_of(train.full_batch_step, 12, 3)
+    other, _ = grads_of(chunked_reference_step, 12, 3)
     assert abs(other.loss - ref.loss) > 1e-5
 
 
@@ -174,7 +195,7 @@ def test_gradcache_equals_single_forward_without_dropout(tiny_embedder, small_ro
     emb.eval()  # eval mode = no dropout; gradients still flow
     try:
         emb.zero_grad(set_to_none=True)
-        ref = train.full_batch_step(emb, batch, 0.07, chunk_size=0)
+        ref = train.full_batch_step(emb, batch, 0.07)
         g_ref = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
         emb.zero_grad(set_to_none=True)
         gc = train.gradcache_step(emb, batch, 0.07, chunk_size=3)
@@ -203,8 +224,22 @@ def _train_in_process(args: list[str]) -> tuple[int, str, str]:
     return rc, out.getvalue(), err.getvalue()
 
 
+def _nan_on_call(info_nce, k: int):
+    """info_nce, except that its k-th call (one per step) returns NaN: a diverged step."""
+    calls = [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        loss = info_nce(*args, **kwargs)
+        return loss + float("nan") if calls[0] == k else loss
+
+    return poisoned
+
+
 @pytest.fixture(scope="module")
 def runs(small_root, tmp_path_factory) -> dict:
+    import train
+
     tmp = tmp_path_factory.mktemp("runs")
     data_args = ["--data", small_root, *COMMON]
     r = {"tmp": tmp, "B": tmp / "B", "A": tmp / "A"}
@@ -214,7 +249,9 @@ def runs(small_root, tmp_path_factory) -> dict:
     r["A1"] = _train_in_process([*data_args, "--steps", "8", "--eval-every", "4", "--stop-at", "4",
                                  "--out", str(r["A"])])
     assert r["A1"][0] == 0, r["A1"][2][-3000:]
-    r["A2"] = _train_in_process(["--resume", str(r["A"]), "--debug-nan-at-step", "6"])
+    with pytest.MonkeyPatch.context() as mp:  # A resumes after step 4: its 2nd loss is step 6's
+        mp.setattr(train, "info_nce", _nan_on_call(train.info_nce, 2))
+        r["A2"] = _train_in_process(["--resume", str(r["A"])])
     # What the forced non-finite loss left behind, before A3 writes over it.
     r["A_after_nan"] = tmp / "A_after_nan"
     if (r["A"] / "last").is_dir():
@@ -269,21 +306,25 @@ def test_cpu_threads_auto_is_one_for_the_tiny_model_only(monkeypatch):
     """--cpu-threads 0 (auto): 1 thread for a tiny backbone on CPU; an explicit count or
     OMP_NUM_THREADS wins; other backbones and devices keep torch's choice; negative is refused."""
     import train
+    from tiny_backbone import TINY_TYPES
+
+    def threads(cfg: train.TrainConfig, device: str) -> int:  # exactly as train.setup calls it
+        return plumbing.set_cpu_threads(cfg.cpu_threads, device, small_model=cfg.backbone in TINY_TYPES)
 
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(3)
-        assert train.set_cpu_threads(train.TrainConfig(), "cpu") == 1
+        assert threads(train.TrainConfig(), "cpu") == 1
         torch.set_num_threads(3)
-        assert train.set_cpu_threads(train.TrainConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"), "cpu") == 3
-        assert train.set_cpu_threads(train.TrainConfig(), "cuda:0") == 3
-        assert train.set_cpu_threads(train.TrainConfig(cpu_threads=2), "cpu") == 2
+        assert threads(train.TrainConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"), "cpu") == 3
+        assert threads(train.TrainConfig(), "cuda:0") == 3
+        assert threads(train.TrainConfig(cpu_threads=2), "cpu") == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is kept
         torch.set_num_threads(3)
-        assert train.set_cpu_threads(train.TrainConfig(), "cpu") == 3
+        assert threads(train.TrainConfig(), "cpu") == 3
         with pytest.raises(SystemExit, match="--cpu-threads -1"):
-            train.set_cpu_threads(train.TrainConfig(cpu_threads=-1), "cpu")
+            train.TrainConfig(cpu_threads=-1).check()
     finally:
         torch.set_num_threads(before)
 
@@ -293,7 +334,7 @@ def test_vision_tower_has_its_own_learning_rate(runs, tiny_embedder):
     import train
 
     cfg = train.TrainConfig()
-    groups = train.read_train_state(runs["B"] / "last")["optimizer"]["param_groups"]
+    groups = plumbing.read_state(runs["B"] / "last")["optimizer"]["param_groups"]
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"adapters", "vision"}
     assert by_name["adapters"]["initial_lr"] == pytest.approx(cfg.lr)

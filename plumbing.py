@@ -1,0 +1,356 @@
+"""Shared plumbing: atomic writes, seeds, digests, CPU threads, DDP helpers, pickle-free run state.
+
+Skip this file on a first read: nothing here is FashionLens. It holds the machinery every entry point
+needs once, so that the concept files (data.py, model.py, train.py, evaluate.py) show only their
+concept. One helper per job, for the whole project:
+
+    atomic_write(path, content)   the only way a file or folder is published (text, bytes, or a builder)
+    mix_seed(*parts)              the only hash from values to a seed / stable id
+    params_digest(module)         the only fingerprint of a model's trainable weights
+    set_cpu_threads(...)          the only place torch's CPU thread count is chosen
+    DistInfo, init_distributed, gather_with_grad, ...   torchrun / DDP, no-ops in one process
+    write_state / read_state      nested training state -> JSON + safetensors (never pickle)
+
+Importing this module sets OMP_WAIT_POLICY=PASSIVE before torch loads (see the comment below), so
+entry points import it before torch.
+
+Shape legend: b rows on this rank, W world size (processes), D feature width.
+"""
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that busy-wait between ops collapse when the cores are shared (another job, a test
+# run, a second torchrun rank): a training step took 20 s instead of 1.3 s on 2 busy cores.
+# Sleeping waiters cost nothing measurable when the machine is ours. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Union  # noqa: E402
+
+import torch  # noqa: E402  (after the OpenMP setting above)
+import torch.distributed as dist  # noqa: E402
+
+# ================================================================================================
+# Atomic writes
+# ================================================================================================
+
+
+def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Callable[[Path], object]]) -> Path:
+    """Publish `path` (a file or a folder) all at once: readers see the old version or the new one.
+
+    content: str (UTF-8 text) or bytes for a file; or a callable that builds the file or folder at
+    the temporary path it is given (e.g. a checkpoint's save function). The new version is built at
+    `.NAME.tmp` beside `path`, then swapped in:
+
+        path -> .NAME.old      (only if path exists; a folder cannot be os.replace'd over a full one)
+        .NAME.tmp -> path
+        remove .NAME.old
+
+    At every moment either `path` or `.NAME.old` is complete, which is why a resume looks at both.
+    A failure while building removes the temporary and leaves the old version untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
+    _remove(tmp)  # the remains of an interrupted earlier write
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, (bytes, bytearray)):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        if path.is_dir():  # a folder: move the old one aside first
+            _remove(old)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)  # atomic on one file system
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the old version back
+            raise
+    finally:
+        _remove(tmp)
+    _remove(old)
+    return path
+
+
+def _remove(p: Path) -> None:
+    """Delete a file or a folder if it exists."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def append_jsonl(path: Union[str, os.PathLike], record: dict) -> None:
+    """Append one JSON object as a line (the training log: a crash loses at most the last line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path: Union[str, os.PathLike], upto_step: int) -> None:
+    """Keep only the lines with step <= upto_step (on resume: the later ones will be written again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
+
+
+# ================================================================================================
+# Seeds and digests
+# ================================================================================================
+
+
+def mix_seed(*parts) -> int:
+    """A non-negative 63-bit integer from any values, stable across processes and Python runs.
+
+    Used for every derived seed (run seed, step, rank -> dropout; run seed, step, record -> data
+    draws) and as a stable id (a target path -> an int that is equal on every DDP rank). Python's
+    hash() is salted per process, so it cannot serve here.
+    """
+    h = hashlib.blake2b("fashionlens/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1  # >> 1: torch.manual_seed takes at most 2**63 - 1
+
+
+def params_digest(module: torch.nn.Module, prefix: str = "") -> str:
+    """sha256 over `prefix` and the names and bytes of the trainable parameters, in module order.
+
+    Equal digests = identical trainable weights: DDP checks its ranks agree with it, and the gallery
+    cache keys its embeddings with it (prefix = the embedder's config; a frozen pretrained base is
+    identified by its name in the config, so 4 B frozen weights are not hashed).
+    """
+    h = hashlib.sha256(prefix.encode())
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ================================================================================================
+# CPU threads
+# ================================================================================================
+
+
+def set_cpu_threads(requested: int, device: str, small_model: bool) -> int:
+    """Choose torch's CPU thread count; return the count now in use.
+
+    requested > 0 is used as given. 0 = auto: a small model on CPU gets 1 thread, because its
+    128-wide matrices are too small to split and the hand-offs between threads cost more than they
+    gain; an explicit OMP_NUM_THREADS, a GPU, or a real backbone keeps torch's own choice.
+    """
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif not os.environ.get("OMP_NUM_THREADS") and device == "cpu" and small_model:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+# ================================================================================================
+# Distributed data parallel (torchrun); every helper is a no-op in a single process
+# ================================================================================================
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: rank r of W processes, and the device it computes on."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def enabled(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes files and prints; the others only compute."""
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{local}"  # one GPU per process
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank=rank, world=world, local_rank=local, device=device)
+
+
+def barrier(di: DistInfo) -> None:
+    """Wait until every rank gets here (e.g. rank 0 has written a file the others read)."""
+    if di.enabled:
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of ITS slice, summed over ranks.
+
+    Every rank computes the same global loss L from the gathered (W*b, D) tensor, so rank s's slice
+    receives dL/dx_s from every rank: the sum is W * dL/dx_s, and DDP's gradient averaging (/W)
+    brings it back to exactly dL/dtheta. all_reduce + slicing works on every backend (gloo has no
+    reduce_scatter), and at (W*b, D) floats it costs nothing next to the model.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]  # W x (b, D)
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.b = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)  # (W*b, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()  # (W*b, D): all_reduce works in place
+        dist.all_reduce(grad)  # sum over ranks of dL/d(gathered)
+        return grad[ctx.rank * ctx.b:(ctx.rank + 1) * ctx.b]  # (b, D) this rank's slice
+
+
+def gather_with_grad(x: torch.Tensor, di: DistInfo) -> torch.Tensor:
+    """(b, ...) per rank -> (W*b, ...) in rank order, differentiable. Identity in one process."""
+    return _GatherWithGrad.apply(x) if di.enabled else x
+
+
+def gather_nograd(x: torch.Tensor, di: DistInfo) -> torch.Tensor:
+    """(b, ...) per rank -> (W*b, ...) in rank order, without autograd."""
+    if not di.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(di.world)]  # W x (b, ...)
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, 0)  # (W*b, ...)
+
+
+def mean_over_ranks(x: torch.Tensor, di: DistInfo) -> torch.Tensor:
+    """The mean of a detached scalar over ranks (for logging a per-rank quantity)."""
+    if not di.enabled:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / di.world
+
+
+def rank_digests(module: torch.nn.Module, di: DistInfo) -> list[str]:
+    """Every rank's params_digest, in rank order (DDP must keep them equal)."""
+    mine = params_digest(module)
+    if not di.enabled:
+        return [mine]
+    t = torch.tensor(list(bytes.fromhex(mine)), dtype=torch.uint8, device=di.device)  # (32,) sha256 bytes
+    parts = [torch.empty_like(t) for _ in range(di.world)]  # W x (32,)
+    dist.all_gather(parts, t)
+    return [bytes(p.tolist()).hex() for p in parts]
+
+
+# ================================================================================================
+# Run state without pickle: tensors -> safetensors, everything else -> JSON
+# ================================================================================================
+
+STATE_JSON, STATE_TENSORS = "train_state.json", "train_state.safetensors"
+
+
+def rng_snapshot() -> dict:
+    """Every global random number generator a training step could touch."""
+    import numpy as np
+
+    snap = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def rng_restore(snap: dict) -> None:
+    """Put back what rng_snapshot() took."""
+    import numpy as np
+
+    random.setstate(snap["python"])
+    torch.set_rng_state(snap["torch"])
+    np.random.set_state(snap["numpy"])
+    if "cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(snap["cuda"])
+
+
+def _to_json(obj, tensors: dict, path: str):
+    """A nested state (dicts with any keys, tuples, tensors, numpy arrays) -> JSON + named tensors."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if type(obj).__module__ == "numpy":  # numpy scalars and arrays (numpy's RNG state)
+        import numpy as np
+
+        arr = np.asarray(obj)
+        return {"__ndarray__": arr.tolist(), "dtype": str(arr.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _to_json(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        # e.g. the optimizer's {param index: state}: keep the key types exactly
+        return {"__items__": [[_to_json(k, tensors, f"{path}.k{i}"), _to_json(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_to_json(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in the training state")
+
+
+def _from_json(obj, tensors: dict):
+    """The inverse of _to_json."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            import numpy as np
+
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__items__" in obj:
+            return {_from_json(k, tensors): _from_json(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_from_json(v, tensors) for v in obj["__tuple__"])
+        return {k: _from_json(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v, tensors) for v in obj]
+    return obj
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """state -> folder/train_state.json + folder/train_state.safetensors (folder must exist)."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    doc = _to_json(state, tensors, "s")
+    save_file(tensors, str(Path(folder) / STATE_TENSORS))
+    (Path(folder) / STATE_JSON).write_text(json.dumps(doc))
+
+
+def read_state(folder: Path) -> dict:
+    """The state write_state() stored in folder; a clear error when a file is missing or damaged."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (STATE_JSON, STATE_TENSORS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: {folder} is not a resumable checkpoint "
+                                    f"(runs/NAME/last holds the training state; best/ holds weights only)")
+    try:
+        doc = json.loads((folder / STATE_JSON).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / STATE_JSON} is not valid JSON: {err}") from None
+    return _from_json(doc, load_file(str(folder / STATE_TENSORS)))
