@@ -406,7 +406,7 @@ def measure_wall(args) -> dict:
 
 
 def report(res: dict) -> str:
-    """The markdown tables (memory, encode, search, wall) with the ratios the issue asks for."""
+    """The markdown tables (memory, encode, search, wall) with each fast path as a ratio to its reference."""
     lines = []
     mem = res.get("memory")
     if mem:
