@@ -437,13 +437,18 @@ def garment_sprite(item: Garment, n: int = SYN_SIZE) -> tuple[Image.Image, Image
     return img, mask
 
 
-def _rng_for(seed: int, path: str) -> random.Random:
-    """Per-file RNG: the bytes of a file depend only on (seed, its path), not on job order.
+def _data_seed(seed: int, name: str) -> int:
+    """The generator's one hash from (seed, a file path or product code) to an integer.
 
-    crc32 of "seed|path" is part of dataset version 1 (SYN_VERSION): the project's one seed mixer,
+    crc32 of "seed|name" is part of dataset version 1 (SYN_VERSION): the project's run-time seed mixer,
     plumbing.mix_seed, would draw other streams and so change every street photo, sketch and video.
     """
-    return random.Random(zlib.crc32(f"{seed}|{path}".encode()))
+    return zlib.crc32(f"{seed}|{name}".encode())
+
+
+def _rng_for(seed: int, path: str) -> random.Random:
+    """Per-file RNG: the bytes of a file depend only on (seed, its path), not on job order."""
+    return random.Random(_data_seed(seed, path))
 
 
 def _transformed(item: Garment, rng: random.Random, scale: float, angle: float, n=SYN_SIZE):
@@ -648,7 +653,7 @@ class _Planner:
 
     def held_out(self, item: Garment) -> bool:
         """A fifth of all products are test/val targets only (seeded hash), so test products are unseen."""
-        return zlib.crc32(f"{self.seed}|{item_code(item)}".encode()) % 5 == 0
+        return _data_seed(self.seed, item_code(item)) % 5 == 0
 
     def item(self, rng, cats, held: Optional[bool]) -> Garment:
         """A random garment of `cats`; held True/False forces held-out / seen products, None either."""
