@@ -51,6 +51,8 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from errors import FashionLensError
+
 # --------------------------------------------------------------------------------------------
 # Task registry
 # --------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ TASK_WORDS = ("t2i", "sketch2i", "street2shop", "inshop", "video2img",
 OOD_TASKS = ("Image(s)+Text 2 Compatible Item", "Street+Modification Text 2 Shop")
 
 
-class UFireError(ValueError):
+class UFireError(FashionLensError, ValueError):
     """Bad input: the message always names the file and the record id/index."""
 
 

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import plumbing
+from errors import FashionLensError
 from tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
                            processor_class, tiny_backbone_config, vision_geometry)
 
@@ -614,7 +615,7 @@ CONFIG_FILE, WEIGHTS_FILE = "embedder_config.json", "embedder.safetensors"
 ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FashionLensError, ValueError):
     """A checkpoint folder is incomplete or belongs to another backbone (the message names the path)."""
 
 

@@ -44,6 +44,8 @@ from typing import NamedTuple, Optional
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from errors import FashionLensError
+
 # ============================================================================================
 # Task words and the instructions written for them
 # ============================================================================================
@@ -1047,7 +1049,7 @@ TASK_WORDS = tuple(PLANNERS)  # equals data.TASK_WORDS (a test checks it)
 INFO_FILE = "synthetic_info.json"  # the completion stamp: (version, seed, scale) and record counts
 
 
-class SyntheticError(ValueError):
+class SyntheticError(FashionLensError, ValueError):
     """The target folder holds something that is not a synthetic U-FIRE (nothing is overwritten)."""
 
 

@@ -80,6 +80,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from errors import FashionLensError
 import evaluate
 import sampler
 import synthetic
@@ -347,7 +348,7 @@ HIDDEN_FLAGS = {"find_unused_parameters"}
 CONFIG_JSON = "train_config.json"  # the run's TrainConfig, saved in every checkpoint
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FashionLensError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and what is left."""
 
 
