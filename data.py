@@ -25,7 +25,8 @@ none of whose targets is in the gallery has no P_n; it is listed as missing, nev
 Run it
 ------
     python data.py                                   # tour: counts per task, one example record
-    python data.py check --root ../shared/ufire      # exit 1 when anything is missing
+    python data.py check --root ../shared/ufire      # exit 1 when anything is missing or unreadable
+    python data.py check --root R --quick            # only test that the files exist (no decoding)
     python synthetic.py --out data/synthetic         # (re)write the synthetic U-FIRE
 
 The synthetic U-FIRE, as the rest of the code sees it: 13 sub-datasets named "task/Syn...", all 9
@@ -42,16 +43,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from errors import FashionLensError
+from errors import FashionLensError, run_cli
 
 # --------------------------------------------------------------------------------------------
 # Task registry
@@ -217,19 +220,69 @@ def _rec_where(record: Optional[Record]) -> str:
 
 
 def load_image(path, size: Optional[int] = None, record: Optional[Record] = None) -> Image.Image:
-    """Open an image as RGB, resized to size x size when size is given (bicubic)."""
+    """Open an image as RGB (any mode Pillow reads, see `to_rgb`), resized to size x size (bicubic)."""
     path = str(path)
     if not os.path.isfile(path):
         raise UFireError(f"missing image {path}{_rec_where(record)}")
     try:
         with Image.open(path) as im:
             im.load()  # force the decode now, so a truncated file fails here and not later
-            img = im.convert("RGB")  # sketches are grey, GIF frames palettised: one mode for the model
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            img = to_rgb(im)  # sketches are grey, GIF frames palettised: one mode for the model
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UFireError(f"unreadable image {path}{_rec_where(record)}: {e}") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)  # square: a fixed token count per image
     return img
+
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # modes with an alpha band (a = premultiplied)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """The RGB image a viewer would show for `im`, whatever its mode; ValueError if there is none.
+
+    * 8-bit colour and grey modes (RGB, L, 1, P, CMYK, YCbCr, LAB, HSV): Pillow's conversion. RGB
+      and L files (every synthetic image) go through exactly this line. CMYK uses the plain
+      255 - C - K formula: no colour profile is applied, to CMYK or to any other file.
+    * Transparency (an alpha band, or a palette / grey / RGB value marked transparent): composited
+      on white. Dropping alpha would show whatever colour hides under it, usually black, so a
+      black-stroke sketch on a transparent background would become a black square. White is the
+      background of catalogue product photos (every gallery) and of drawn sketches, so a cut-out
+      garment on white matches the images it is compared with.
+    * 16-bit and 32-bit grey (I;16*, I, F): scaled to 0..255 (see `_deep_to_grey`); Pillow's own
+      conversion clips every value above 255 to white.
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return _deep_to_grey(im).convert("RGB")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = (im.convert("LA") if im.mode == "La" else im).convert("RGBA")  # La has no direct path
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")  # out = a * colour + (1 - a) * white
+    return im.convert("RGB")
+
+
+def _deep_to_grey(im: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grey image as 8-bit 'L': v -> round(255 * (v - a) / (b - a)).
+
+    [a, b] is the image's full scale, so that the same picture stored with more bits loads the
+    same (an 8-bit image saved as 16-bit, v * 257, comes back byte for byte):
+      I;16*  [0, 65535], what the file format defines.
+      I, F   no defined scale: the smallest usual one holding every pixel ([0, 1] floats,
+             [0, 255], [0, 65535]); when none does (negative or larger values), the pixels'
+             own range, so the picture is stretched rather than clipped.
+    """
+    lo, hi = im.getextrema()  # the pixels' actual range
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{im.mode} image holds NaN or infinite values; there is no picture to show")
+    if im.mode.startswith("I;16"):
+        scale = (0.0, 65535.0)
+    else:
+        usual = ([(0.0, 1.0)] if im.mode == "F" else []) + [(0.0, 255.0), (0.0, 65535.0)]
+        scale = next(((a, b) for a, b in usual if a <= lo and hi <= b), (lo, max(hi, lo + 1)))
+    gain = 255.0 / (scale[1] - scale[0])
+    # F -> L truncates and clips to 0..255, so + 0.5 turns the truncation into rounding
+    offset = 0.5 - scale[0] * gain
+    return im.convert("F").point(lambda v: v * gain + offset).convert("L")  # (v - a) * gain, rounded
 
 
 _FRAME_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # files a frame folder may hold
@@ -252,20 +305,27 @@ def _pick_frames(n: int, k: int, rng: Optional[random.Random]) -> list[int]:
 
 
 def _read_mp4(path: str, record: Optional[Record]) -> list[Image.Image]:
-    """Decode a video file with an optional reader (PyAV or imageio); clear error if none."""
+    """Decode a video file with an optional reader (PyAV, else imageio); a clear error if neither is
+    installed or the file does not decode (each reader raises its own exception types)."""
     try:
         import av  # type: ignore
-        with av.open(path) as c:
-            return [fr.to_image().convert("RGB") for fr in c.decode(video=0)]
     except ImportError:
-        pass  # no PyAV: try imageio
+        av = None
     try:
         import imageio.v3 as iio  # type: ignore
-        return [Image.fromarray(a).convert("RGB") for a in iio.imiter(path)]
     except ImportError:
+        iio = None
+    if av is None and iio is None:
         raise UFireError(f"cannot read video {path}{_rec_where(record)}: mp4 needs the optional "
                          "package 'av' or 'imageio'; or store the video as a frame folder / "
-                         "animated GIF/WebP") from None
+                         "animated GIF/WebP")
+    try:
+        if av is not None:
+            with av.open(path) as c:
+                return [fr.to_image().convert("RGB") for fr in c.decode(video=0)]
+        return [Image.fromarray(a).convert("RGB") for a in iio.imiter(path)]
+    except Exception as e:  # noqa: BLE001 -- any decoder failure means a damaged or foreign file
+        raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
 
 
 def load_frames(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
@@ -292,7 +352,7 @@ def load_frames(path, num_frames: int, size: Optional[int] = None, record: Optio
                 frames = []
                 for i in range(getattr(im, "n_frames", 1)):
                     im.seek(i)
-                    frames.append(im.convert("RGB"))  # convert copies: the frame survives the next seek
+                    frames.append(to_rgb(im))  # a new image: the frame survives the next seek
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
     if not frames:
@@ -593,59 +653,121 @@ class TrainView:
 # check: validate a root
 # --------------------------------------------------------------------------------------------
 
-def check_root(root, out=sys.stdout, example_limit: int = 3) -> bool:
-    """Print one row per sub-dataset/split and per OOD task; return True when nothing is missing.
+def check_root(root, out=None, example_limit: int = 3, open_files: bool = True,
+               progress: bool = False) -> bool:
+    """Print one row per sub-dataset/split and per OOD task; return True when nothing is wrong.
 
-    Reads every file a run would read (records, galleries) and stats every image and video they
-    name, so a half-downloaded root fails here in seconds rather than mid-training.
+    Reads every file a run would read (records, galleries), then opens every image and video they
+    name the way training and evaluation will (`load_image`, `load_frames`), so a half-downloaded
+    root, a zero-byte or truncated image, or a text file named .png fails here in seconds rather
+    than mid-training. open_files=False (`check --quick`) only tests that the files exist.
+    out: where the table goes (None: sys.stdout at call time, so redirections are honoured).
     """
+    out = out or sys.stdout
     uf = UFire(root)
     ok, problems = True, []
-    rows = [("subset", "split", "records", "gallery", "outside", "missing files")]
     items = [(s, sp) for sp in _SPLITS for s in uf.subsets(sp)]
     items += [(s, "test") for s in uf.gallery_subsets() if s not in uf.subsets("test")]  # gallery only
     items += [(s, "test") for s in uf.ood_subsets()]
     # sort: regular sub-datasets first, by name, then train / val / test
-    for sub, split in sorted(items, key=lambda x: (x[0].startswith("ood/"), x[0], _SPLITS.index(x[1]))):
+    items.sort(key=lambda x: (x[0].startswith("ood/"), x[0], _SPLITS.index(x[1])))
+    # Pass 1: parse every row and list the files it needs (images, and videos apart: they decode
+    # differently). A parse error becomes that row's problem; the other rows are still checked.
+    rows = []  # (sub, split, cells or None, images, videos, own problems)
+    for sub, split in items:
         try:
-            has_recs = sub.startswith("ood/") or sub in uf.subsets(split)
-            gal = uf.gallery(sub, split) if (split == "test" or has_recs) else None
-            files = set(gal.paths) if gal else set()  # every file this row needs on disk
-            n_rec, n_out = "-", "-"
-            if has_recs:
-                view = uf.eval_view(sub, split)
-                n_rec, n_out = str(len(view.records) + len(view.missing)), str(view.targets_outside)
-                for r in uf.records(sub, split):
-                    files.update(r.path(p) for p in r.query_image + r.query_video + r.target_image)
-                if view.targets_outside or view.missing:
-                    ok = False
-                    problems.append(f"{sub} [{split}]: {view.targets_outside} target(s) outside the "
-                                    f"gallery; {len(view.missing)} record(s) without a positive "
-                                    f"(e.g. {view.missing[:example_limit]})")
-            else:  # a published gallery whose triplet file is absent (the annotations-only checkout)
-                ok = False
-                problems.append(f"{sub} [{split}]: gallery {gal.source} parsed ({len(gal.paths)} "
-                                f"images) but no {split} triplet file in 0_triplet_files/")
-            absent = sorted(p for p in files if not os.path.exists(p))
-            if absent:
-                ok = False
-                rel = [os.path.relpath(p, uf.root) for p in absent[:example_limit]]
-                problems.append(f"{sub} [{split}]: {len(absent)} missing image/video file(s), e.g. {rel}")
-            rows.append((sub, split, n_rec, str(len(gal.paths)) if gal else "-", n_out, str(len(absent))))
+            rows.append((sub, split, *_check_parse(uf, sub, split, example_limit)))
         except UFireError as e:  # one broken file: report it and keep checking the others
-            ok = False
-            problems.append(f"{sub} [{split}]: ERROR {e}")
-            rows.append((sub, split, "ERROR", "-", "-", "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]  # column widths
-    for r in rows:
+            rows.append((sub, split, None, set(), set(), [f"ERROR {e}"]))
+    # Pass 2: open each file once, however many rows share it (galleries overlap).
+    videos = set().union(*(r[4] for r in rows))
+    todo = sorted(p for p in set().union(*(r[3] | r[4] for r in rows)) if os.path.exists(p))
+    t0 = time.perf_counter()
+    unreadable = _open_all(todo, videos, progress) if open_files else {}  # path -> reason
+    # Pass 3: the table and the problems, row by row.
+    table = [("subset", "split", "records", "gallery", "outside", "missing files", "unreadable")]
+    for sub, split, cells, images, vids, own in rows:
+        files = images | vids
+        absent = sorted(p for p in files if not os.path.exists(p))
+        bad = sorted(p for p in files if p in unreadable)
+        if absent:
+            rel = [os.path.relpath(p, uf.root) for p in absent[:example_limit]]
+            own.append(f"{len(absent)} missing image/video file(s), e.g. {rel}")
+        if bad:
+            eg = [f"{os.path.relpath(p, uf.root)}: {unreadable[p]}" for p in bad[:example_limit]]
+            own.append(f"{len(bad)} unreadable image/video file(s), e.g. {eg}")
+        ok = ok and not own
+        problems += [f"{sub} [{split}]: {msg}" for msg in own]
+        cells = cells or ("ERROR", "-", "-")
+        table.append((sub, split, *cells, str(len(absent)) if cells[0] != "ERROR" else "-",
+                      (str(len(bad)) if open_files else "not opened") if cells[0] != "ERROR" else "-"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]  # column widths
+    for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=out)
     if not items:
         ok = False
         problems.append(f"no triplet files, galleries or OOD tasks found under {uf.root}")
-    print(("OK: nothing missing" if ok else "MISSING / PROBLEMS:"), file=out)
+    if open_files:
+        print(f"opened {len(todo)} image/video files in {time.perf_counter() - t0:.1f}s", file=out)
+    verdict = "OK: nothing missing" + (" or unreadable" if open_files else " (files not opened: --quick)")
+    print(verdict if ok else "MISSING / PROBLEMS:", file=out)
     for p in problems:
         print("  - " + p, file=out)
     return ok
+
+
+def _check_parse(uf: UFire, sub: str, split: str, example_limit: int):
+    """One row of `check` before any image is opened: (cells, image paths, video paths, problems).
+
+    cells = (records, gallery size, targets outside the gallery) as text; "-" where the row has no
+    records (a published gallery without its triplet file, itself a problem).
+    """
+    has_recs = sub.startswith("ood/") or sub in uf.subsets(split)
+    gal = uf.gallery(sub, split) if (split == "test" or has_recs) else None
+    images, videos, own = set(gal.paths) if gal else set(), set(), []
+    n_rec, n_out = "-", "-"
+    if has_recs:
+        view = uf.eval_view(sub, split)
+        recs = uf.records(sub, split)
+        n_rec, n_out = str(len(recs)), str(view.targets_outside)
+        for r in recs:
+            images.update(r.path(p) for p in r.query_image + r.target_image)
+            # one entry is a clip (file or frame folder); several are its frame images
+            (videos if len(r.query_video) == 1 else images).update(r.path(p) for p in r.query_video)
+        if not recs:  # train would have nothing to draw from, evaluate nothing to score
+            own.append(f"{uf.triplet_file(sub, split)} holds no records")
+        if view.targets_outside or view.missing:
+            own.append(f"{view.targets_outside} target(s) outside the gallery; {len(view.missing)} "
+                       f"record(s) without a positive (e.g. {view.missing[:example_limit]})")
+    else:  # a published gallery whose triplet file is absent (the annotations-only checkout)
+        own.append(f"gallery {gal.source} parsed ({len(gal.paths)} images) but no {split} triplet "
+                   f"file in 0_triplet_files/")
+    return (n_rec, str(len(gal.paths)) if gal else "-", n_out), images, videos, own
+
+
+def _open_all(paths: list, videos: set, progress: bool) -> dict:
+    """{path: why it cannot be read} for the paths that fail to decode (with a progress bar).
+
+    A video is a file (every frame decoded) or a folder of frame images (each one opened).
+    """
+    from tqdm import tqdm  # only `check` needs it: keep `import data` light
+
+    bad = {}
+    for p in tqdm(paths, desc="open images/videos", unit="file", disable=not progress, file=sys.stderr):
+        try:
+            if p in videos and os.path.isdir(p):
+                names = sorted(n for n in os.listdir(p) if n.lower().endswith(_FRAME_EXT))
+                if not names:
+                    raise UFireError(f"video frame folder {p} holds no images")
+                for n in names:
+                    load_image(os.path.join(p, n))
+            elif p in videos:
+                load_frames(p, 1)  # decodes every frame of the clip to count them
+            else:
+                load_image(p)
+        except UFireError as e:  # keep the reason; the row names the file relative to the root
+            bad[p] = str(e).split(f"{p}: ", 1)[-1].replace(p, os.path.basename(p))
+    return bad
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,20 +801,26 @@ def _tour() -> None:
 
 
 def main(argv=None) -> int:
-    """python data.py [check --root PATH]: the tour, or validate a root (exit 1 when anything is missing)."""
+    """python data.py [check --root PATH [--quick]]: exit 0, 1 when anything is missing or unreadable.
+
+    Bad input (an unreadable root, a malformed file) is one `error:` line, exit 1 (errors.run_cli).
+    """
+    return run_cli(_cli, argv)
+
+
+def _cli(argv) -> int:
+    """The tour, or `check` (see `main`)."""
     ap = argparse.ArgumentParser(description="U-FIRE data layer: check a root, or tour the synthetic set.")
     sub = ap.add_subparsers(dest="cmd")
-    c = sub.add_parser("check", help="validate a U-FIRE root (exit 1 when anything is missing)")
+    c = sub.add_parser("check", help="validate a U-FIRE root (exit 1 when anything is missing or unreadable)")
     c.add_argument("--root", required=True)
+    c.add_argument("--quick", action="store_true",
+                   help="only test that every image and video exists (skip opening them)")
     a = ap.parse_args(argv)
-    try:
-        if a.cmd == "check":
-            return 0 if check_root(a.root) else 1
-        _tour()
-        return 0
-    except UFireError as e:  # bad input: one line naming the file, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if a.cmd == "check":
+        return 0 if check_root(a.root, open_files=not a.quick, progress=sys.stderr.isatty()) else 1
+    _tour()
+    return 0
 
 
 if __name__ == "__main__":

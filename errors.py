@@ -19,6 +19,10 @@ class FashionLensError(Exception):
     """An expected failure; its message says what is wrong and where (file, record, flag)."""
 
 
+class FlagError(FashionLensError):
+    """A command-line value no run can use; the message starts with the flag and its value."""
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None,
             expected: tuple = ()) -> int:
     """Run `main(argv)` and return its exit status; expected failures become one `error:` line.

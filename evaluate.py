@@ -21,7 +21,8 @@ Protocol, step by step
 1. Gallery: every unique image across all evaluated sub-datasets is encoded once (sub-datasets that
    share images share their embeddings), batched, with a progress bar. The (G, D) matrix is cached
    on disk under a key made of the checkpoint's fingerprint and the exact image list, so a second
-   run on the same checkpoint encodes nothing.
+   run on the same checkpoint encodes nothing. The cache file's name carries a sha256 of its bytes,
+   checked before use: a damaged file is reported, recomputed and replaced, never trusted.
 2. Queries: one deterministic query per record (data.record_to_query with rng=None), encoded through
    the calibrator (PGSQC), since that is what the model does at test time.
 3. Search: exact inner-product search with faiss (IndexFlatIP). Ties are broken by gallery index so
@@ -29,6 +30,9 @@ Protocol, step by step
    and a stable sort) and the tests hold the two equal.
 4. Metric: Recall@K per sub-dataset, then the mean per task word, then the overall mean over task
    words (each task weighs the same, however many sub-datasets it has; OOD tasks are reported apart).
+   A sub-dataset without a single scorable query (an empty triplet file, or no positive in the
+   gallery) has no Recall@K at all: its row says so (None in JSON, n/a in the table) and the means
+   are taken over the rows that have queries.
 
 Run it
 ------
@@ -38,6 +42,8 @@ Run it
     python evaluate.py --ckpt runs/X/best --max-queries 100          # quick look: 100 queries per sub-dataset
     python evaluate.py --self-check                                   # small demo on hand-made vectors
 
+A bad flag, checkpoint or data file stops it with one `error:` line and exit status 1.
+
 Shape legend: B queries, G gallery images, D embedding size, K retrieved per query.
 """
 from __future__ import annotations
@@ -45,9 +51,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
-import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -60,6 +67,7 @@ import numpy as np
 import torch
 
 import data
+from errors import FashionLensError, run_cli
 
 DEFAULT_KS = (1, 5, 10, 50)
 
@@ -157,7 +165,8 @@ def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterabl
     """Recall@K for each K: the share of scorable queries with a positive in their top K.
 
     ids: (B, K_max) gallery indices in rank order. positives: per query, its gallery indices.
-    Queries with no positive at all are not scorable and are left out of the denominator.
+    Queries with no positive at all are not scorable and are left out of the denominator. With no
+    scorable query, Recall@K is undefined: None (never NaN, which would poison every mean over it).
     """
     ranks = first_hit_rank(ids, positives)  # (B,)
     scorable = np.array([len(p) > 0 for p in positives], dtype=bool)  # (B,)
@@ -165,12 +174,12 @@ def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterabl
     out = {}
     for k in ks:
         hits = (ranks[scorable] >= 0) & (ranks[scorable] < k)  # (n,) first positive within the top k
-        out[int(k)] = float(hits.sum() / n) if n else float("nan")  # (1/|Q|) sum_i 1[hit_i]
+        out[int(k)] = float(hits.sum() / n) if n else None  # (1/|Q|) sum_i 1[hit_i]
     return out
 
 
-def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int = 10) -> float:
-    """Expected Recall@k of a random ranking, averaged over scorable queries.
+def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int = 10) -> Optional[float]:
+    """Expected Recall@k of a random ranking, averaged over scorable queries (None without any).
 
     With P positives among G images, a random top-k misses them all with probability
     C(G-P, k) / C(G, k) = prod_{j<k} (G-P-j) / (G-j). For one positive this is the familiar k / G;
@@ -185,7 +194,7 @@ def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int 
         for j in range(min(k, gallery_size)):
             miss *= max(gallery_size - p - j, 0) / (gallery_size - j)  # prod_{j<k} (G-P-j) / (G-j)
         vals.append(1.0 - miss)  # P(at least one positive in a random top k)
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(vals)) if vals else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +210,8 @@ class EvalRow:
     gallery: int  # unique images in this sub-dataset's gallery
     queries: int  # scored queries (one per record with at least one positive in the gallery)
     missing: int  # records whose positives are not in the gallery: reported, not scored
-    recall: dict  # {K: Recall@K}
-    chance10: float  # expected Recall@10 of a random ranking (see chance_recall)
+    recall: dict  # {K: Recall@K}; every value None when queries == 0 (nothing to score)
+    chance10: Optional[float]  # expected Recall@10 of a random ranking (see chance_recall)
 
 
 @dataclass
@@ -219,22 +228,30 @@ class EvalResult:
     def sum_recall(self, k: int = 1, include_ood: bool = False) -> float:
         """Sum over sub-datasets of Recall@k: the authors' model-selection number (with k = 1)."""
         return float(sum(r.recall[k] for r in self.rows
-                         if (include_ood or r.task != "ood") and not math.isnan(r.recall[k])))
+                         if (include_ood or r.task != "ood") and r.recall[k] is not None))
 
     def to_dict(self) -> dict:
-        """Plain JSON types (per_query goes to its own .jsonl file)."""
+        """Plain JSON types, no NaN anywhere (per_query goes to its own .jsonl file)."""
         return {"ks": list(self.ks), "rows": [dataclasses.asdict(r) for r in self.rows],
                 "task_means": self.task_means, "overall": self.overall, "seconds": self.seconds}
 
 
 def summarise(rows: list, ks: Sequence[int]) -> tuple[dict, dict]:
-    """Task means (mean over a task's sub-datasets) and the overall mean (over in-distribution tasks)."""
+    """Task means (mean over a task's sub-datasets) and the overall mean (over in-distribution tasks).
+
+    Only rows with queries count: a row without any has no Recall (None), and a task none of whose
+    rows has queries gets None means and stays out of the overall mean (None if no task has any).
+    """
+    def mean(vals):  # the mean of the defined values; None when there are none
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
     by_task: dict = {}
     for r in rows:
         by_task.setdefault(r.task, []).append(r)
-    task_means = {t: {k: float(np.mean([r.recall[k] for r in rs])) for k in ks} for t, rs in by_task.items()}
+    task_means = {t: {k: mean([r.recall[k] for r in rs]) for k in ks} for t, rs in by_task.items()}
     ind = [t for t in task_means if t != "ood"]  # OOD tasks are reported, never averaged in
-    overall = {k: float(np.mean([task_means[t][k] for t in ind])) for k in ks} if ind else {}
+    overall = {k: mean([task_means[t][k] for t in ind]) for k in ks} if ind else {}
     return task_means, overall
 
 
@@ -243,14 +260,17 @@ def format_table(result: EvalResult) -> str:
     ks = list(result.ks)
     head = "| sub-dataset | gallery | queries | missing | " + " | ".join(f"R@{k}" for k in ks) + " | chance R@10 |"
     lines = [head, "|" + "---|" * (5 + len(ks))]
-    pct = lambda x: "nan" if math.isnan(x) else f"{100 * x:.1f}"  # noqa: E731  (percent, one decimal)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731  (percent, one decimal)
+    empty = [r for r in result.rows if r.queries == 0]  # no Recall: marked, and left out of the means
     for r in result.rows:
-        lines.append(f"| {r.subset} | {r.gallery} | {r.queries} | {r.missing} | "
+        name = f"{r.subset} (no queries: left out of the means)" if r.queries == 0 else r.subset
+        lines.append(f"| {name} | {r.gallery} | {r.queries} | {r.missing} | "
                      + " | ".join(pct(r.recall[k]) for k in ks) + f" | {pct(r.chance10)} |")
     for t, m in result.task_means.items():
         lines.append(f"| **{t}** (task mean) | | | | " + " | ".join(pct(m[k]) for k in ks) + " | |")
     if result.overall:
-        lines.append("| **overall** (mean of task means) | | | | "
+        over = f"; the {len(empty)} row(s) without queries left out" if empty else ""
+        lines.append(f"| **overall** (mean of task means{over}) | | | | "
                      + " | ".join(pct(result.overall[k]) for k in ks) + " | |")
     return "\n".join(lines)
 
@@ -296,9 +316,11 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
     for v in views:
         for p in v.gallery:
             slot.setdefault(p, len(slot))
+    _require_files(views)  # a missing gallery image is named with the gallery file that lists it
     all_paths = list(slot)  # (G_all,)
     t1 = time.perf_counter()
     gal = encode_gallery(embedder, all_paths, cfg)  # (G_all, D)
+    _require_finite(gal, all_paths.__getitem__, "gallery image")
     t2 = time.perf_counter()
 
     # 2.-4. Per sub-dataset: encode its queries, search its own gallery, score.
@@ -307,6 +329,7 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
     for v in views:
         ta = time.perf_counter()
         q = encode_queries(embedder, v.records, cfg)  # (B, D)
+        _require_finite(q, lambda i: v.records[i].where(), "query")
         tb = time.perf_counter()
         rows_of_v = np.fromiter((slot[p] for p in v.gallery), dtype=np.int64, count=len(v.gallery))  # (G,)
         scores, ids = search_faiss(q, gal[rows_of_v], kmax) if len(v.records) else (
@@ -344,24 +367,20 @@ def encode_gallery(embedder, paths: Sequence[str], cfg: EvalConfig) -> np.ndarra
     The cache key must change whenever the embeddings could: it is the checkpoint's digest (its
     config, which names a frozen pretrained base, plus the bytes of every trainable tensor: LoRA,
     learnable tokens, calibrator, a tiny model's vision tower) and the digest of the image list.
+    A cached file is used only once its checksum proves its bytes (see `read_cache`).
     """
-    cache_file = None
+    key = None
     if cfg.cache_dir:
         conf = getattr(embedder, "config", None)
         conf = json.dumps(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else repr(conf),
                           sort_keys=True, default=str)  # the config as text: the digest's prefix
         key = plumbing.params_digest(embedder, prefix=conf)[:20] + "-" + gallery_key(paths)[:20]
-        cache_file = Path(cfg.cache_dir) / f"{key}.npy"
-        if cache_file.exists():
-            emb = np.load(cache_file, allow_pickle=False)  # (G, D) plain array, no pickle
-            if emb.shape[0] == len(paths):
-                return emb
+        emb = read_cache(Path(cfg.cache_dir), key, (len(paths), embedder.dim))  # (G, D) or None
+        if emb is not None:
+            return emb
     emb = _encode_in_parts(embedder.encode_images, paths, embedder.dim, cfg, "gallery")  # (G, D)
-    if cache_file is not None:
-        def build(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a handle: np.save(name) would append ".npy" to the temporary
-                np.save(f, emb)
-        plumbing.atomic_write(cache_file, build)  # a crash mid-write never leaves a truncated cache
+    if key is not None:
+        write_cache(Path(cfg.cache_dir), key, emb)
     return emb
 
 
@@ -375,6 +394,27 @@ def gallery_key(paths: Sequence[str]) -> str:
         except OSError:  # a missing file is reported by the encoder with its record; hash the name
             h.update(f"{p}\0missing\n".encode())
     return h.hexdigest()
+
+
+def _require_files(views) -> None:
+    """Stop before any encoding when a gallery image is missing, naming the file that lists it
+    (the encoder knows only the image's path). Unreadable images are named by data.load_image."""
+    for v in views:
+        for p in v.gallery:
+            if not os.path.isfile(p):
+                src = v.gallery_source or f"the targets of its {v.split} records"
+                raise data.UFireError(f"missing image {p} (in the gallery of {v.subset}: {src})")
+
+
+def _require_finite(emb: np.ndarray, name_of, what: str) -> None:
+    """Refuse NaN / inf embeddings: a ranking of NaN scores is arbitrary, yet would yield numbers.
+
+    name_of(i) names row i (an image path, a record) in the message.
+    """
+    bad = np.nonzero(~np.isfinite(emb).all(axis=1))[0]  # (n_bad,) rows with a NaN or inf
+    if len(bad):
+        raise EvalError(f"{len(bad)} {what} embedding(s) are NaN or infinite (first: {name_of(bad[0])}); "
+                        "the checkpoint's weights are damaged or training diverged")
 
 
 def encode_queries(embedder, records: Sequence, cfg: EvalConfig) -> np.ndarray:
@@ -401,6 +441,62 @@ def _encode_in_parts(encode, items: Sequence, dim: int, cfg: EvalConfig, desc: s
     return np.concatenate(chunks, 0) if chunks else np.zeros((0, dim), np.float32)  # (N, D)
 
 
+def _cache_digest(key: str, raw: bytes) -> str:
+    """The checksum in a cache file's name: sha256 of its key and its bytes (header + array).
+
+    Hashing the whole file, not just the array, catches a damaged header (shape, dtype) too; hashing
+    the key catches a file copied or renamed to another checkpoint's or gallery's key.
+    """
+    return hashlib.sha256(key.encode() + b"\0" + raw).hexdigest()[:32]
+
+
+def read_cache(cache_dir: Path, key: str, shape: tuple) -> Optional[np.ndarray]:
+    """The cached (G, D) embeddings for `key` if a file proves them, else None (then: recompute).
+
+    Files are named KEY.sha256-DIGEST.npy. The bytes are checked against DIGEST before numpy parses
+    them, so random, zeroed, truncated or reordered bytes are never trusted and never crash the run;
+    each such file is reported in one line on stderr and deleted (write_cache puts the new one).
+    """
+    for f in sorted(cache_dir.glob(f"{key}*.npy")) if cache_dir.is_dir() else []:
+        m = re.fullmatch(re.escape(key) + r"\.sha256-([0-9a-f]{32})\.npy", f.name)
+        why = "no checksum in its name (an older version wrote it)" if m is None else None
+        try:
+            raw = f.read_bytes() if m else b""
+            if m and _cache_digest(key, raw) != m[1]:
+                why = "its bytes do not match their checksum (damaged)"
+            if why is None:
+                emb = np.load(io.BytesIO(raw), allow_pickle=False)  # (G, D) plain array, no pickle
+                if emb.shape == tuple(shape) and emb.dtype == np.float32:
+                    return emb
+                why = f"shape {emb.shape} {emb.dtype}, expected {tuple(shape)} float32"
+        except (OSError, ValueError, EOFError) as e:  # unreadable: the same as damaged
+            why = f"unreadable ({e})"
+        print(f"warning: gallery cache {f}: {why}; recomputing and replacing it", file=sys.stderr, flush=True)
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:  # a read-only cache folder: the file stays, unused (it is checked every time)
+            pass
+    return None
+
+
+def write_cache(cache_dir: Path, key: str, emb: np.ndarray) -> None:
+    """Publish `emb` as KEY.sha256-DIGEST.npy with plumbing.atomic_write; a failure only warns.
+
+    The cache saves time and nothing else, so a full or read-only disk must not cost the results.
+    """
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(emb, dtype=np.float32))  # (G, D) .npy bytes, header included
+    raw = buf.getvalue()
+    path = cache_dir / f"{key}.sha256-{_cache_digest(key, raw)}.npy"
+    try:
+        for f in cache_dir.glob(f".{key}*"):  # temporaries of an interrupted earlier write
+            f.unlink(missing_ok=True)
+        plumbing.atomic_write(path, raw)  # a crash mid-write never leaves a truncated cache
+    except OSError as e:
+        print(f"warning: could not write the gallery cache {path} ({e}); results are unaffected",
+              file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +518,7 @@ def select_subsets(ufire, split: str, tasks: str, ood: str) -> list[str]:
     """Sub-datasets to evaluate: "all" or comma-separated task words / "task/dataset" names.
 
     ood: "include" adds the evaluation-only tasks (test split only), "only" evaluates just them,
-    "skip" leaves them out.
+    "skip" leaves them out. An unknown name, or nothing to evaluate, is a data.UFireError.
     """
     known = ufire.subsets(split)
     picked: list[str] = []
@@ -433,8 +529,8 @@ def select_subsets(ufire, split: str, tasks: str, ood: str) -> list[str]:
             for t in (x.strip() for x in tasks.split(",") if x.strip()):
                 if "/" in t:
                     if t not in known:
-                        raise SystemExit(f"error: sub-dataset {t!r} is not in the {split} split of "
-                                         f"{ufire.root}; known: {', '.join(known)}")
+                        raise data.UFireError(f"sub-dataset {t!r} is not in the {split} split of "
+                                              f"{ufire.root}; known: {', '.join(known)}")
                     picked.append(t)
                 else:
                     data.base_task(t)  # raises a clear error for an unknown task word
@@ -442,48 +538,39 @@ def select_subsets(ufire, split: str, tasks: str, ood: str) -> list[str]:
     if ood in ("include", "only") and split == "test":
         picked += list(ufire.ood_subsets())
     if not picked:
-        raise SystemExit(f"error: nothing to evaluate in the {split} split of {ufire.root} "
-                         f"(tasks={tasks!r}, ood={ood!r})")
+        raise data.UFireError(f"nothing to evaluate in the {split} split of {ufire.root} "
+                              f"(tasks={tasks!r}, ood={ood!r})")
     return picked
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", help="checkpoint directory written by train.py (runs/NAME/best)")
-    ap.add_argument("--data", default=None,
-                    help="U-FIRE root; default: the data the checkpoint was trained on")
-    ap.add_argument("--tasks", default="all", help="'all' or comma-separated task words / task/dataset names")
-    ap.add_argument("--split", default="test", choices=["test", "val"])
-    ap.add_argument("--ood", nargs="?", const="only", default="include", choices=["include", "only", "skip"],
-                    help="evaluation-only tasks: include them (default), 'only' them (bare --ood), or skip")
-    ap.add_argument("--k", default="1,5,10,50", help="comma-separated K values")
-    ap.add_argument("--out", default=None, help="write results JSON here (+ .per_query.jsonl beside it)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-queries", type=int, default=0,
-                    help="score at most N evenly spaced queries per sub-dataset (0 = all); the gallery stays whole")
-    ap.add_argument("--cache-dir", default=".cache/gallery", help="gallery embedding cache ('' to disable)")
-    ap.add_argument("--device", default=None, help="cpu | cuda (default: the checkpoint's config)")
-    ap.add_argument("--self-check", action="store_true", help="run the small built-in demo and exit")
-    args = ap.parse_args(argv)
+    """The command line. Exit 0; 1 with one `error:` line for a bad flag, checkpoint or data file
+    (errors.run_cli); 2 for what argparse itself refuses (an unknown flag, --batch-size abc)."""
+    return run_cli(_cli, argv)
+
+
+def _cli(argv) -> int:
+    """Every flag is checked before the data, the checkpoint or any output is touched."""
+    args = parse_flags(argv)
     if args.self_check:
         return _self_check()
-    if not args.ckpt:
-        ap.error("--ckpt is required (or --self-check)")
-    ks = tuple(sorted({int(k) for k in args.k.split(",") if k.strip()}))
     ckpt = Path(args.ckpt)
     root = args.data or _training_data_root(ckpt) or "data/synthetic"
     if root == "synthetic":  # a run trained on `--data synthetic`: generate it if this clone lacks it
         import synthetic  # the generator is needed only here: keep it off every other path
 
         root = synthetic.ensure_synthetic("data/synthetic")
-    from model import FashionLensEmbedder  # model imports transformers: keep it off the metric path
+    ufire = data.UFire(root)
+    subsets = select_subsets(ufire, args.split, args.tasks, args.ood)  # unknown tasks fail before loading
+    from model import CONFIG_FILE, FashionLensEmbedder  # model imports transformers: keep it off the metric path
 
+    if args.device is None:  # the device saved in the checkpoint (where it was trained) must exist here
+        saved = _saved_device(ckpt / CONFIG_FILE)
+        if saved:
+            plumbing.check_device(f"{ckpt / CONFIG_FILE} (field 'device'; override it with --device cpu)", saved)
     kw = {"device": args.device} if args.device else {}
     embedder = FashionLensEmbedder.from_pretrained(str(ckpt), **kw)
-    ufire = data.UFire(root)
-    subsets = select_subsets(ufire, args.split, args.tasks, args.ood)
-    res = evaluate(embedder, ufire, subsets, split=args.split, ks=ks, batch_size=args.batch_size,
+    res = evaluate(embedder, ufire, subsets, split=args.split, ks=args.ks, batch_size=args.batch_size,
                    cache_dir=args.cache_dir or None, progress=sys.stderr.isatty(),
                    keep_per_query=bool(args.out), max_queries=args.max_queries)
     some = f"   at most {args.max_queries} queries per sub-dataset" if args.max_queries > 0 else ""
@@ -496,11 +583,83 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         doc = {"checkpoint": str(ckpt), "data": str(root), "split": args.split, **res.to_dict()}
-        plumbing.atomic_write(out, json.dumps(doc, indent=1))  # a reader never sees half a file
+        text = json.dumps(doc, indent=1, allow_nan=False)  # strict JSON: a NaN here is a bug, not output
+        plumbing.atomic_write(out, text)  # a reader never sees half a file
         plumbing.atomic_write(out.with_suffix(".per_query.jsonl"),
-                              "".join(json.dumps(r) + "\n" for r in res.per_query))
+                              "".join(json.dumps(r, allow_nan=False) + "\n" for r in res.per_query))
         print(f"wrote {out} and {out.with_suffix('.per_query.jsonl')}")
     return 0
+
+
+class EvalError(FashionLensError, ValueError):
+    """A bad evaluate.py flag, or embeddings no number can be computed from (names the flag or file)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; their values are checked by `parse_flags`."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", help="checkpoint directory written by train.py (runs/NAME/best)")
+    ap.add_argument("--data", default=None,
+                    help="U-FIRE root; default: the data the checkpoint was trained on")
+    ap.add_argument("--tasks", default="all", help="'all' or comma-separated task words / task/dataset names")
+    ap.add_argument("--split", default="test", choices=["test", "val"])
+    ap.add_argument("--ood", nargs="?", const="only", default="include", choices=["include", "only", "skip"],
+                    help="evaluation-only tasks: include them (default), 'only' them (bare --ood), or skip")
+    ap.add_argument("--k", default="1,5,10,50", help="comma-separated K values (positive integers)")
+    ap.add_argument("--out", default=None, help="write results JSON here (+ .per_query.jsonl beside it)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (>= 1)")
+    ap.add_argument("--max-queries", type=int, default=0,
+                    help="score at most N evenly spaced queries per sub-dataset (0 = all); the gallery stays whole")
+    ap.add_argument("--cache-dir", default=".cache/gallery", help="gallery embedding cache ('' to disable)")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: the checkpoint's config)")
+    ap.add_argument("--self-check", action="store_true", help="run the small built-in demo and exit")
+    return ap
+
+
+def parse_flags(argv) -> argparse.Namespace:
+    """Parse and check every flag (EvalError naming it); adds `ks`, the parsed --k."""
+    args = build_parser().parse_args(argv)
+    if args.self_check:
+        return args
+    if not args.ckpt:
+        raise EvalError("--ckpt is required (a checkpoint folder such as runs/NAME/best), or --self-check")
+    if not Path(args.ckpt).is_dir():
+        raise EvalError(f"--ckpt {args.ckpt}: no such checkpoint folder")
+    args.ks = parse_ks(args.k)
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.max_queries < 0:
+        raise EvalError(f"--max-queries {args.max_queries}: must be 0 (all queries) or more")
+    if args.device is not None:
+        plumbing.check_device("--device", args.device)
+    if args.out:
+        plumbing.check_writable("--out", args.out, folder=False)
+    return args
+
+
+def parse_ks(text: str) -> tuple:
+    """'10,1,5' -> (1, 5, 10): sorted, without repeats; anything but positive integers is an EvalError."""
+    ks = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:  # "1,5," : an empty entry is a stray comma, not a K
+            continue
+        if not re.fullmatch(r"\+?\d+", part) or int(part) < 1:  # R@0 and R@-1 mean nothing
+            raise EvalError(f"--k {text!r}: every K must be a positive integer (e.g. --k 1,5,10,50), "
+                            f"not {part!r}")
+        ks.add(int(part))
+    if not ks:
+        raise EvalError(f"--k {text!r}: give at least one K (e.g. --k 10)")
+    return tuple(sorted(ks))
+
+
+def _saved_device(cfg_file: Path) -> Optional[str]:
+    """The device field of a checkpoint's config, or None if it cannot be read (from_pretrained
+    then reports the file)."""
+    try:
+        return json.loads(cfg_file.read_text())["config"].get("device")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _self_check() -> int:

@@ -52,6 +52,8 @@ N image patches (all images of a batch), n_img images in a batch, C*T*p*p values
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -349,7 +351,9 @@ class FashionLensEmbedder(nn.Module):
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
             if ckpt is not None:
-                return PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=True)
+                # peft's own errors for a damaged adapter (safetensors, JSON) name no file.
+                with _reading(ckpt / ADAPTER_DIR / "adapter_model.safetensors", "LoRA adapter"):
+                    return PeftModel.from_pretrained(base, str(ckpt / ADAPTER_DIR), is_trainable=True)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed + 1)
                 lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -392,7 +396,10 @@ class FashionLensEmbedder(nn.Module):
         from transformers import AutoTokenizer
 
         cfg = self.config
-        processor = processor_class().from_pretrained(str(ckpt / PROCESSOR_DIR)) if ckpt is not None else None
+        processor = None
+        if ckpt is not None:  # its tokenizer holds our summary tokens: a damaged one is reported, not rebuilt
+            with _reading(ckpt / PROCESSOR_DIR, "tokenizer / image processor"):
+                processor = processor_class().from_pretrained(str(ckpt / PROCESSOR_DIR))
         if processor is not None:
             tok = processor.tokenizer
         elif self.tiny:
@@ -423,13 +430,16 @@ class FashionLensEmbedder(nn.Module):
 
         cfg = self.config
         if self.tiny and ckpt is not None:  # a random base cannot be re-drawn reliably: load the saved one
-            from safetensors.torch import load_file
-
-            mcfg = AutoConfig.from_pretrained(str(ckpt / BASE_DIR))
+            with _reading(ckpt / BASE_DIR / "config.json", "base model config"):
+                mcfg = AutoConfig.from_pretrained(str(ckpt / BASE_DIR))
             mcfg._attn_implementation = cfg.attn_implementation
             base = AutoModel.from_config(mcfg)
-            state = load_file(str(ckpt / BASE_DIR / "model.safetensors"))
-            missing, unexpected = base.load_state_dict(state, strict=False)
+            state = _load_weights(ckpt / BASE_DIR / "model.safetensors")
+            try:
+                missing, unexpected = base.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # other shapes: the base config was edited or swapped
+                raise CheckpointError(f"{ckpt / BASE_DIR / 'model.safetensors'}: base weights do not fit the "
+                                      f"architecture in {ckpt / BASE_DIR / 'config.json'} ({_one_line(e)})") from e
             if missing or unexpected:
                 raise CheckpointError(f"{ckpt / BASE_DIR / 'model.safetensors'}: base weights do not fit "
                                       f"the {mcfg.model_type} architecture (missing {missing[:3]}, "
@@ -498,10 +508,6 @@ class FashionLensEmbedder(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True)
-        meta = {"config": asdict(self.config), "versions": _versions(), "model_type": self.model_type,
-                "dim": self.dim, "tokens_per_image": self.tokens_per_image, "format": 1,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         self.backbone.save_pretrained(str(folder / ADAPTER_DIR))  # peft's own format
         save_file(self._extra_state(), str(folder / WEIGHTS_FILE))
         self.processor.save_pretrained(str(folder / PROCESSOR_DIR))
@@ -509,6 +515,14 @@ class FashionLensEmbedder(nn.Module):
             (folder / BASE_DIR).mkdir()
             self._base().config.save_pretrained(str(folder / BASE_DIR))
             save_file(self._clean_base_state(), str(folder / BASE_DIR / "model.safetensors"))
+        # The config goes last, with a sha256 of each weight file: a damaged weight file (truncated,
+        # zeroed, overwritten) often still parses, and would load as silently wrong weights.
+        weights = [f for f in self.required_files(asdict(self.config)) if f.endswith(".safetensors")]
+        meta = {"config": asdict(self.config), "versions": _versions(), "model_type": self.model_type,
+                "dim": self.dim, "tokens_per_image": self.tokens_per_image, "format": 1,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "sha256": {f: _sha256(folder / f) for f in weights}}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     def save_pretrained(self, path: str | os.PathLike) -> str:
         """Write the checkpoint folder atomically (the old one stays until the new one is complete)."""
@@ -549,65 +563,60 @@ class FashionLensEmbedder(nn.Module):
         """Load a checkpoint folder. `backbone` (optional) asserts which backbone the caller expects.
 
         Every way a folder can be wrong (missing files, another backbone, edited configs, weights of
-        another shape) raises CheckpointError naming the path, before or while loading.
+        another shape, damaged files) raises CheckpointError naming the file, and the field when a
+        config contradicts what was saved with it, before or while loading. Checkpoints written
+        before the sha256 field existed load as before (their files are not verified).
         """
         path = Path(path)
-        cfg_file = path / CONFIG_FILE
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{path}: not a FashionLens checkpoint (missing {CONFIG_FILE})")
-        try:
-            meta = json.loads(cfg_file.read_text())
-            known = {f.name for f in fields(EmbedderConfig)}  # tolerate fields a newer version added
-            config = EmbedderConfig(**{k: v for k, v in meta["config"].items() if k in known})
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{cfg_file}: unreadable embedder config ({e})") from e
+        meta, config = _read_meta(path)
         missing = [f for f in cls.required_files(meta["config"]) if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
         if backbone is not None and backbone != config.backbone:
             raise CheckpointError(f"{path}: checkpoint was trained on backbone {config.backbone!r}, "
                                   f"not {backbone!r}")
-        # The saved architecture must be the one the config names (catches swapped/edited folders).
-        expected = TINY_TYPES.get(config.backbone)
-        if expected is not None:
-            found = json.loads((path / BASE_DIR / "config.json").read_text()).get("model_type")
-            if found != expected:
-                raise CheckpointError(f"{path / BASE_DIR / 'config.json'}: base is {found!r} but the "
-                                      f"checkpoint config names backbone {config.backbone!r} ({expected})")
-        if meta.get("model_type") and expected is not None and meta["model_type"] != expected:
-            raise CheckpointError(f"{cfg_file}: model_type {meta['model_type']!r} does not match backbone "
-                                  f"{config.backbone!r}")
+        _check_saved_files(path, meta, config)  # cheap checks first: checksums and JSON files
         if device is not None:
             config.device = device
-        emb = cls(config, _checkpoint=str(path))
-        if emb.model_type != meta.get("model_type", emb.model_type) or emb.dim != meta.get("dim", emb.dim):
-            raise CheckpointError(f"{path}: saved for {meta.get('model_type')} (D={meta.get('dim')}), "
-                                  f"but the backbone built is {emb.model_type} (D={emb.dim})")
+        emb = cls(config, _checkpoint=str(path))  # loading itself names a file it cannot parse
+        _check_built(path, meta, emb)  # what only the built model knows: width, image geometry
         return emb
 
     def _load_extras(self, ckpt: Path) -> None:
         """Copy the saved tokens, calibrator and vision tower (WEIGHTS_FILE) into this embedder."""
-        from safetensors.torch import load_file
-
         file = ckpt / WEIGHTS_FILE
-        state = load_file(str(file))
-        try:
-            with torch.no_grad():
-                for name in ("query_token", "target_token"):
-                    src = state[name]                                # (D,)
-                    if src.shape != (self.dim,):
-                        raise CheckpointError(f"{file}: {name} has shape {tuple(src.shape)}, expected "
-                                              f"({self.dim},) -- checkpoint of another backbone?")
-                    getattr(self, name).copy_(src)
-                if self.calibrator is not None:
-                    cal = {k[len("calibrator."):]: v for k, v in state.items() if k.startswith("calibrator.")}
-                    self.calibrator.load_state_dict(cal, strict=True)
-                if self.train_vision:
-                    vis = {k[len("visual."):]: v.to(self.model_dtype) for k, v in state.items()
-                           if k.startswith("visual.")}
-                    self._base().visual.load_state_dict(vis, strict=True)
-        except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: does not fit this embedder ({e})") from e
+        state = _load_weights(file)
+        # Parts the config switches off must not be silently dropped: their weights say the
+        # checkpoint was trained with them, so the edited config would change what it computes.
+        for prefix, field, on in (("calibrator.", "calibrator", self.calibrator is not None),
+                                  ("visual.", "train_vision", self.train_vision)):
+            if not on and any(k.startswith(prefix) for k in state):
+                raise CheckpointError(f"{ckpt / CONFIG_FILE}: {field}={getattr(self.config, field)!r} "
+                                      f"switches off the {prefix[:-1]} weights saved in {file}")
+        c = self.config
+        with torch.no_grad():
+            for name in ("query_token", "target_token"):
+                src = state.get(name)                                # (D,)
+                if src is None or src.shape != (self.dim,):
+                    got = "missing" if src is None else f"of shape {tuple(src.shape)}"
+                    raise CheckpointError(f"{file}: {name} is {got}, expected ({self.dim},) (dim of the "
+                                          f"{self.model_type} backbone) -- checkpoint of another backbone?")
+                getattr(self, name).copy_(src)
+            parts = []  # (module, its saved weights, the config fields that shape it)
+            if self.calibrator is not None:
+                parts.append((self.calibrator, _strip(state, "calibrator."),
+                              f"calibrator={c.calibrator!r}, calibrator_rank={c.calibrator_rank}, "
+                              f"calibrator_hidden={c.calibrator_hidden}"))
+            if self.train_vision:
+                parts.append((self._base().visual, {k: v.to(self.model_dtype) for k, v in
+                                                    _strip(state, "visual.").items()},
+                              f"train_vision={c.train_vision!r}"))
+            for module, saved, fields_ in parts:
+                try:
+                    module.load_state_dict(saved, strict=True)
+                except RuntimeError as e:  # missing keys or other shapes: name the fields that decide them
+                    raise CheckpointError(f"{file}: the saved weights do not fit {fields_} of "
+                                          f"{ckpt / CONFIG_FILE} ({_one_line(e)})") from e
 
 
 # The checkpoint folder's layout (names other tools, e.g. plain peft, can open directly).
@@ -617,6 +626,134 @@ ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
 
 class CheckpointError(FashionLensError, ValueError):
     """A checkpoint folder is incomplete or belongs to another backbone (the message names the path)."""
+
+
+# ================================================================================================
+# Checkpoint checks: each way a folder can be damaged or edited is refused naming file and field.
+# ================================================================================================
+
+
+def _read_meta(path: Path) -> tuple[dict, EmbedderConfig]:
+    """(the saved embedder_config.json, its EmbedderConfig), or CheckpointError naming the file."""
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: not a FashionLens checkpoint (missing {CONFIG_FILE})")
+    try:
+        meta = json.loads(cfg_file.read_text())
+        known = {f.name for f in fields(EmbedderConfig)}  # tolerate fields a newer version added
+        config = EmbedderConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{cfg_file}: unreadable embedder config ({_one_line(e)})") from e
+    return meta, config
+
+
+def _check_saved_files(path: Path, meta: dict, config: EmbedderConfig) -> None:
+    """Before building: the weight files are the ones saved, and the JSON files agree with the config."""
+    cfg_file = path / CONFIG_FILE
+    # A truncated or overwritten weight file is named here, before any library tries to parse it.
+    for rel, digest in (meta.get("sha256") or {}).items():  # checkpoints written before sha256: skipped
+        if _sha256(path / rel) != digest:
+            raise CheckpointError(f"{path / rel}: damaged (its sha256 differs from the one saved in "
+                                  f"{CONFIG_FILE}: truncated, overwritten or copied incompletely)")
+    # The saved architecture must be the one the config names (catches swapped/edited folders).
+    expected = TINY_TYPES.get(config.backbone)
+    if expected is not None:
+        found = _read_json(path / BASE_DIR / "config.json").get("model_type")
+        if found != expected:
+            raise CheckpointError(f"{path / BASE_DIR / 'config.json'}: base is {found!r} but the "
+                                  f"checkpoint config names backbone {config.backbone!r} ({expected})")
+    if meta.get("model_type") and expected is not None and meta["model_type"] != expected:
+        raise CheckpointError(f"{cfg_file}: model_type {meta['model_type']!r} does not match backbone "
+                              f"{config.backbone!r}")
+    # peft builds the adapter from its own adapter_config.json, so an edited LoRA field in our config
+    # would be ignored while it still keys the gallery cache: the two must agree.
+    adapter_file = path / ADAPTER_DIR / "adapter_config.json"
+    adapter = _read_json(adapter_file)
+    for ours, theirs in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        mine = getattr(config, ours)
+        if mine is not None and theirs in adapter and adapter[theirs] != mine:
+            raise CheckpointError(f"{cfg_file}: {ours}={mine!r} contradicts {adapter_file} "
+                                  f"({theirs}={adapter[theirs]!r})")
+
+
+def _check_built(path: Path, meta: dict, emb: "FashionLensEmbedder") -> None:
+    """After building: the backbone, width and image geometry are the ones the config was saved with."""
+    cfg_file = path / CONFIG_FILE
+    for field, built in (("model_type", emb.model_type), ("dim", emb.dim)):
+        if meta.get(field, built) != built:
+            raise CheckpointError(f"{cfg_file}: {field}={meta[field]!r}, but the backbone built from "
+                                  f"this checkpoint has {field}={built!r}")
+    # The saved processor resizes every image to a fixed pixel budget (min = max = image_size^2 at
+    # save time); an edited image_size would shrink the images first and blur every embedding.
+    budget = _pixel_budget(emb.image_processor)
+    size = emb.config.image_size
+    if budget is not None and budget != size * size:
+        raise CheckpointError(f"{cfg_file}: image_size={size} contradicts the saved image processor in "
+                              f"{path / PROCESSOR_DIR} ({budget} pixels per image = {budget ** 0.5:g}^2)")
+    if meta.get("tokens_per_image", emb.tokens_per_image) != emb.tokens_per_image:
+        raise CheckpointError(f"{cfg_file}: tokens_per_image={meta['tokens_per_image']}, but the saved "
+                              f"processor gives {emb.tokens_per_image} visual tokens per image")
+
+
+def _pixel_budget(image_processor) -> Optional[int]:
+    """The processor's fixed pixels per image (Qwen's min_pixels == max_pixels), or None if unset."""
+    size = getattr(image_processor, "size", None)
+    for key in ("shortest_edge", "min_pixels"):  # transformers 5 names it shortest_edge, 4 min_pixels
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        value = value if value is not None else getattr(image_processor, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _sha256(file: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (weights can be large)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from a checkpoint file, or CheckpointError naming it."""
+    with _reading(file, "JSON file"):
+        obj = json.loads(file.read_text())
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as {name: tensor}, or CheckpointError naming it (truncated, garbled)."""
+    from safetensors.torch import load_file
+
+    with _reading(file, "weights"):
+        return load_file(str(file))
+
+
+@contextlib.contextmanager
+def _reading(file: Path, what: str):
+    """Turn any failure to parse a checkpoint file (JSON, safetensors, tokenizer: each library raises
+    its own types) into one CheckpointError naming the file; CheckpointErrors pass unchanged."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- third-party parsers; the message keeps their reason
+        raise CheckpointError(f"{file}: cannot load the {what} (damaged, truncated or not this "
+                              f"model's? {type(e).__name__}: {_one_line(e)})") from e
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torch's load_state_dict errors span many)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix`, with the prefix removed (one sub-module's state dict)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _versions() -> dict:

@@ -8,6 +8,7 @@ concept. One helper per job, for the whole project:
     mix_seed(*parts)              the only hash from values to a seed / stable id
     params_digest(module)         the only fingerprint of a model's trainable weights
     set_cpu_threads(...)          the only place torch's CPU thread count is chosen
+    check_device, check_writable  the flag checks every entry point makes before it builds anything
     DistInfo, init_distributed, gather_with_grad, ...   torchrun / DDP, no-ops in one process
     write_state / read_state      nested training state -> JSON + safetensors (never pickle)
 
@@ -29,12 +30,15 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Union  # noqa: E402
 
 import torch  # noqa: E402  (after the OpenMP setting above)
 import torch.distributed as dist  # noqa: E402
+
+from errors import FlagError  # noqa: E402
 
 # ================================================================================================
 # Atomic writes
@@ -152,6 +156,52 @@ def set_cpu_threads(requested: int, device: str, small_model: bool) -> int:
     elif not os.environ.get("OMP_NUM_THREADS") and device == "cpu" and small_model:
         torch.set_num_threads(1)
     return torch.get_num_threads()
+
+
+# ================================================================================================
+# Checks of flags every entry point shares (before anything is built or written)
+# ================================================================================================
+
+
+def check_device(flag: str, device: str) -> None:
+    """auto | cpu | cuda | cuda:N, and a CUDA device only where this torch build sees one.
+
+    Without this a CPU-only torch fails deep inside the model build with an AssertionError.
+    `flag` is what the message names: "--device", or a checkpoint's config field.
+    """
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu"):
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise FlagError(f"{flag} {device!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FlagError(f"{flag} {device}: CUDA is not available (torch {torch.__version__} sees no "
+                        f"GPU); use --device cpu, or auto to take a GPU only when there is one")
+    if index and int(index) >= torch.cuda.device_count():
+        raise FlagError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_writable(flag: str, path: Union[str, os.PathLike], folder: bool = True) -> None:
+    """`path` is, or can be created as, a writable folder (or, folder=False, a file we may write).
+
+    Looks at the nearest part of the path that exists, where mkdir would start creating: it must be
+    a directory we can write into. A regular file in the way, or a read-only folder or mount, would
+    otherwise fail with an OSError after minutes of work. Writing a probe file is the only sure test
+    (permission bits say nothing to root, nor about a read-only mount).
+    """
+    target = Path(path).absolute()
+    if not folder and target.is_dir():
+        raise FlagError(f"{flag} {path}: is a directory, not a file")
+    probe = target if folder else target.parent
+    while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FlagError(f"{flag} {path}: {probe} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise FlagError(f"{flag} {path}: {probe} is not writable ({e.strerror or e})") from None
 
 
 # ================================================================================================

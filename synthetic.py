@@ -44,7 +44,7 @@ from typing import NamedTuple, Optional
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from errors import FashionLensError
+from errors import FashionLensError, run_cli
 
 # ============================================================================================
 # Task words and the instructions written for them
@@ -1130,14 +1130,36 @@ def ensure_synthetic(path="data/synthetic", seed: int = 0, scale: float = 1.0) -
 
 
 def main(argv=None) -> int:
-    """python synthetic.py [--out data/synthetic] [--seed 0] [--scale 1.0] [--workers N]"""
+    """python synthetic.py [--out data/synthetic] [--seed 0] [--scale 1.0] [--workers N]
+
+    Exit 0; 1 with one `error:` line for a bad flag or an --out that is not ours to replace
+    (errors.run_cli). Only a folder this generator wrote (it holds INFO_FILE) is ever replaced.
+    """
+    return run_cli(_cli, argv)
+
+
+def _cli(argv) -> int:
+    """Check the flags and the target folder, then write the set (see `main`)."""
     ap = argparse.ArgumentParser(description="Write the synthetic U-FIRE (U-FIRE's layout, drawn offline).")
     ap.add_argument("--out", default="data/synthetic", help="folder to write (replaced atomically)")
     ap.add_argument("--seed", type=int, default=0, help="the data seed; the bytes depend only on seed and scale")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every split and gallery size")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every split and gallery size (> 0)")
     ap.add_argument("--workers", type=int, default=None, help="drawing processes (default: min(2, CPUs))")
     a = ap.parse_args(argv)
-    generate_synthetic(os.path.abspath(a.out), a.seed, a.scale, a.workers)
+    if not (math.isfinite(a.scale) and a.scale > 0):  # sizes are floored, so 0 or -1 would "work"
+        raise FashionLensError(f"--scale {a.scale}: must be a positive number (1.0 = the default sizes)")
+    if a.workers is not None and a.workers < 1:
+        raise FashionLensError(f"--workers {a.workers}: must be at least 1")
+    out = os.path.abspath(a.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SyntheticError(f"--out {out} is a file; nothing was overwritten: pick a folder path")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, INFO_FILE)):
+        raise SyntheticError(f"--out {out} exists but is not a synthetic U-FIRE (no {INFO_FILE}); "
+                             "nothing was overwritten: remove it or pick another path")
+    try:
+        generate_synthetic(out, a.seed, a.scale, a.workers)
+    except OSError as e:  # e.g. a read-only parent: atomic_write left any old set untouched
+        raise SyntheticError(f"--out {out}: cannot write the set ({e.strerror or e})") from None
     return 0
 
 

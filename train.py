@@ -67,8 +67,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -77,14 +79,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
-from errors import FashionLensError
+from errors import FashionLensError, run_cli
 import evaluate
 import sampler
 import synthetic
-from model import CheckpointError, EmbedderConfig, FashionLensEmbedder
+from model import EmbedderConfig, FashionLensEmbedder
 from plumbing import (STATE_JSON, STATE_TENSORS, DistInfo, append_jsonl, atomic_write, barrier, gather_nograd,
                       gather_with_grad, mean_over_ranks, mix_seed)
 from tiny_backbone import TINY_TYPES
@@ -332,12 +335,39 @@ class TrainConfig:
         return f"runs/fashionlens-{name}"
 
     def check(self) -> None:
-        """Refuse values no run can use, before anything is created on disk."""
-        if self.vision_lr_scale < 0:
-            raise SystemExit(f"error: --vision-lr-scale {self.vision_lr_scale} is negative "
-                             f"(0 freezes the tower's updates)")
-        if self.cpu_threads < 0:
-            raise SystemExit(f"error: --cpu-threads {self.cpu_threads} is negative (0 = auto)")
+        """Refuse values no run can use, before anything is built or created on disk.
+
+        Each failure is one line `error: --flag value: what it needs` (a SystemExit, as argparse's
+        own errors are). The ranges are written so that NaN fails them too (NaN fails every
+        comparison), and a float that must be finite is compared with inf.
+        """
+        inf = math.inf
+        rules = {  # field -> (value acceptable?, what the flag needs)
+            "steps": (self.steps >= 1, "must be >= 1 (optimizer steps)"),
+            "epochs": (0 <= self.epochs < inf, "must be >= 0 (0: train for --steps)"),
+            "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            "chunk_size": (self.chunk_size >= 0, "must be >= 0 (0: no GradCache)"),
+            "lr": (0 < self.lr < inf, "must be > 0"),
+            "vision_lr_scale": (0 <= self.vision_lr_scale < inf, "must be >= 0 (0 freezes the tower's updates)"),
+            "weight_decay": (0 <= self.weight_decay < inf, "must be >= 0"),
+            "warmup_ratio": (0 <= self.warmup_ratio <= 1, "must lie in [0, 1]"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "must lie in [0, 1]"),
+            "grad_clip": (self.grad_clip > 0, "must be > 0"),
+            "temperature": (0 < self.temperature < inf, "must be > 0"),
+            "calibrator": (self.calibrator in ("slerp", "linear", "off"), "must be slerp, linear or off"),
+            "sampler": (self.sampler in sampler.STRATEGIES, f"must be one of {', '.join(sampler.STRATEGIES)}"),
+            "ggas_warmup": (self.ggas_warmup >= -1, "must be >= 0, or -1 for one epoch"),
+            "eval_every": (self.eval_every >= 1, "must be >= 1 (steps between validations)"),
+            "max_eval_queries": (self.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
+            "eval_batch_size": (self.eval_batch_size >= 1, "must be >= 1"),
+            "cpu_threads": (self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
+            "stop_at": (self.stop_at >= 0, "must be >= 0 (0 = never)"),
+        }
+        for name, (ok, need) in rules.items():
+            if not ok:
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)!r}: {need}")
+        plumbing.check_device("--device", self.device)
+        plumbing.check_writable("--out", self.resolved_out())
 
 
 # Fields a resumed run may change: they do not touch the optimisation trajectory.
@@ -436,14 +466,18 @@ class Run:
 def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     """Data, embedder, optimizer and sampler as configured; the saved state when resuming."""
     t_start = time.time()
-    cfg.check()
+    cfg.check()  # flags first: a bad one stops us before anything is built or written
     di = plumbing.init_distributed(cfg.device)
+    if cfg.batch_size % di.world:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by {di.world} processes")
     threads = plumbing.set_cpu_threads(cfg.cpu_threads, di.device, small_model=cfg.backbone in TINY_TYPES)
     out = Path(cfg.resolved_out())
     cfg.data = resolve_data_root(cfg.data, di)  # config.json and checkpoints record the resolved root
     ufire = data.UFire(cfg.data)
     train_subsets = select_subsets(ufire, "train", cfg.tasks)
     val_subsets = select_subsets(ufire, "val", cfg.tasks)
+    check_not_empty(ufire, "train", train_subsets, di.world)  # reads the records now (cached for the view)
+    check_not_empty(ufire, "val", val_subsets, 1)
 
     resume_dir = find_resume_checkpoint(Path(resume)) if resume else None
     if di.main:
@@ -451,6 +485,7 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
             raise SystemExit(f"error: {out} already holds a run; continue it with --resume {out} "
                              f"or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
+        clean_interrupted_writes(out)
     barrier(di)
 
     torch.manual_seed(cfg.seed)  # the embedder's random initialisation follows from the run seed
@@ -487,8 +522,6 @@ def build_embedder(cfg: TrainConfig, device: str, resume_from: Optional[Path] = 
 
 def plan_steps(sizes: dict, cfg: TrainConfig, di: DistInfo) -> Plan:
     """Steps, epochs and warm-ups; --epochs overrides --steps."""
-    if cfg.batch_size % di.world:
-        raise SystemExit(f"error: --batch-size {cfg.batch_size} is not divisible by {di.world} processes")
     steps_per_epoch = max(1, sampler.TaskBatchSampler(sizes, cfg.batch_size).steps_per_epoch())
     total = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs > 0 else cfg.steps
     return Plan(total=total, steps_per_epoch=steps_per_epoch,
@@ -525,7 +558,11 @@ def make_sampler(sizes: dict, cfg: TrainConfig, plan: Plan, di: DistInfo):
 
 def restore_state(run: Run, resume_dir: Path) -> None:
     """Put back optimizer, schedule, sampler, RNGs and counters from last/ (an exact resume)."""
-    st = plumbing.read_state(resume_dir)
+    try:
+        st = plumbing.read_state(resume_dir)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # ValueError: JSON; the rest: tensors
+        raise TrainingError(f"{resume_dir}: unreadable training state ({STATE_JSON} / {STATE_TENSORS}: "
+                            f"{type(e).__name__}: {e}); resume from an intact copy of the run") from None
     if st["world_size"] != run.di.world:
         raise SystemExit(f"error: {resume_dir} was written by {st['world_size']} processes, now {run.di.world}")
     run.optimizer.load_state_dict(st["optimizer"])
@@ -548,6 +585,47 @@ def write_resolved_config(run: Run, threads: int, sizes: dict, resume_dir: Optio
     atomic_write(run.out / "config.json", json.dumps(resolved, indent=1))
     if resume_dir is not None:
         plumbing.trim_jsonl(run.log_path, run.step)  # the steps after the checkpoint are redone
+
+
+def check_not_empty(ufire, split: str, subsets: list, need: int) -> None:
+    """Every selected sub-dataset must hold >= `need` records (one per DDP process for training).
+
+    GGAS samples every training sub-dataset, and validation sums Recall@1 over every val one: an
+    empty file would fail deep inside the sampler, or turn the model-selection score into NaN.
+    """
+    for s in subsets:
+        n = len(ufire.records(s, split))
+        if n < need:
+            raise TrainingError(f"{ufire.triplet_file(s, split)}: {split} sub-dataset {s!r} has {n} records "
+                                f"(needs at least {need}); fill the file or leave {s} out of --tasks")
+
+
+# Checkpoints and files of the run folder that plumbing.atomic_write publishes; an interrupted
+# write leaves its .NAME.tmp (and, between its two renames, .NAME.old) behind.
+RUN_OUTPUTS = ("best", "last", "config.json", "log.jsonl", "test_results.json")
+
+
+def clean_interrupted_writes(out: Path) -> None:
+    """Remove the temporaries of writes a killed run left in `out`, and put back a half-swapped best/.
+
+    atomic_write clears .NAME.tmp itself when it writes NAME again, but best/ may never be written
+    again, so its temporary (a whole checkpoint) would stay. A run killed between atomic_write's two
+    renames has only .best.old: it is the complete best checkpoint, so it becomes best/ again
+    (final_test loads best/). last/ is left to find_resume_checkpoint, which reads .last.old.
+    """
+    for name in RUN_OUTPUTS:
+        tmp = out / f".{name}.tmp"
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+        else:
+            continue
+        print(f"removed {tmp}, the remains of an interrupted write", flush=True)
+    best, old = out / "best", out / ".best.old"
+    if old.is_dir() and not best.exists() and (old / "metrics.json").is_file():
+        os.replace(old, best)
+        print(f"restored {best} from {old} (a write of best/ was interrupted)", flush=True)
 
 
 # ================================================================================================
@@ -575,7 +653,8 @@ def train_step(run: Run) -> tuple[StepOut, str]:
     except NonFiniteLoss as err:
         raise TrainingError(
             f"non-finite training signal ({err}) at step {run.step + 1} on sub-dataset {subset!r}; "
-            f"stopping without an update. Last good checkpoint: {find_last_good(run.out)}") from None
+            f"stopping without an update. Last good checkpoint: "
+            f"{find_last_good(run.out) or 'none yet (no checkpoint was written before this step)'}") from None
     lr = run.optimizer.param_groups[0]["lr"]  # the lr this update uses (for the log)
     run.optimizer.step()
     run.scheduler.step()
@@ -595,12 +674,13 @@ def train_step(run: Run) -> tuple[StepOut, str]:
 
 
 def find_last_good(out: Path) -> str:
-    """The checkpoint a stopped run can resume from, for the error message."""
+    """The checkpoint a stopped run can resume from, for the error message ("" when there is none)."""
     for cand in (out / "last", out / ".last.old"):
-        if (cand / STATE_JSON).is_file():
-            st = json.loads((cand / STATE_JSON).read_text())
-            return f"{cand} (step {st.get('step')})"
-    return "none yet (no checkpoint was written before this step)"
+        try:
+            return f"{cand} (step {json.loads((cand / STATE_JSON).read_text())['step']})"
+        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: not resumable
+            continue
+    return ""
 
 
 # ================================================================================================
@@ -701,9 +781,30 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
                 if run.di.main:
                     print(f"stopped after step {run.step} as asked (--stop-at); continue with --resume {run.out}")
                 return {"out": str(run.out), "stopped_at": run.step, "best": run.best}
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints on disk are intact (atomic), say which to use
+        raise Interrupted(stopped_message(run) if run.di.main else "") from None
     finally:
         bar.close()
-    return finish(run)
+    try:
+        return finish(run)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped by Ctrl-C in the final test; training is complete, its checkpoints are "
+                          f"{run.out}/best and {run.out}/last (test: python evaluate.py --ckpt {run.out}/best)"
+                          if run.di.main else "") from None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the run stopped and how to continue it."""
+
+
+def stopped_message(run: Run) -> str:
+    """One line for a run stopped by Ctrl-C: the step, the checkpoint to resume from, the command."""
+    head = f"stopped by Ctrl-C after step {run.step} of {run.plan.total}"
+    last = find_last_good(run.out)
+    if last:
+        return f"{head}; last checkpoint {last}; continue with --resume {run.out}"
+    return (f"{head}, before the first checkpoint (written every {run.cfg.eval_every} steps): nothing to "
+            f"resume; start again after removing {run.out}, or with another --out")
 
 
 def finish(run: Run) -> dict:
@@ -801,9 +902,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, Optional[str]]:
         args["tasks"] = ",".join(w for a in args["tasks"] for w in a.replace(",", " ").split())
     if resume is None:
         return TrainConfig(**args), None
-    saved = json.loads((find_resume_checkpoint(Path(resume)) / CONFIG_JSON).read_text())
+    saved_file = find_resume_checkpoint(Path(resume)) / CONFIG_JSON
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in saved.items() if k in names})  # fields a newer version dropped are ignored
+    try:  # fields a newer version dropped are ignored
+        base = TrainConfig(**{k: v for k, v in json.loads(saved_file.read_text()).items() if k in names})
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # missing, bad JSON, not an object
+        raise TrainingError(f"{saved_file}: unreadable training config ({type(e).__name__}: {e})") from None
     for k, v in args.items():
         if k not in RESUME_MAY_CHANGE and v != getattr(base, k):
             raise SystemExit(f"error: --{k.replace('_', '-')} {v!r} differs from the resumed run's "
@@ -817,16 +921,24 @@ def parse_config(argv=None) -> tuple[TrainConfig, Optional[str]]:
 
 
 def main(argv=None) -> int:
-    """The CLI: 0 on success, 1 with one clear line on stderr for bad input or a stopped run."""
+    """The CLI: 0 on success; 1 and one `error:` line for bad input or a stopped run (errors.run_cli:
+    every FashionLensError, and a missing --resume folder); 130 and one line for Ctrl-C."""
+    return run_cli(_main, argv, expected=(FileNotFoundError,))
+
+
+def _main(argv=None) -> int:
+    """Parse, train, and leave the process group; Ctrl-C says whether and how the run can continue."""
+    resume = None
     try:
         cfg, resume = parse_config(argv)
         train(cfg, resume)
-    except Exception as err:  # bad input and stopped runs: one clear line, no traceback
-        expected = (TrainingError, data.UFireError, synthetic.SyntheticError, CheckpointError, FileNotFoundError)
-        if not isinstance(err, expected):
-            raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+    except KeyboardInterrupt as stop:
+        msg = str(stop) if isinstance(stop, Interrupted) else (
+            "interrupted (Ctrl-C) while starting, before any training step"
+            + (f"; the run still continues with --resume {resume}" if resume else ""))
+        if msg:  # under torchrun only rank 0 speaks
+            print(msg, file=sys.stderr, flush=True)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -66,6 +66,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from errors import run_cli  # noqa: E402  (standard library only: --help stays fast)
 
 # variant name -> (calibrator, sampler); "full" is the method, the rest remove one piece each.
 VARIANTS = {
@@ -363,13 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """Flags -> (args with every default resolved, seeds, variants), all checked.
+
+    A bad value is one `error: --flag ...` line before any run starts (SystemExit, like argparse).
+    """
     args = build_parser().parse_args(argv)
-    os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     args.seeds = args.seeds or ("0" if args.quick else "0,1,2")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    for flag, value, least in (("--steps", args.steps, 1), ("--eval-every", args.eval_every, 1),
+                               ("--max-eval-queries", args.max_eval_queries, 0)):
+        if value is not None and value < least:  # None: the default below
+            raise SystemExit(f"error: {flag} {value}: must be >= {least}")
     args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     args.eval_every = args.eval_every or (args.steps if args.quick else max(1, math.ceil(args.steps / 2)))
     args.runs = args.runs or ("runs/ablation-quick" if args.quick else "runs/ablation")
@@ -379,15 +393,31 @@ def main(argv=None) -> int:
         args.max_eval_queries = 10 if args.quick else 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"error: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if unknown or not variants:
+        raise SystemExit(f"error: --variants {args.variants!r}: unknown or none ({unknown}); "
+                         f"known: {', '.join(VARIANTS)}")
+    return args, seeds, variants
+
+
+def main(argv=None) -> int:
+    """The command line, through errors.run_cli: bad flags or data give one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
+    os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
+    args, seeds, variants = parse_args(argv)
 
     import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
     import data
     import synthetic
     import train  # noqa: F401  (imports torch; one import of transformers for all runs happens below)
 
+    plumbing.check_device("--device", args.device)
+    plumbing.check_writable("--runs", args.runs)
+    plumbing.check_writable("--out", args.out, folder=False)
     ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
+    train.select_subsets(ufire, "train", args.tasks)  # an unknown task word fails now, not after a run
     info = machine_info()
     kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"
     print(f"# FashionLens {kind}: {len(variants)} variants x seeds {seeds}, {args.steps} steps each, "
@@ -398,7 +428,12 @@ def main(argv=None) -> int:
     total = len(variants) * len(seeds)
     for s in seeds:  # seed-major: an interrupted run still has every variant at the first seeds
         for v in variants:
-            r = run_one(v, s, args, ufire)
+            try:
+                r = run_one(v, s, args, ufire)
+            except KeyboardInterrupt:  # finished runs stay on disk and are reused by the same command
+                print(f"stopped by Ctrl-C in run {v}-s{s}; {len(runs)} finished runs are kept in {args.runs}: "
+                      f"the same command continues (it reuses them)", file=sys.stderr, flush=True)
+                return 130
             runs.append(r)
             tag = "reused" if r.get("reused") else f"{r['seconds']:.0f}s (train {r['train_seconds']:.0f}s)"
             print(f"[{len(runs)}/{total}] {v:<13} seed {s}: test R@1 {100 * r['overall']['1']:.1f}  "

@@ -69,6 +69,11 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import machine_info, machine_line  # noqa: E402  (same machine header in both scripts)
+from errors import FashionLensError, run_cli  # noqa: E402
+
+
+class BenchmarkError(FashionLensError):
+    """A command the benchmark runs (train.py, evaluate.py, a memory worker) failed; names its log."""
 
 
 # ================================================================================================
@@ -179,7 +184,8 @@ def measure_memory(batches: list[int], chunk: int, subset: str) -> list[dict]:
                    "--memory-subset", subset]
             p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             if p.returncode != 0:
-                raise RuntimeError(f"memory worker (batch {b}, chunk {c}) failed:\n{p.stderr[-3000:]}")
+                last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise BenchmarkError(f"memory worker (batch {b}, chunk {c}) failed (exit {p.returncode}): {last}")
             row = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append(row)
             kind = f"GradCache c={c}" if c else "full batch"
@@ -349,7 +355,7 @@ def timed(cmd: list[str], log: Path) -> float:
         p = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     secs = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {p.returncode}); see {log}")
+        raise BenchmarkError(f"`{' '.join(cmd)}` failed (exit {p.returncode}); see {log}")
     return secs
 
 
@@ -490,7 +496,44 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _ints(flag: str, text: str, n: int = 0) -> list[int]:
+    """'32,64' -> [32, 64], each >= 1 (and exactly n of them when n > 0), or one `error:` line."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or (n and len(values) != n):
+        what = f"{n} comma-separated integers >= 1" if n else "comma-separated integers >= 1"
+        raise SystemExit(f"error: {flag} {text!r}: expected {what}")
+    return values
+
+
+def check_args(args) -> None:
+    """Every flag in range before anything is measured or written (one `error: --flag` line each)."""
+    _ints("--batches", args.batches)
+    q_g = _ints("--search", args.search, n=2)
+    for flag, value, least in (("--chunk", args.chunk, 1), ("--n-queries", args.n_queries, 1),
+                               ("--n-images", args.n_images, 1), ("--encode-batch", args.encode_batch, 1),
+                               ("--matmul-n", args.matmul_n, 1), ("--search-dim", args.search_dim, 0),
+                               ("--k", args.k, 1)):
+        if value < least:
+            raise SystemExit(f"error: {flag} {value}: must be >= {least}")
+    if args.k > q_g[1]:
+        raise SystemExit(f"error: --k {args.k}: more than the {q_g[1]} gallery items of --search {args.search}")
+    if args.skip_train and not args.no_wall and not (REPO / args.run / "best").is_dir():
+        raise SystemExit(f"error: --run {args.run}: --skip-train needs an existing run, and {args.run}/best "
+                         f"is not there (train one with `python train.py --tasks all`, or pass --run)")
+    import plumbing  # the project's own checks (imports torch)
+
+    plumbing.check_writable("--out", args.out, folder=False)
+
+
 def main(argv=None) -> int:
+    """The command line, through errors.run_cli: bad flags, data or checkpoints give one `error:` line."""
+    return run_cli(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.chdir(REPO)
     import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
@@ -498,11 +541,17 @@ def main(argv=None) -> int:
     if args.memory_worker:
         print(json.dumps(memory_worker(*args.memory_worker, subset=args.memory_subset)))
         return 0
+    check_args(args)
     import torch  # noqa: F401  (so machine_info reports torch's threads)
 
     import data
     import synthetic
 
+    if not args.no_memory:  # the memory workers read this sub-dataset: check it (and its size) here
+        recs = data.UFire(synthetic.ensure_synthetic("data/synthetic")).records(args.memory_subset, "train")
+        if max(_ints("--batches", args.batches)) > len(recs):
+            raise SystemExit(f"error: --batches {args.batches}: {args.memory_subset} has only {len(recs)} "
+                             f"training records")
     info = machine_info()
     print("# FashionLens speed benchmark")
     print(machine_line(info), flush=True)
