@@ -213,3 +213,33 @@ def test_from_config_bad_input_and_bf16():
     out = cal.to(torch.bfloat16)(torch.randn(3, 16, dtype=torch.bfloat16))
     assert out.query.dtype == torch.bfloat16 and torch.isfinite(out.query).all()
     torch.testing.assert_close(out.query.float().norm(dim=-1), torch.ones(3), atol=1e-2, rtol=0)
+
+
+def test_config_eps_is_the_threshold_the_calibrator_uses():
+    """CalibratorConfig.eps reaches slerp: with eps above sin(omega) the calibrator takes the
+    small-angle branch (the normalised lerp); with the default it walks the arc at constant speed."""
+    dim, r = 6, 2
+    A = torch.zeros(dim, r)
+    A[0, 0] = 1.0  # q A = (q_0, 0)
+    Bm = torch.zeros(r, dim)
+    Bm[0, 1] = 3.0  # (q A) B = 3 q_0 e_1: q_hat leans towards e_1, far from q
+    h = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # omega = atan(3) = 1.25 rad
+                      [2.0, 0.5, 0.3, 0.0, 0.0, 0.0],
+                      [3.0, 0.5, 0.0, 0.2, 0.0, 0.1]])  # (B, D)
+
+    def built(eps):
+        cal = SphericalQueryCalibrator(dim, rank=r, hidden=8, eps=eps)
+        with torch.no_grad():  # every query gets the same A, B and logit -1 (lambda = 0.27)
+            cal.hyper[-1].weight.zero_()
+            cal.hyper[-1].bias.copy_(torch.cat([A.flatten(), Bm.flatten(), torch.tensor([-1.0])]))
+        return cal
+
+    q = F.normalize(h, dim=-1)
+    exact, loose = built(None)(h), built(0.99)(h)
+    assert built(0.99).config.eps == 0.99
+    assert (torch.sin(exact.omega) < 0.99).all() and (exact.omega > 0.3).all()  # eps 0.99 covers these angles
+    # Default eps: slerp proper, at angle lambda * omega from q.
+    torch.testing.assert_close(_angle(q, exact.query), exact.lam * exact.omega, atol=1e-5, rtol=0)
+    # eps = 0.99 > sin(omega): the normalised lerp, which lags behind the arc.
+    torch.testing.assert_close(loose.query, lerp_normalized(q, loose.proposal, loose.lam), atol=1e-6, rtol=0)
+    assert (exact.lam * exact.omega - _angle(q, loose.query)).min() > 0.01

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -323,12 +324,51 @@ def test_video_readers(tmp_path):
     assert [f.getpixel((0, 0))[0] for f in got] == [30, 90, 150]  # segment centres, in order
     frames[0].save(tmp_path / "clip.webp", save_all=True, append_images=frames[1:], lossless=True)
     assert len(data.load_frames(tmp_path / "clip.webp", 4, 8)) == 4
-    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 16)
+
+
+def _write_mp4(path: Path, frames: list) -> bool:
+    """Encode frames as an mp4 with whichever optional reader/writer is installed; False if none can."""
     try:
-        import av  # noqa: F401
+        import av
     except ImportError:
-        try:
-            import imageio  # noqa: F401
-        except ImportError:
-            with pytest.raises(UFireError, match="mp4 needs the optional"):
-                data.load_frames(tmp_path / "clip.mp4", 4)
+        av = None
+    if av is not None:
+        with av.open(str(path), mode="w") as box:
+            stream = box.add_stream("mpeg4", rate=5)
+            stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+            for f in frames:
+                box.mux(stream.encode(av.VideoFrame.from_image(f)))
+            box.mux(stream.encode())  # flush the encoder
+        return True
+    try:
+        import imageio.v3 as iio
+        import numpy as np
+
+        iio.imwrite(path, np.stack([np.asarray(f) for f in frames]), fps=5)
+        return True
+    except Exception:  # noqa: BLE001 -- no imageio, or no mp4 plugin for it: nothing can write one
+        return False
+
+
+def test_mp4_frames_with_a_reader_or_a_clear_error_without(tmp_path):
+    """With PyAV or imageio: an mp4's frames come back in order, one per segment (6 frames -> 1, 3, 5).
+    Without: one UFireError naming the file and the packages to install. Either way a damaged mp4
+    is a UFireError naming the file, never a decoder's traceback."""
+    frames = [Image.new("RGB", (32, 32), (40 * i, 120, 60)) for i in range(6)]  # red channel 0, 40, ..., 200
+    clip = tmp_path / "clip.mp4"
+    readers = [m for m in ("av", "imageio") if importlib.util.find_spec(m) is not None]
+    if not readers:
+        clip.write_bytes(b"\x00" * 16)
+        with pytest.raises(UFireError, match=r"clip\.mp4.*mp4 needs the optional package 'av' or 'imageio'"):
+            data.load_frames(clip, 4)
+        return
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 16)
+    with pytest.raises(UFireError, match=r"broken\.mp4"):
+        data.load_frames(broken, 4)
+    if not _write_mp4(clip, frames):
+        pytest.skip(f"{readers} installed but cannot write an mp4 here; the damaged-file check ran")
+    got = data.load_frames(clip, 3, 16)
+    assert [f.size for f in got] == [(16, 16)] * 3
+    reds = [f.getpixel((8, 8))[0] for f in got]
+    assert all(abs(r - want) <= 20 for r, want in zip(reds, (40, 120, 200))), reds  # lossy codec: roughly

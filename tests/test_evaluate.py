@@ -43,6 +43,37 @@ def test_chance_level_matches_closed_form():
     assert ev.chance_recall(50, [[1], []], 10) == pytest.approx(10 / 50)  # the empty list is skipped
 
 
+def _row(subset: str, r1: float, r10: float) -> "ev.EvalRow":
+    task = "ood" if subset.startswith("ood/") else subset.split("/")[0]
+    return ev.EvalRow(subset=subset, task=task, gallery=50, queries=10, missing=0, recall={1: r1, 10: r10},
+                      chance10=0.2)
+
+
+def test_summary_numbers_on_hand_made_rows():
+    """Task mean = mean over its sub-datasets; overall = mean of the in-distribution task means (OOD
+    apart); the model-selection number = sum of Recall@1 over in-distribution sub-datasets."""
+    rows = [_row("cir/A", 0.1, 0.5), _row("cir/B", 0.2, 0.9), _row("cir/C", 0.9, 1.0),  # mean != median
+            _row("t2i/X", 0.9, 1.0), _row("ood/Y", 0.1, 0.3)]
+    task_means, overall = ev.summarise(rows, (1, 10))
+    assert set(task_means) == {"cir", "t2i", "ood"}
+    assert task_means["cir"] == pytest.approx({1: 0.4, 10: 0.8})
+    assert task_means["t2i"] == pytest.approx({1: 0.9, 10: 1.0})
+    assert task_means["ood"] == pytest.approx({1: 0.1, 10: 0.3})
+    # (0.4 + 0.9) / 2; a mean over rows would give 0.525, one with OOD in 0.44 (R@1)
+    assert overall == pytest.approx({1: 0.65, 10: 0.9})
+    res = ev.EvalResult(rows=rows, ks=(1, 10), task_means=task_means, overall=overall)
+    assert res.sum_recall(1) == pytest.approx(2.1)  # 0.1 + 0.2 + 0.9 + 0.9
+    assert res.sum_recall(10) == pytest.approx(3.4)
+    assert res.sum_recall(1, include_ood=True) == pytest.approx(2.2)
+    # A sub-dataset with no scorable query (its recall as recall_at_k reports it) stays out of the sum.
+    undefined = ev.recall_at_k(np.zeros((1, 10), np.int64), [[]], (1, 10))  # one query, no positive
+    empty = ev.EvalResult(rows=rows + [_row("t2i/Empty", undefined[1], undefined[10])], ks=(1, 10))
+    assert empty.sum_recall(1) == pytest.approx(2.1)
+    assert ev.summarise([_row("ood/Y", 0.1, 0.3)], (1, 10))[1] == {}  # OOD alone: no overall mean
+    assert "| **overall** (mean of task means) | | | | 65.0 | 90.0 | |" in ev.format_table(res)
+    assert "| **cir** (task mean) | | | | 40.0 | 80.0 | |" in ev.format_table(res)
+
+
 # ---------------------------------------------------------------- faiss path == torch reference
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,6 +143,13 @@ def test_each_gallery_image_encoded_once_then_cache_reused(synthetic_root, tmp_p
     assert set(emb.image_calls) == union
     assert max(emb.image_calls.values()) == 1, "a gallery image was encoded twice in one run"
     assert res.seconds["gallery_images"] == len(union)
+    # The summary evaluate() returns is the rows' arithmetic: task means of rows, overall without OOD.
+    by_task: dict = {}
+    for row in res.rows:
+        by_task.setdefault(row.task, []).append(row.recall[1])
+    assert res.task_means and all(res.task_means[t][1] == pytest.approx(sum(v) / len(v)) for t, v in by_task.items())
+    ind = [sum(v) / len(v) for t, v in by_task.items() if t != "ood"]
+    assert res.overall[1] == pytest.approx(sum(ind) / len(ind))
     # The cache is one complete .npy, published atomically: no temporary or old copy is left beside it.
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".npy" and not cached[0].name.startswith(".")
@@ -150,6 +188,53 @@ def test_max_queries_keeps_evenly_spaced_queries_and_the_whole_gallery(synthetic
     res = ev.evaluate(emb, ufire, [sub], cache_dir=None, progress=False, max_queries=5)
     assert emb.query_calls == 5 and res.rows[0].queries == 5
     assert res.rows[0].gallery == len(full.gallery)
+
+
+class PixelEmbedder(torch.nn.Module):
+    """A stand-in embedder whose vector is an image's mean colour: editing the file changes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim = 3
+        self.w = torch.nn.Parameter(torch.zeros(1))  # something trainable for the fingerprint
+        self.config = {"kind": "pixels"}
+        self.encoded = 0
+
+    def encode_images(self, images, batch_size=32):
+        from PIL import Image
+
+        vecs = []
+        for p in images:
+            self.encoded += 1
+            with Image.open(p) as im:
+                vecs.append(torch.tensor(np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1))))  # (3,)
+        return torch.nn.functional.normalize(torch.stack(vecs), dim=1)  # (G, 3)
+
+
+def test_gallery_cache_re_encodes_after_an_image_changes(tmp_path):
+    import os
+
+    from PIL import Image
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    paths = []
+    for i, c in enumerate(colours):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), c).save(paths[-1])
+    emb = PixelEmbedder()
+    cfg = ev.EvalConfig(cache_dir=str(tmp_path / "cache"), progress=False, batch_size=4)
+    first = ev.encode_gallery(emb, paths, cfg)
+    again = ev.encode_gallery(emb, paths, cfg)
+    assert emb.encoded == 3 and np.array_equal(first, again)  # the second call is a cache hit
+    # Edit image 1 in place (same name, same pixel count), its modification time moved on.
+    Image.new("RGB", (8, 8), (200, 200, 30)).save(paths[1])
+    st = os.stat(paths[1])
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    edited = ev.encode_gallery(emb, paths, cfg)
+    assert emb.encoded == 6  # re-encoded, not served from the old cache entry
+    yellow = np.array([200, 200, 30], np.float32) / np.linalg.norm([200, 200, 30])
+    assert np.allclose(edited[1], yellow, atol=1e-6) and not np.allclose(edited[1], first[1], atol=1e-3)
+    assert np.allclose(edited[[0, 2]], first[[0, 2]], atol=1e-6)
 
 
 # ---------------------------------------------------------------- the real OOD task, end to end
@@ -194,6 +279,7 @@ def test_real_ood_task_end_to_end(shared_ufire, tmp_path, tiny_embedder):
 
 # ---------------------------------------------------------------- random ≈ chance, trained > chance
 
+@pytest.mark.slow  # ~30-50 s on 2 cores: 60 training steps and two test-split evaluations
 def test_random_near_chance_and_briefly_trained_clearly_above(synthetic_root, tmp_path, tiny_embedder):
     """The metric must separate a model that knows nothing from one that learned something.
 

@@ -89,17 +89,59 @@ def test_forward_grad_and_outputs(tiny_embedder):
         assert cos.min() > 0.99
 
 
-def test_prompt_matches_chat_template(tiny_embedder):
+# The chat template Qwen publishes with Qwen2-VL-Instruct (its tokenizer's chat_template), written out
+# here so that the prompts are checked against the format the pretrained backbones were trained on,
+# not against a second rendering of our own.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _query_messages(instruction: str, n_images: int, n_frames: int) -> list:
+    """prompt_q as chat messages; the wording is written out, as a checkpoint depends on it."""
+    user = [{"type": "text", "text": instruction + "\n" * bool(n_images)}]
+    user += [{"type": "image"}] * n_images
+    if n_frames:
+        user += [{"type": "text", "text": "\nVideo frames in order:"}] + [{"type": "image"}] * n_frames
+    user += [{"type": "text", "text": "\nSummarize the target fashion item in one word."}]
+    return [{"role": "system", "content": "You are a fashion expert."}, {"role": "user", "content": user}]
+
+
+@pytest.mark.parametrize("n_images,n_frames", [(0, 0), (2, 0), (0, 4), (1, 3)])
+def test_prompt_matches_chat_template(tiny_embedder, n_images, n_frames):
+    """render_query / render_target == the tokenizer's apply_chat_template with Qwen's own template,
+    then the summary token as the assistant's answer; and the tiny tokenizer's template agrees."""
     emb = tiny_embedder
-    msgs = [{"role": "system", "content": "You are a fashion expert."},
-            {"role": "user", "content": [{"type": "text", "text": "Find this.\n"}, {"type": "image"},
-                                         {"type": "image"},
-                                         {"type": "text", "text": "\nSummarize the target fashion item in one word."}]},
-            {"role": "assistant", "content": "<|query|>"}]
-    rendered = emb.tokenizer.apply_chat_template(msgs, tokenize=False)
-    assert rendered == emb.render_query("Find this.", 2, 0, expand=False)
-    ids = emb.tokenizer(emb.render_query("Find this.", 2, 0), add_special_tokens=False)["input_ids"]
-    assert ids.count(emb.image_token_id) == 2 * emb.tokens_per_image
+    msgs = _query_messages("Find this.", n_images, n_frames)
+    qwen = emb.tokenizer.apply_chat_template(msgs, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenize=False,
+                                             add_generation_prompt=True)
+    assert emb.render_query("  Find this. ", n_images, n_frames, expand=False) == qwen + "<|query|>"
+    own = emb.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "<|query|>"}], tokenize=False)
+    assert own == qwen + "<|query|>"
+    target = [{"role": "system", "content": "You are a fashion expert."},
+              {"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": "\nSummarize this fashion item in one word."}]}]
+    assert emb.render_target(expand=False) == emb.tokenizer.apply_chat_template(
+        target, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True) + "<|target|>"
+    # Expanded, each image is (image_size / patch)^2 / merge^2 visual tokens: 64 px, 8-px patches, 2x2 merge.
+    vision = emb._base().config.vision_config
+    per_image = (emb.config.image_size // vision.patch_size) ** 2 // vision.spatial_merge_size ** 2
+    assert per_image == 16
+    ids = emb.tokenizer(emb.render_query("Find this.", n_images, n_frames), add_special_tokens=False)["input_ids"]
+    assert ids.count(emb.image_token_id) == (n_images + n_frames) * per_image
     assert ids.count(emb.query_token_id) == 1 and ids[-1] == emb.query_token_id
 
 
@@ -281,28 +323,74 @@ def test_tiny_builds_offline_and_qwen2_variant():
     assert "tiny qwen3_vl 128" in res.stdout and "tiny-qwen2-vl qwen2_vl 128" in res.stdout
 
 
-def test_tiny_is_deterministic_from_seed(tiny_embedder):
-    """Same seed -> same random base, tokenizer and tokens (so runs are reproducible)."""
+def test_tiny_is_deterministic_from_seed():
+    """Same seed -> the same random base (and LoRA, tokens, calibrator) bit for bit and the same token
+    ids; another seed -> another base (so runs are reproducible, and the seed is what decides)."""
+    from model import EmbedderConfig, FashionLensEmbedder
     from tiny_backbone import build_tiny_tokenizer
 
-    a, b = build_tiny_tokenizer(), build_tiny_tokenizer()
-    assert a.get_vocab() == b.get_vocab()
-    ids = a("a red floral dress", add_special_tokens=False)["input_ids"]
-    assert len(ids) <= 6  # the fashion words are in the vocabulary, not spelled out byte by byte
+    one, two, other = (FashionLensEmbedder(EmbedderConfig(seed=s)) for s in (0, 0, 1))
+    a, b, c = one.state_dict(), two.state_dict(), other.state_dict()
+    assert a.keys() == b.keys() == c.keys()
+    same = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not same, f"seed 0 built twice differs in {same[:3]}"
+    # The base's weight matrices (not LoRA, not the tokens or calibrator) are drawn from the seed.
+    base = [k for k in a if a[k].dim() == 2 and "lora_" not in k and not k.startswith("calibrator.")]
+    assert len(base) > 20 and all(not torch.equal(a[k], c[k]) for k in base)
+    fresh = build_tiny_tokenizer(one.config.tiny_vocab_size)
+    texts = ["a red floral dress", "Find the item shown in this video.", "Ünïcödé ✓ 42",
+             one.render_query("Find this.", 1, 2)]
+    for text in texts:
+        ids = one.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == two.tokenizer(text, add_special_tokens=False)["input_ids"] == \
+            other.tokenizer(text, add_special_tokens=False)["input_ids"], text
+        if "<|" not in text:  # the fresh tokenizer lacks the summary tokens; plain text encodes the same
+            assert ids == fresh(text, add_special_tokens=False)["input_ids"], text
+    assert (one.query_token_id, one.target_token_id) == (two.query_token_id, two.target_token_id)
+    assert len(one.tokenizer("a red floral dress", add_special_tokens=False)["input_ids"]) <= 6  # whole words
 
 
 def test_records_and_paths_are_accepted(tiny_embedder, tmp_path):
-    """encode_queries takes data.Record (via data.record_to_query) and encode_images takes paths."""
+    """encode_queries takes a data.Record (loading its images itself) and encode_images takes paths:
+    both equal the embeddings of the same content given as PIL images."""
     import data
+    from data import Query
 
-    if not hasattr(data, "record_to_query"):
-        pytest.skip("data.record_to_query not available yet")
     for i in range(2):
-        _img(70 + i).save(tmp_path / f"{i}.png")
-    rec = data.Record(id="r0", instruction_text="Find the item in this street photo.", task="street2shop",
+        _img(70 + i).save(tmp_path / f"{i}.png")  # PNG is lossless: the files hold exactly these pixels
+    instruction = "Find the item in this street photo."
+    rec = data.Record(id="r0", instruction_text=instruction, task="street2shop",
                       target_image=["1.png"], query_image=["0.png"], root=str(tmp_path))
-    query = data.record_to_query(rec, 64, 4, 4)
     emb = tiny_embedder
-    assert torch.allclose(emb.encode_queries([rec]), emb.encode_queries([query]), atol=1e-6)
-    assert torch.allclose(emb.encode_images([str(tmp_path / "1.png")]), emb.encode_images([_img(71)]),
-                          atol=1e-6)
+    by_record = emb.encode_queries([rec])
+    assert torch.allclose(by_record, emb.encode_queries([Query(instruction, images=[_img(70)])]), atol=1e-6)
+    assert (by_record - emb.encode_queries([Query(instruction, images=[_img(71)])])).abs().max() > 1e-4
+    by_path = emb.encode_images([str(tmp_path / "1.png"), tmp_path / "0.png"])
+    assert torch.allclose(by_path, emb.encode_images([_img(71), _img(70)]), atol=1e-6)
+
+
+def test_video_frames_are_read_in_order_and_subsampled_evenly(tiny_embedder):
+    """Same instruction, same number of frames: only the frames differ, so the embedding must move
+    when they are reordered or one is swapped; a clip longer than num_frames keeps evenly spaced
+    frames, the first and the last included (7 -> frames 0, 2, 4, 6)."""
+    from data import Query
+
+    emb = tiny_embedder
+    n = emb.config.num_frames
+    assert n == 4
+    frames = [_img(100 + i) for i in range(7)]
+    instruction = "Find the item shown in this video."
+
+    def enc(clip):
+        return emb.encode_queries([Query(instruction, frames=list(clip))])
+
+    base = enc(frames[:n])
+    assert (enc(frames[:n][::-1]) - base).abs().max() > 1e-3  # the order is seen
+    assert (enc([frames[5], *frames[1:n]]) - base).abs().max() > 1e-3  # the first frame is seen
+    assert (enc([*frames[:n - 1], frames[5]]) - base).abs().max() > 1e-3  # the last frame is seen
+    assert torch.allclose(enc(frames), enc([frames[i] for i in (0, 2, 4, 6)]), atol=1e-6)
+    assert (enc(frames) - base).abs().max() > 1e-3  # not simply the first num_frames frames
+    # A video among images: images first, then the frames; moving a picture from one to the other matters.
+    mixed = emb.encode_queries([Query(instruction, images=[frames[6]], frames=frames[:n])])
+    moved = emb.encode_queries([Query(instruction, images=[frames[0]], frames=[frames[6], *frames[1:n]])])
+    assert (mixed - moved).abs().max() > 1e-3

@@ -112,11 +112,13 @@ def test_state_round_trip_without_pickle(tmp_path):
     state = {"step": 7, "optimizer": opt.state_dict(), "rng": plumbing.rng_snapshot(), "pair": (1, "a"),
              "nested": {"t": torch.arange(4), "none": None}}
     plumbing.write_state(tmp_path, state)
-    # The files are plain JSON and safetensors: readable without unpickling anything.
+    # Exactly two files, plain JSON and safetensors: readable without unpickling anything.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([plumbing.STATE_JSON, plumbing.STATE_TENSORS])
     json.loads((tmp_path / plumbing.STATE_JSON).read_text())
     from safetensors.torch import load_file
 
     assert load_file(str(tmp_path / plumbing.STATE_TENSORS))
+    assert not any(_opens_like_pickle(p.read_bytes()) for p in tmp_path.iterdir())
     back = plumbing.read_state(tmp_path)
     assert back["step"] == 7 and back["pair"] == (1, "a") and back["nested"]["none"] is None
     assert torch.equal(back["nested"]["t"], torch.arange(4))
@@ -127,6 +129,23 @@ def test_state_round_trip_without_pickle(tmp_path):
     plumbing.rng_restore(back["rng"])  # the generators continue exactly where the snapshot was taken
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def _opens_like_pickle(blob: bytes) -> bool:
+    """Pickle protocol >= 2 opens with PROTO (0x80); torch.save writes a zip (PK\\3\\4) holding data.pkl."""
+    return blob[:1] == b"\x80" or blob[:4] == b"PK\x03\x04" or b"data.pkl" in blob
+
+
+def test_state_refuses_what_json_cannot_hold_and_the_check_sees_torch_save(tmp_path):
+    """No silent fallback to pickle: an object JSON cannot hold is refused, naming where it sits;
+    and the pickle check above does fail on what torch.save writes (both of its formats)."""
+    with pytest.raises(TypeError, match=r"set at s\.sampler\.seen"):
+        plumbing.write_state(tmp_path, {"step": 1, "sampler": {"seen": {1, 2}}})
+    state = {"w": torch.randn(3), "step": 7}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        assert _opens_like_pickle((tmp_path / name).read_bytes()), name
 
 
 def test_read_state_names_the_missing_file(tmp_path):

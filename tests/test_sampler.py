@@ -250,3 +250,20 @@ def test_resume_on_another_world_size_sees_the_same_global_batches():
         assert n0 == n1 == name and i0 + i1 == idx
         for s in (one, *ranks):
             s.update(name, _fake_grad_norm(name, t))
+
+
+def test_ggas_adapts_at_the_end_of_warmup_between_refreshes():
+    """The first draw after the warm-up uses GGAS' p even when refresh_every would hold the
+    warm-up's uniform p a few steps longer (p is recomputed at step warmup_steps)."""
+    s = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=5, refresh_every=4, min_prob=0.0, seed=0)
+    for _ in range(5):  # the warm-up: uniform draws; p refreshed at step 4 (4 % 4 == 0) -> uniform
+        next(s)
+    for _ in range(200):  # sketch/b is by far the hardest: G ~ 50 against ~0
+        for name in SIZES:
+            s.update(name, 50.0 if name == "sketch/b" else 0.0)
+    assert s.step == 5 and s.step % s.refresh_every != 0  # no scheduled refresh until step 8
+    assert s.probabilities()["sketch/b"] > 0.999  # what the next draw will use
+    drawn = [next(s)[0] for _ in range(3)]  # steps 5, 6, 7
+    assert drawn == ["sketch/b"] * 3  # a uniform p would pick another sub-dataset 3 times in 4
+    held = dict(zip(s.names, s.state_dict()["probs"]))  # the p those draws used
+    assert held["sketch/b"] > 0.999

@@ -9,7 +9,8 @@ short runs (module fixture `runs`), each a subprocess exactly as a user would ty
     A3  --resume A                                     (continues to step 8; in this process)
     D   torchrun --nproc_per_node 2 (gloo), 2 steps    (DDP on CPU)
 
-Each test then checks one property of those runs. All of it takes ~2-3 minutes on 2 cores.
+Each test then checks one property of those runs. All of it takes ~1 minute on 2 cores; the slow test
+(`python -m pytest -m slow`) adds an exact resume under torchrun (three 2-process runs).
 Test-only code lives here, not in train.py: the NaN stop is provoked by monkeypatching
 train.info_nce, and the chunked reference step that GradCache is held equal to is `chunked_reference_step`.
 """
@@ -118,7 +119,46 @@ def test_train_state_roundtrip_without_pickle(tmp_path):
     rnd2.setstate(back["py"])
     assert [rnd2.random() for _ in range(3)] == [rnd.random() for _ in range(3)]
     assert torch.equal(back["torch"], state["torch"]) and back["step"] == 7
-    assert b"pickle" not in (tmp_path / "train_state.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([plumbing.STATE_JSON, plumbing.STATE_TENSORS])
+    _assert_pickle_free(tmp_path)
+
+
+def _assert_pickle_free(folder: Path) -> None:
+    """Every file under folder is JSON, safetensors or plain text, and none opens like a pickle or a
+    zip archive (torch.save's format). Loading such a checkpoint can never run code."""
+    from safetensors.torch import load_file
+
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        blob = p.read_bytes()
+        assert not _opens_like_pickle(blob), p
+        if p.suffix == ".safetensors":
+            load_file(str(p))  # raises on anything but safetensors
+        elif p.suffix == ".json":
+            json.loads(blob)
+        else:  # README.md, the chat template: text
+            blob.decode("utf-8")
+
+
+def _opens_like_pickle(blob: bytes) -> bool:
+    """A pickle of protocol >= 2 starts with its PROTO opcode 0x80; torch.save writes a zip (PK\\3\\4)
+    holding data.pkl, or (legacy) a raw pickle."""
+    return blob[:1] == b"\x80" or blob[:4] == b"PK\x03\x04" or b"data.pkl" in blob
+
+
+def test_pickle_detector_flags_torch_save_files(tmp_path):
+    """The check above can fail: both torch.save formats are caught, and neither is JSON."""
+    state = {"w": torch.randn(3), "step": 7}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "legacy.pt"):
+        blob = (tmp_path / name).read_bytes()
+        assert _opens_like_pickle(blob), name
+        with pytest.raises(ValueError):
+            json.loads(blob)
+    with pytest.raises(AssertionError):
+        _assert_pickle_free(tmp_path)
 
 
 def chunked_reference_step(model, batch, temperature: float, chunk_size: int):
@@ -220,7 +260,12 @@ def _train_in_process(args: list[str]) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = train.main(args)
+        try:
+            rc = train.main(args)
+        except SystemExit as stop:  # a refused flag: "error: ..." as the exit message, status 1
+            rc = stop.code if isinstance(stop.code, int) else 1
+            if not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -286,6 +331,20 @@ def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
     assert "t2i/SynGen" in p.stdout and "R@10" in p.stdout
     # ... and last/ loads and evaluates through the same code path, in this process.
     _load_and_evaluate(b / "last", "t2i")
+    # best/ holds the weights that were scored: the same validation gives the logged numbers again.
+    import data
+    import evaluate
+    from model import FashionLensEmbedder
+
+    logged = json.loads((b / "best" / "metrics.json").read_text())["val"]
+    uf = data.UFire(json.loads((b / "best" / "train_config.json").read_text())["data"])
+    res = evaluate.evaluate(FashionLensEmbedder.from_pretrained(str(b / "best")), uf,
+                            evaluate.select_subsets(uf, "val", "t2i,cir", "skip"), split="val", ks=(1, 10),
+                            progress=False, max_queries=4)
+    assert {r.subset: {str(k): v for k, v in r.recall.items()} for r in res.rows} == logged["recall"]
+    assert res.sum_recall(1) == pytest.approx(logged["sum_recall1"], abs=1e-12)
+    for ckpt in ("best", "last"):
+        _assert_pickle_free(b / ckpt)
 
 
 def _load_and_evaluate(ckpt: Path, tasks: str):
@@ -395,3 +454,121 @@ def test_torchrun_two_gloo_processes_keep_identical_parameters(runs, small_root)
     for key in ("loss", "token_grad_norm"):
         assert abs(d1[key] - b1[key]) <= 1e-4 * abs(b1[key]), (key, d1[key], b1[key])
     assert (out / "best").is_dir() and (out / "last").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals, the data barrier, the RNG snapshot
+# ------------------------------------------------------------------------------------------------
+
+def _listing(run: Path) -> dict:
+    """Every file of a run folder with its bytes' length and modification time (to see any write)."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_run(runs, small_root):
+    b = runs["B"]
+    before = _listing(b)
+    rc, _, err = _train_in_process(["--data", small_root, *COMMON, "--steps", "8", "--out", str(b)])
+    assert rc == 1 and "already holds a run" in err and f"--resume {b}" in err, err[-2000:]
+    assert _listing(b) == before  # nothing written over
+
+
+def test_resume_refuses_a_changed_training_flag_and_accepts_the_harmless_ones(runs):
+    import train
+
+    b = runs["B"]
+    before = _listing(b)
+    for flag, value, saved in (("--temperature", "0.5", "0.07"), ("--sampler", "uniform", "'ggas'"),
+                               ("--batch-size", "16", "8")):
+        rc, _, err = _train_in_process(["--resume", str(b), flag, value])
+        assert rc == 1 and flag in err and "differs from the resumed run's" in err and saved in err, err[-2000:]
+    assert _listing(b) == before
+    # Flags that leave the trajectory alone may change; the rest comes from the saved run.
+    cfg, resume = train.parse_config(["--resume", str(b / "last"), "--eval-every", "2", "--max-eval-queries", "3"])
+    saved = json.loads((b / "last" / "train_config.json").read_text())
+    assert resume == str(b / "last") and cfg.out == str(b)  # continues in the run folder, not in last/
+    assert (cfg.eval_every, cfg.max_eval_queries) == (2, 3)
+    assert (cfg.temperature, cfg.batch_size, cfg.sampler, cfg.steps) == \
+        (saved["temperature"], saved["batch_size"], saved["sampler"], saved["steps"])
+    assert {"eval_every", "max_eval_queries"} <= train.RESUME_MAY_CHANGE
+    assert not {"temperature", "sampler", "calibrator", "lr", "batch_size", "seed", "steps"} & train.RESUME_MAY_CHANGE
+
+
+def test_rank_0_writes_the_synthetic_data_before_the_other_ranks_look(monkeypatch, tmp_path):
+    """--data synthetic under torchrun: rank 0 generates, everyone waits at the barrier, then the
+    other ranks only find it (two ranks writing the folder at once would race)."""
+    import synthetic
+    import train
+
+    events = []
+
+    def ensure(path="data/synthetic", *a, **k):
+        events.append("ensure")
+        return str(tmp_path)
+
+    monkeypatch.setattr(synthetic, "ensure_synthetic", ensure)
+    for mod in (train, plumbing):  # whichever name train.py calls it by
+        monkeypatch.setattr(mod, "barrier", lambda di: events.append("barrier"), raising=False)
+    for rank, order in ((0, ["ensure", "barrier"]), (1, ["barrier", "ensure"])):
+        events.clear()
+        root = train.resolve_data_root("synthetic", plumbing.DistInfo(rank=rank, world=2))
+        assert events == order, (rank, events)
+        assert root == str(tmp_path.resolve())
+
+
+def _dropout_draws(device: str) -> tuple:
+    x = torch.ones(4096, device=device)
+    return torch.nn.functional.dropout(x, 0.5), torch.rand(8)  # a dropout mask on device, a CPU draw
+
+
+def test_rng_state_replays_cpu_dropout_masks():
+    """GradCache re-runs a chunk from its RngState: the same masks again (here on CPU)."""
+    import train
+
+    snap = train.RngState("cpu")
+    assert snap.cuda is None
+    first = _dropout_draws("cpu")
+    snap.restore()
+    again = _dropout_draws("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(_dropout_draws("cpu")[0], first[0])  # a later draw is a new mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the CUDA branch of RngState needs one")
+def test_rng_state_replays_cuda_dropout_masks():
+    import train
+
+    snap = train.RngState("cuda")
+    assert snap.cuda is not None
+    first = _dropout_draws("cuda")
+    snap.restore()
+    again = _dropout_draws("cuda")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # CUDA mask and CPU draw both replayed
+    assert not torch.equal(_dropout_draws("cuda")[0], first[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Slow (python -m pytest -m slow)
+# ------------------------------------------------------------------------------------------------
+
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    return _ok(_run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *args]))
+
+
+@pytest.mark.slow  # three 2-process runs, ~40 s on 2 cores
+def test_torchrun_resume_ends_with_the_same_weights_as_an_uninterrupted_torchrun(small_root, tmp_path):
+    """Exact resume under DDP: 2 gloo processes, GradCache with 2 chunks per rank, stopped after step 2
+    of 4 and resumed, end bit for bit where the uninterrupted 2-process run ends."""
+    args = ["--data", small_root, *COMMON, "--steps", "4", "--eval-every", "2", "--device", "cpu", "--chunk-size", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _torchrun([*args, "--out", str(whole)])
+    _torchrun([*args, "--stop-at", "2", "--out", str(parts)])
+    assert json.loads((parts / "last" / "train_state.json").read_text())["step"] == 2
+    _torchrun(["--resume", str(parts)])
+    wa, wb = _weights(parts / "last"), _weights(whole / "last")
+    assert set(wa) == set(wb)
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"resumed DDP run differs in {len(diff)} tensors, e.g. {diff[:3]}"
+    sa, sb = _steps(parts), _steps(whole)
+    assert [s["step"] for s in sa] == [1, 2, 3, 4]
+    assert [(s["subset"], s["loss"]) for s in sa] == [(s["subset"], s["loss"]) for s in sb]
