@@ -44,6 +44,10 @@ Backbones (one code path, told apart by the config's `model_type`): any Qwen2-VL
 Qwen3-VL hub id or local path (the paper: Qwen3-VL-4B-Instruct), or an offline random "tiny" one
 (tiny_backbone.py, the default, so everything runs on a CPU with no download).
 
+Inputs: collate_queries / collate_images turn items into ModelInputs (token ids, mask, mRoPE
+positions, image patches), and forward reads those tensors; a plain list is collated on the spot.
+The collators touch no trainable weight, so train.py runs them ahead on the spare core.
+
 Where it sits: data.py makes Query objects and images -> **model.py embeds them** -> train.py (InfoNCE
 + GradCache + GGAS) and evaluate.py (faiss Recall@K) use the vectors.
 Run: `python model.py` builds the tiny embedder (no network) and prints a similarity matrix.
@@ -53,6 +57,7 @@ N image patches (all images of a batch), n_img images in a batch, C*T*p*p values
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import json
 import os
@@ -119,6 +124,55 @@ IMAGE_PAD = "<|image_pad|>"                           # one visual token's place
 IMAGE_BLOCK = "<|vision_start|>{pads}<|vision_end|>"  # one image: its placeholders between markers
 
 
+@dataclass
+class ModelInputs:
+    """A batch of prompts as the backbone reads them: what the collators (collate_queries /
+    collate_images) produce and forward consumes. Plain CPU tensors, so a worker can build them."""
+    input_ids: torch.Tensor                 # (B, L) token ids, right-padded
+    attention_mask: torch.Tensor            # (B, L) 1 = real token, 0 = padding
+    position_ids: torch.Tensor              # (3, B, L) mRoPE positions (time, height, width)
+    pixel_values: Optional[torch.Tensor]    # (N, C*T*p*p) patches of the batch's images in prompt order; None: text only
+    image_grid_thw: Optional[torch.Tensor]  # (n_img, 3) each image's patch grid; None: text only
+    summary_index: torch.Tensor             # (B,) position of the summary token (<|query|> / <|target|>) per row
+    images_per_row: torch.Tensor            # (B,) images (and video frames) in each row's prompt
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, end: int) -> "ModelInputs":
+        """Rows start:end as a batch of their own (their images only, padding cut to their longest
+        row): the same tensors that collating those rows alone would give (tests/test_fast_paths.py)."""
+        if start == 0 and end == len(self):
+            return self
+        per_row = self.images_per_row.tolist()
+        img0, img1 = sum(per_row[:start]), sum(per_row[:end])      # this slice's images
+        pixels = grid = None
+        if img1 > img0:
+            patches = self.image_grid_thw.prod(dim=-1).tolist()     # (n_img,) patches per image
+            p0, p1 = sum(patches[:img0]), sum(patches[:img1])
+            pixels, grid = self.pixel_values[p0:p1], self.image_grid_thw[img0:img1]  # (N', .), (n', 3)
+        length = int(self.attention_mask[start:end].sum(dim=1).max())  # the slice's longest real row
+        return ModelInputs(input_ids=self.input_ids[start:end, :length],              # (b, L')
+                           attention_mask=self.attention_mask[start:end, :length],    # (b, L')
+                           position_ids=self.position_ids[:, start:end, :length],     # (3, b, L')
+                           pixel_values=pixels, image_grid_thw=grid,
+                           summary_index=self.summary_index[start:end],               # (b,)
+                           images_per_row=self.images_per_row[start:end])             # (b,)
+
+
+def _slot_index(slot: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool with exactly one True per row -> (B,) int64 position of that True."""
+    return slot.float().argmax(dim=1)  # (B,) argmax of a 0/1 row = its first (only) 1
+
+
+def encode_threads(device: torch.device) -> int:
+    """Threads that encode batches side by side: one per core when torch itself runs one thread on
+    a CPU (a small model, see plumbing.set_cpu_threads); else 1, and torch splits each op instead."""
+    if device.type != "cpu" or torch.get_num_threads() > 1:
+        return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 class FashionLensEmbedder(nn.Module):
     """Qwen-VL + LoRA + learnable query/target summary tokens + optional PGSQC calibrator.
 
@@ -181,25 +235,66 @@ class FashionLensEmbedder(nn.Module):
         return item.instruction, images, frames
 
     # ==============================================================================================
-    # Summary state: prompts + images -> h = LLM(prompt)[pos(summary token)]   (eq. 1 and 4)
+    # Collators: prompts + images -> the tensors the backbone reads (ModelInputs). They touch no
+    # trainable weight, so train.py prepares the next batch during a step (prefetch.py), and the
+    # encoder collates one batch while another computes.
     # ==============================================================================================
-    def _summary_states(self, texts: list[str], images: list[Image.Image], token_id: int,
-                        token: torch.Tensor) -> torch.Tensor:
-        """Run the backbone on B prompts (their images in prompt order) -> (B, D) summary states h."""
+    def collate_queries(self, queries: Sequence) -> "ModelInputs":
+        """B queries (Query | Record | str) -> ModelInputs of prompt_q; images first, then video frames."""
+        texts, imgs, counts = [], [], []
+        for q in queries:
+            instr, images, frames = self._as_query(q)
+            texts.append(self.render_query(instr, len(images), len(frames)))
+            imgs += images + frames  # prompt order: images first, then the video frames
+            counts.append(len(images) + len(frames))
+        return self._collate(texts, imgs, counts)
+
+    def collate_images(self, images: Sequence) -> "ModelInputs":
+        """G gallery images (PIL | path) -> ModelInputs of prompt_t, one prompt per image.
+
+        Every row is the same prompt with one image of the same size, so its token ids and mRoPE
+        positions are computed once and repeated; only the pixels differ from row to row.
+        """
+        if self._target_row is None:
+            probe = self._collate([self.render_target()], [Image.new("RGB", (self.config.image_size,) * 2)], [1])
+            self._target_row = (probe.input_ids, probe.attention_mask, probe.position_ids)  # (1, L) x2, (3, 1, L)
+        ids, attn, pos = self._target_row
+        g = len(images)
+        pixels, grid = self._pixels(list(images))                                   # (N, C*T*p*p), (G, 3)
+        return ModelInputs(input_ids=ids.repeat(g, 1), attention_mask=attn.repeat(g, 1),  # (G, L) each
+                           position_ids=pos.repeat(1, g, 1), pixel_values=pixels,          # (3, G, L)
+                           image_grid_thw=grid, summary_index=_slot_index(ids == self.target_token_id).repeat(g),
+                           images_per_row=torch.ones(g, dtype=torch.int64))          # (G,) one image each
+
+    def _collate(self, texts: list[str], images: list, counts: list[int]) -> "ModelInputs":
+        """Tokenise B prompts (right-padded), patchify their images (counts[i] of them in prompt i),
+        and lay out the mRoPE positions."""
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        input_ids = enc["input_ids"].to(self._device)            # (B, L)
-        attn = enc["attention_mask"].to(self._device)            # (B, L) 1 = real token, right-padded
-        is_img = input_ids == self.image_token_id                  # (B, L) visual placeholder slots
-        grid = pixel_values = None
-        if images:
-            pv = self.image_processor([self._prep_image(im) for im in images], return_tensors="np")
-            pixel_values = torch.from_numpy(pv["pixel_values"]).to(self._device, self.model_dtype)  # (N, C*T*p*p)
-            grid = torch.from_numpy(pv["image_grid_thw"]).to(self._device)                      # (n_img, 3)
+        input_ids, attn = enc["input_ids"], enc["attention_mask"]          # (B, L) each; 1 = real token
+        pixels, grid = self._pixels(images)                                # (N, C*T*p*p), (n_img, 3) or None
+        # mRoPE positions from the backbone's own rule (it reads only the config, no weights); padding
+        # is excluded by the mask, so a row's positions depend only on that row.
+        pos, _ = self._base().get_rope_index(input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(),
+                                             image_grid_thw=grid, attention_mask=attn)  # (3, B, L)
+        slot = (input_ids == self.query_token_id) | (input_ids == self.target_token_id)  # (B, L)
+        return ModelInputs(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=pixels,
+                           image_grid_thw=grid, summary_index=_slot_index(slot),
+                           images_per_row=torch.tensor(counts, dtype=torch.int64))  # (B,)
+
+    def _pixels(self, images: list):
+        """Images -> (pixel patches (N, C*T*p*p) float32, grid (n_img, 3)), or (None, None) for none."""
+        if not images:
+            return None, None
+        pv = self.image_processor([self._prep_image(im) for im in images], return_tensors="np")
+        return torch.from_numpy(pv["pixel_values"]), torch.from_numpy(pv["image_grid_thw"])  # (N, .), (n_img, 3)
+
+    # ==============================================================================================
+    # Summary state: h = LLM(prompt)[pos(summary token)]   (eq. 1 and 4)
+    # ==============================================================================================
+    def _summary_states(self, x: "ModelInputs", token_id: int, token: torch.Tensor) -> torch.Tensor:
+        """Run the backbone on B collated prompts -> (B, D) summary states h."""
         base = self._base()
-        # mRoPE positions (3, B, L) from the backbone's own rule; padding is excluded by the mask,
-        # so a row's positions depend only on that row.
-        pos, _ = base.get_rope_index(input_ids, mm_token_type_ids=is_img.int(), image_grid_thw=grid,
-                                     attention_mask=attn)   # (3, B, L)
+        input_ids = x.input_ids.to(self._device)                          # (B, L)
         # Embed the prompt, then put the learnable vector into the summary token's slot. Our added
         # token ids lie past the frozen table's end, so they look up the pad row first (overwritten).
         safe_ids = input_ids.masked_fill(input_ids >= base.get_input_embeddings().weight.shape[0],
@@ -207,27 +302,15 @@ class FashionLensEmbedder(nn.Module):
         embeds = base.get_input_embeddings()(safe_ids)              # (B, L, D)
         slot = (input_ids == token_id)                               # (B, L) exactly one per row
         embeds = torch.where(slot[..., None], token.to(embeds.dtype), embeds)  # (B, L, D)
+        pixels = None if x.pixel_values is None else x.pixel_values.to(self._device, self.model_dtype)  # (N, .)
+        grid = None if x.image_grid_thw is None else x.image_grid_thw.to(self._device)                # (n_img, 3)
         # The backbone writes each image's visual tokens into its placeholder slots itself.
-        out = base(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, pixel_values=pixel_values,
-                   image_grid_thw=grid, use_cache=False)
+        out = base(inputs_embeds=embeds, attention_mask=x.attention_mask.to(self._device),
+                   position_ids=x.position_ids.to(self._device), pixel_values=pixels, image_grid_thw=grid,
+                   use_cache=False)
         hidden = out.last_hidden_state                               # (B, L, D)
-        idx = slot.float().argmax(dim=1)                             # (B,) pos(summary token)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx].float()  # (B, D) h
-
-    def _query_states(self, queries: Sequence) -> torch.Tensor:
-        """Eq. 1: h_q for B queries, images first, then video frames, as the prompt orders them."""
-        texts, imgs = [], []
-        for q in queries:
-            instr, images, frames = self._as_query(q)
-            texts.append(self.render_query(instr, len(images), len(frames)))
-            imgs += images + frames  # prompt order: images first, then the video frames
-        return self._summary_states(texts, imgs, self.query_token_id, self.query_token)  # (B, D) h_q
-
-    def _image_states(self, images: Sequence) -> torch.Tensor:
-        """Eq. 4 before normalising: h_t for G gallery images (one prompt each)."""
-        text = self.render_target()
-        return self._summary_states([text] * len(images), list(images), self.target_token_id,
-                                    self.target_token)  # (G, D) h_t
+        rows = torch.arange(hidden.shape[0], device=hidden.device)   # (B,)
+        return hidden[rows, x.summary_index.to(hidden.device)].float()  # (B, D) h at pos(summary token)
 
     # ==============================================================================================
     # Forward (training) and encode (inference)
@@ -243,7 +326,9 @@ class FashionLensEmbedder(nn.Module):
         out: dict[str, torch.Tensor] = {}
         reg = torch.zeros((), device=self._device)                   # () no calibrator -> no penalty
         if queries is not None and len(queries):
-            h = self._query_states(queries)                          # (B, D) eq. 1: h_q
+            if not isinstance(queries, ModelInputs):                 # raw items: collate them here
+                queries = self.collate_queries(queries)
+            h = self._summary_states(queries, self.query_token_id, self.query_token)  # (B, D) eq. 1: h_q
             out["q_raw"] = F.normalize(h, dim=-1)                    # (B, D) eq. 2: q_raw = h_q / ||h_q||
             if self.calibrator is not None:
                 cal = self.calibrator(h)                             # eq. 3: q = PGSQC(h_q)
@@ -252,36 +337,89 @@ class FashionLensEmbedder(nn.Module):
                 out["q"] = out["q_raw"]                              # (B, D) eq. 3 when off: q = q_raw
                 out["lam"] = torch.zeros(h.shape[0], device=h.device)  # (B,)
         if images is not None and len(images):
-            out["t"] = F.normalize(self._image_states(images), dim=-1)  # (G, D) eq. 4: t = h_t / ||h_t||
+            if not isinstance(images, ModelInputs):
+                images = self.collate_images(images)
+            h_t = self._summary_states(images, self.target_token_id, self.target_token)  # (G, D) eq. 4: h_t
+            out["t"] = F.normalize(h_t, dim=-1)                      # (G, D) eq. 4: t = h_t / ||h_t||
         out["reg"] = reg
         return out
 
-    @torch.no_grad()
-    def _encode(self, items: Sequence, batch_size: int, key: str, progress: bool) -> torch.Tensor:
-        """Batched forward in eval mode, keeping only out[key]; restores the caller's train/eval mode."""
+    def encode_queries(self, queries: Sequence, batch_size: int = 16, progress: bool = False,
+                       merge_lora: Optional[bool] = None) -> torch.Tensor:
+        """Queries (Query | Record | str) -> (B, D) calibrated unit float32 CPU tensor, no grad, eval."""
+        return self._encode(list(queries), batch_size, "q", progress, merge_lora)
+
+    def encode_images(self, images: Sequence, batch_size: int = 32, progress: bool = False,
+                      merge_lora: Optional[bool] = None) -> torch.Tensor:
+        """Gallery images (PIL | path) -> (G, D) unit float32 CPU tensor, no grad, eval mode."""
+        return self._encode(list(images), batch_size, "t", progress, merge_lora)
+
+    def _encode(self, items: list, batch_size: int, key: str, progress: bool,
+                merge_lora: Optional[bool]) -> torch.Tensor:
+        """Batched no-grad forward in eval mode, keeping only out[key] (restores the caller's mode).
+
+        Speed without changing the method: on a CPU, LoRA is merged into the weights for the duration
+        (merge_lora=None: on a CPU only, see merged_lora), and when torch runs one thread per process
+        (the tiny default) one thread per core encodes its own batches: each thread collates a batch
+        (Python work) while the other computes (torch releases the GIL inside its kernels).
+        """
+        collate = self.collate_queries if key == "q" else self.collate_images
+        parts = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+
+        def encode_part(part) -> torch.Tensor:  # one batch on whichever thread takes it; (b, D)
+            with torch.no_grad():  # grad mode is per thread: say it in the worker too
+                x = collate(part)
+                res = self(queries=x) if key == "q" else self(images=x)
+                return res[key].float().cpu()
+
+        workers = encode_threads(self._device) if len(parts) > 1 else 1
+        merge = self._device.type == "cpu" if merge_lora is None else merge_lora
         was_training = self.training
         self.eval()
         try:
-            chunks = []
-            rng = range(0, len(items), batch_size)
-            if progress:
-                from tqdm import tqdm
-                rng = tqdm(rng, desc=f"encode {key}", unit="batch")
-            for i in rng:
-                part = items[i: i + batch_size]
-                res = self(queries=part) if key == "q" else self(images=part)
-                chunks.append(res[key].float().cpu())                # (batch, D)
+            with self.merged_lora() if merge else contextlib.nullcontext():
+                with ThreadPoolExecutor(workers) as pool:
+                    done = pool.map(encode_part, parts)  # results in input order
+                    if progress:
+                        from tqdm import tqdm
+                        done = tqdm(done, total=len(parts), desc=f"encode {key}", unit="batch")
+                    chunks = list(done)                             # [(batch, D)]
             return torch.cat(chunks) if chunks else torch.zeros(0, self.dim)  # (B|G, D)
         finally:
             self.train(was_training)
 
-    def encode_queries(self, queries: Sequence, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """Queries (Query | Record | str) -> (B, D) calibrated unit float32 CPU tensor, no grad, eval."""
-        return self._encode(list(queries), batch_size, "q", progress)
+    @contextlib.contextmanager
+    def merged_lora(self):
+        """Inference with LoRA folded into the weights: each adapted linear computes (W + s B A) x in
+        one matmul instead of W x + s B (A x) in three, which on a CPU is mostly per-call overhead.
 
-    def encode_images(self, images: Sequence, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Gallery images (PIL | path) -> (G, D) unit float32 CPU tensor, no grad, eval mode."""
-        return self._encode(list(images), batch_size, "t", progress)
+        The same function up to float rounding (tests hold the two within 1e-5). The original W
+        tensors are put back afterwards, untouched: subtracting s B A again would leave rounding
+        errors in the frozen weights, and training would no longer be exactly reproducible.
+        Costs one extra copy of the adapted weights while active (why it is off on a GPU by default).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if self._lora_merged:  # nested use (evaluate.py merges once around many encode calls)
+            yield self
+            return
+        saved = []  # (weight Parameter, its original tensor)
+        with torch.no_grad():
+            for layer in self.backbone.modules():
+                if not isinstance(layer, LoraLayer):
+                    continue
+                w = layer.get_base_layer().weight                   # (out, in) frozen W
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)  # (out, in) s B A
+                saved.append((w, w.data))
+                w.data = w.data + delta                              # (out, in) W + s B A, a new tensor
+        try:
+            self._lora_merged = True
+            with self.backbone.disable_adapter():  # peft: adapted layers now run their base layer only
+                yield self
+        finally:
+            self._lora_merged = False
+            for w, original in saved:
+                w.data = original
 
     # ==============================================================================================
     # Construction. Each random draw of a fresh build happens inside fork_rng with its own seed
@@ -308,6 +446,8 @@ class FashionLensEmbedder(nn.Module):
             torch.manual_seed(config.seed)  # the random tiny base's weights
             base, self.processor = self._build_backbone(ckpt)
         self._read_token_layout(base)
+        self._target_row = None  # collate_images' cached (ids, mask, positions) of the one target prompt
+        self._lora_merged = False  # inside merged_lora()
         self.train_vision = config.train_vision == "true" or (config.train_vision == "auto" and self.tiny)
         self.backbone = self._add_lora(base, ckpt)
         if self.train_vision:

@@ -321,6 +321,19 @@ class TaskBatchSampler:
         per_rank = len(batch) // self.world_size
         return name, batch[self.rank * per_rank:(self.rank + 1) * per_rank]  # this rank's shard
 
+    def peek(self) -> Tuple[str, List[int]]:
+        """What next() would return now, without drawing it (nothing changes).
+
+        train.py prepares this batch ahead of time. It is exactly the next draw unless an update()
+        comes first and moves the probabilities across this step's uniform u (never during the
+        warm-up, rarely after it, as difficulties move a little per report).
+        """
+        saved = (self.step, list(self.stream_epoch), list(self.stream_pos), self._probs)
+        try:
+            return next(self)
+        finally:  # put the state back; _perm_cache is derived from (seed, k, epoch), so it may stay
+            self.step, self.stream_epoch, self.stream_pos, self._probs = saved
+
     def __iter__(self) -> Iterator[Tuple[str, List[int]]]:
         return self  # infinite: train.py stops after --steps
 

@@ -30,6 +30,11 @@ FashionLens (Wen et al., 2026) trains one multimodal-LLM retriever for every U-F
    sub-dataset's difficulty (the authors' signal: these two embeddings are shared by every task, so
    their gradient says how far task k currently pulls the model).
 
+Speed without changing the method (the CPU default): a loader (prefetch.py) decodes, patchifies and
+tokenises step t+1's batch while step t computes, guessing GGAS' next draw (`prepare_batch`); and
+`two_core_step` computes the query tower on one core and the target tower on the other. Both are
+switches (`--loader off`, `--two-cores off`) back to the plain loop; benchmarks/speed.py times them.
+
 Model selection follows the authors: every --eval-every steps, Recall@1 on each validation
 sub-dataset is summed and the best checkpoint is kept in runs/NAME/best; runs/NAME/last holds the
 latest weights plus the whole training state, so `--resume runs/NAME` continues exactly (same
@@ -44,7 +49,7 @@ tested on a laptop: `torchrun --nproc_per_node 2 train.py --steps 4 ...`.
 
 Run it
 ------
-    python train.py --tasks all                 # synthetic U-FIRE + tiny backbone, CPU, ~10 min
+    python train.py --tasks all                 # synthetic U-FIRE + tiny backbone, CPU, ~7 min
     python train.py --tasks t2i,cir --steps 200 --out runs/small
     python train.py --resume runs/small         # continue an interrupted run exactly
     python train.py --data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct --batch-size 256 \\
@@ -63,6 +68,7 @@ from __future__ import annotations
 import plumbing  # noqa: I001  first: it sets OMP_WAIT_POLICY before torch loads (see plumbing.py)
 
 import argparse
+import concurrent.futures as cf
 import contextlib
 import dataclasses
 import json
@@ -74,6 +80,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -88,6 +95,7 @@ import evaluate
 import sampler
 import synthetic
 from model import EmbedderConfig, FashionLensEmbedder
+from prefetch import MODES as LOADER_MODES, Prefetcher
 from plumbing import (STATE_JSON, STATE_TENSORS, DistInfo, append_jsonl, atomic_write, barrier, gather_nograd,
                       gather_with_grad, mean_over_ranks, mix_seed)
 from tiny_backbone import TINY_TYPES
@@ -131,6 +139,16 @@ class Batch:
     queries: list  # b data.Query
     images: list  # b PIL target images
     keys: list  # b absolute target paths (duplicate detection)
+    # (queries, targets) as the model's tensors (two model.ModelInputs), made ahead by the loader
+    # (`prepare_batch`); None: the model collates the raw items itself.
+    inputs: Optional[tuple] = None
+
+
+def _rows(batch: Batch, start: int, end: int) -> tuple:
+    """(queries, targets) of rows start:end as the model takes them: tensors if the loader made them."""
+    if batch.inputs is not None:
+        return batch.inputs[0].rows(start, end), batch.inputs[1].rows(start, end)
+    return batch.queries[start:end], batch.images[start:end]
 
 
 @dataclass
@@ -159,7 +177,8 @@ def full_batch_step(model, batch: Batch, temperature: float, di: DistInfo = Dist
     Memory grows with the batch (every activation is kept until backward): that is what GradCache
     removes. Under DDP this is the one forward per step DDP expects.
     """
-    out = model(queries=batch.queries, images=batch.images)
+    queries, images = _rows(batch, 0, len(batch.keys))
+    out = model(queries=queries, images=images)
     q = gather_with_grad(out["q"].float(), di)  # (W*b, D) every rank's queries
     t = gather_with_grad(out["t"].float(), di)  # (W*b, D) every rank's targets: cross-device negatives
     reg = out["reg"].float()  # () R_cal of this rank's queries (the calibrator returns the batch mean)
@@ -222,7 +241,7 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
     but the last chunk's backward run under no_sync: one all-reduce per step.
     """
     module = _unwrap(model)  # pass (a) needs no DDP bookkeeping
-    n = len(batch.queries)
+    n = len(batch.keys)
     parts = _chunks(n, chunk_size)
     if len(parts) == 1:  # the batch fits one chunk: GradCache would only add a second forward
         return full_batch_step(model, batch, temperature, di)
@@ -233,7 +252,8 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
     with torch.no_grad():
         for s, e in parts:
             states.append(RngState(device))  # dropout masks of this chunk are drawn from here
-            out = module(queries=batch.queries[s:e], images=batch.images[s:e])
+            queries, images = _rows(batch, s, e)
+            out = module(queries=queries, images=images)
             qs.append(out["q"].float())  # (c, D)
             ts.append(out["t"].float())  # (c, D)
             lams.append(out["lam"].float())  # (c,)
@@ -257,13 +277,50 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
     for k, (s, e) in enumerate(parts):
         states[k].restore()  # same dropout masks as in pass (a)
         with _sync_ctx(model, last=k == len(parts) - 1):
-            out = model(queries=batch.queries[s:e], images=batch.images[s:e])
+            queries, images = _rows(batch, s, e)
+            out = model(queries=queries, images=images)
             surrogate = ((out["q"].float() * gq[s:e]).sum()  # <q_c, dL/dq_c>
                          + (out["t"].float() * gt[s:e]).sum()  # <t_c, dL/dt_c>
                          + out["reg"].float() * (e - s) / n)  # this chunk's share of R_cal (a batch mean)
             surrogate.backward()
     end_state.restore()  # the re-runs drew the same numbers; make the end state explicit
     return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()))
+
+
+def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor) -> StepOut:
+    """`full_batch_step` with its work shared by two CPU cores (the tiny default on a laptop CPU).
+
+    The query tower and the target tower share weights but no activations: q depends only on the
+    queries, t only on the targets, and they meet only in L. So, as in GradCache's step (b):
+    (a) forward: the queries on this thread, the targets on `spare` (one worker thread), at once;
+    (b) L, dL/dq and dL/dt on detached copies of q and t (a graph of a few (B, B) ops);
+    (c) backward: each thread pushes its cached gradient back through its own tower.
+    torch releases the GIL inside its kernels and autograd locks gradient accumulation, so the two
+    threads run side by side. The gradient is full_batch_step's up to float summation order (a
+    weight used several times in each tower sums its pieces in another order; tests/test_train.py
+    holds them within 1e-5). train.py uses this path only without dropout: two threads would draw
+    their masks from one generator in an unpredictable order.
+    """
+    queries, images = _rows(batch, 0, len(batch.keys))
+    target_fwd = spare.submit(model, images=images)  # (a) the target tower, on the other core
+    out_q = model(queries=queries)  # (a) the query tower, here
+    out_t = target_fwd.result()
+    q = out_q["q"].detach().requires_grad_()  # (B, D) leaf: dL/dq lands in q.grad
+    t = out_t["t"].detach().requires_grad_()  # (B, D) leaf
+    nce = info_nce(q, t, key_ids(batch.keys, q.device), temperature)  # () L_nce
+    reg = out_q["reg"].float()  # () R_cal of the queries
+    loss_value = float(nce.detach() + reg.detach())  # L = L_nce + R_cal
+    _check_finite(loss_value)  # stop before touching any gradient
+    nce.backward()  # (b) fills q.grad (B, D) and t.grad (B, D)
+    target_bwd = spare.submit(torch.autograd.backward, [out_t["t"]], [t.grad])  # (c) targets, other core
+    # (c) queries and R_cal here (R_cal is a constant 0 without a calibrator: nothing to push back)
+    outputs, grads = [out_q["q"]], [q.grad]
+    if reg.requires_grad:
+        outputs, grads = outputs + [reg], grads + [torch.ones_like(reg)]
+    torch.autograd.backward(outputs, grads)
+    target_bwd.result()
+    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg.detach()),
+                   lam=float(out_q["lam"].detach().float().mean()))
 
 
 def token_grad_norm(embedder) -> float:
@@ -323,6 +380,11 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N; under torchrun: cuda:LOCAL_RANK
     cpu_threads: int = 0  # torch CPU threads; 0 = auto: OMP_NUM_THREADS if set, else 1 for a tiny backbone on
     #                      CPU (its 128-wide matmuls are too small to split over threads), else torch's default
+    loader: str = "thread"  # who prepares the next batch during a step (prefetch.py): a forked worker
+    #                         process, a worker "thread", or "off" (in the loop); the batches are the same
+    two_cores: str = "auto"  # auto: share each step between two CPU cores (two_core_step) when training
+    #                         runs on a multi-core CPU with one torch thread, without DDP, GradCache
+    #                         chunks or dropout; off: one core computes the whole step
     stop_at: int = 0  # end this invocation after this step (writes last/), e.g. a job time limit; 0 = never
     find_unused_parameters: bool = False  # DDP: every forward embeds queries AND targets, so every trainable
     #                                       parameter gets a gradient each backward; True only for a custom model
@@ -361,6 +423,8 @@ class TrainConfig:
             "max_eval_queries": (self.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
             "eval_batch_size": (self.eval_batch_size >= 1, "must be >= 1"),
             "cpu_threads": (self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
+            "loader": (self.loader in LOADER_MODES, f"must be one of {', '.join(LOADER_MODES)}"),
+            "two_cores": (self.two_cores in ("auto", "off"), "must be auto or off"),
             "stop_at": (self.stop_at >= 0, "must be >= 0 (0 = never)"),
         }
         for name, (ok, need) in rules.items():
@@ -372,7 +436,7 @@ class TrainConfig:
 
 # Fields a resumed run may change: they do not touch the optimisation trajectory.
 RESUME_MAY_CHANGE = {"out", "device", "cpu_threads", "stop_at", "eval_every", "max_eval_queries",
-                     "eval_batch_size", "final_test"}
+                     "eval_batch_size", "final_test", "loader", "two_cores"}
 # An expert DDP switch, left out of --help to keep it readable (the flag works).
 HIDDEN_FLAGS = {"find_unused_parameters"}
 CONFIG_JSON = "train_config.json"  # the run's TrainConfig, saved in every checkpoint
@@ -396,6 +460,20 @@ def make_batch(view, subset: str, indices: list[int], seed: int, step: int) -> B
     pairs = [view.pair(subset, i, random.Random(mix_seed(seed, step, i))) for i in indices]
     return Batch(subset=subset, queries=[p.query for p in pairs], images=[p.target for p in pairs],
                  keys=[p.target_key for p in pairs])
+
+
+def prepare_batch(view, embedder, seed: int, request: tuple) -> Batch:
+    """The loader's job for one step: make_batch, then collate queries and targets into tensors
+    (the steps take rows of them: GradCache's chunks, two_core_step's split).
+
+    request = (sub-dataset, this rank's record indices, step). Pure: the same request always gives
+    the same batch, so it does not matter whether the worker or the loop prepared it.
+    """
+    subset, indices, step = request
+    batch = make_batch(view, subset, list(indices), seed, step)
+    if hasattr(embedder, "collate_queries"):  # a model without collators takes the raw items
+        batch.inputs = (embedder.collate_queries(batch.queries), embedder.collate_images(batch.images))
+    return batch
 
 
 def select_subsets(ufire, split: str, tasks: str) -> list[str]:
@@ -456,6 +534,8 @@ class Run:
     elapsed0: float = 0.0  # training seconds of earlier invocations (a resumed run)
     t_prev: float = 0.0  # wall clock at the end of the previous step
     batches: object = None  # iterator over (sub-dataset, this rank's record indices), one per step
+    loader: object = None  # prefetch.Prefetcher: prepares the next step's batch during this one
+    spare: object = None  # the spare core's one-thread executor (two_core_step), or None
 
     @property
     def log_path(self) -> Path:
@@ -507,9 +587,21 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     if resume_dir is not None:
         restore_state(run, resume_dir)
     run.batches = iter(run.task_sampler)
+    # The loader first: in "process" mode it forks here, while this process has a single thread.
+    run.loader = Prefetcher(partial(prepare_batch, view, embedder, cfg.seed), cfg.loader)
+    if use_two_cores(cfg, embedder, di, threads, plan.per_rank):
+        run.spare = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-core")
     if di.main:
         write_resolved_config(run, threads, sizes, resume_dir)
     return run
+
+
+def use_two_cores(cfg: TrainConfig, embedder, di: DistInfo, threads: int, per_rank: int) -> bool:
+    """--two-cores auto: use two_core_step where it is faster and deterministic (see its docstring):
+    a CPU with a second core and one torch thread, no DDP, one GradCache chunk, no dropout."""
+    return (cfg.two_cores == "auto" and di.device == "cpu" and not di.enabled and threads == 1
+            and (os.cpu_count() or 1) >= 2 and (cfg.chunk_size == 0 or cfg.chunk_size >= per_rank)
+            and getattr(getattr(embedder, "config", None), "lora_dropout", 0.0) == 0.0)
 
 
 def build_embedder(cfg: TrainConfig, device: str, resume_from: Optional[Path] = None):
@@ -544,7 +636,10 @@ def build_optimizer(embedder, cfg: TrainConfig, plan: Plan, di: DistInfo):
         model = torch.nn.parallel.DistributedDataParallel(
             embedder, device_ids=[di.local_rank] if di.device.startswith("cuda") else None,
             find_unused_parameters=cfg.find_unused_parameters)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update instead of ~10 small ops per tensor (the calibrator alone
+    # has 4.3 M parameters in many tensors); the same numbers as the per-tensor loop.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, plan.total, plan.lr_warmup, cfg.min_lr_ratio))
     return model, params, optimizer, scheduler
@@ -637,12 +732,21 @@ def train_step(run: Run) -> tuple[StepOut, str]:
     """Draw a batch, compute the gradient, clip, update, tell GGAS, log. Returns (result, sub-dataset)."""
     cfg, di = run.cfg, run.di
     subset, indices = next(run.batches)
+    # The batch: the loader prepared it during the previous step if it guessed this draw, else it
+    # is prepared now; the same batch either way (prepare_batch is pure).
+    hits = run.loader.stats.hits
+    batch = run.loader.get((subset, tuple(indices), run.step))
+    prefetched = run.loader.stats.hits > hits
+    if run.step + 1 < run.plan.total:  # guess the next draw: exact unless this step's report moves it
+        guess_subset, guess_indices = run.task_sampler.peek()
+        run.loader.submit((guess_subset, tuple(guess_indices), run.step + 1))
     # Every step re-seeds torch (dropout) from (seed, step, rank) and the data draws from
     # (seed, step, record): a resumed run replays exactly what the uninterrupted one drew.
     torch.manual_seed(mix_seed(cfg.seed, run.step, di.rank))
-    batch = make_batch(run.view, subset, list(indices), cfg.seed, run.step)
     try:
-        if cfg.chunk_size > 0:
+        if run.spare is not None:  # the step shared by two CPU cores (the CPU default)
+            so = two_core_step(run.model, batch, cfg.temperature, run.spare)
+        elif cfg.chunk_size > 0:
             so = gradcache_step(run.model, batch, cfg.temperature, di, chunk_size=cfg.chunk_size)
         else:
             so = full_batch_step(run.model, batch, cfg.temperature, di)
@@ -665,7 +769,7 @@ def train_step(run: Run) -> tuple[StepOut, str]:
     if di.main:
         append_jsonl(run.log_path, {
             "step": run.step, "loss": so.loss, "nce": so.nce, "reg": so.reg, "lr": lr, "subset": subset,
-            "grad_norm": gnorm, "token_grad_norm": tok, "lam_mean": so.lam,
+            "grad_norm": gnorm, "token_grad_norm": tok, "lam_mean": so.lam, "prefetched": prefetched,
             "probabilities": run.task_sampler.probabilities(),
             "difficulties": {k: float(v) for k, v in run.task_sampler.difficulties().items()},
             "time": run.elapsed0 + now - run.t_start, "step_seconds": now - run.t_prev})
@@ -785,6 +889,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
         raise Interrupted(stopped_message(run) if run.di.main else "") from None
     finally:
         bar.close()
+        run.loader.close()
+        if run.spare is not None:
+            run.spare.shutdown()
     try:
         return finish(run)
     except KeyboardInterrupt:
@@ -871,6 +978,8 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
     "min_lr_ratio": "final lr as a share of --lr (cosine decay)", "grad_clip": "max global gradient norm",
     "eval_batch_size": "batch size of validation/test encoding",
     "cpu_threads": "torch CPU threads (0: OMP_NUM_THREADS, else 1 for a tiny backbone on CPU)",
+    "loader": "who prepares the next batch: process (a forked worker), thread, or off (in the loop)",
+    "two_cores": "auto: share each step between two CPU cores where that is deterministic; off",
 }
 
 
@@ -878,7 +987,8 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per TrainConfig field; defaults are SUPPRESSed so we can tell what was given."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Defaults: see TrainConfig in train.py (printed at start).")
-    choices = {"calibrator": ["slerp", "linear", "off"], "sampler": ["ggas", "uniform", "size"]}
+    choices = {"calibrator": ["slerp", "linear", "off"], "sampler": ["ggas", "uniform", "size"],
+               "loader": list(LOADER_MODES), "two_cores": ["auto", "off"]}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         shown = f"{FLAG_HELP.get(f.name, '')} (default: {f.default!r})"

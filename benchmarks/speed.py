@@ -1,4 +1,5 @@
-"""The performance figures: GradCache memory, encode throughput, search speed, end-to-end wall time.
+"""The performance figures: GradCache memory, encode throughput, search speed, where a training
+step's time goes, end-to-end wall time.
 
 What it measures (one run, one machine, printed as a markdown table and as ratios)
 ----------------------------------------------------------------------------------
@@ -16,7 +17,11 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    as the batch grows (it keeps the graph of one chunk), the full batch grows ~linearly.
 2. Encode throughput. items/s of embedder.encode_queries (a mix of every task's test queries) and
    embedder.encode_images (test gallery images, PNG decoding included, as evaluate.py does), at
-   evaluate.py's batch size. Share of the machine: the model's matmul work per item, estimated as
+   evaluate.py's batch size, set up as evaluate.py's command line does (one torch thread for the
+   tiny model on a CPU, hence one encoding thread per core; LoRA merged on a CPU). Beside it, the
+   same items through the old path in the same run: torch's own thread count, merge_lora=False and
+   model.encode_threads patched to 1 (one batch at a time), with the speed-up. Share of the
+   machine: the model's matmul work per item, estimated as
 
        FLOPs/item ~ 2 P_lm L  +  2 P_vis N_patch  +  4 n_layers L^2 D  (+ 2 P_cal for a query)
 
@@ -29,7 +34,22 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    (the project's exact, tie-stable search), a bare faiss IndexFlatIP (add + search), a torch
    matmul + topk, and evaluate.search_torch (matmul + full stable sort, the readable reference).
    Best of 3; ratios against the bare faiss index.
-4. Wall time of the two documented commands, as subprocesses: `python train.py --tasks all`
+4. Step-time shares. Where the time of a default training step goes, and how much of the input
+   preparation the loader hides. Two in-process runs of the default setup, built as train.py builds
+   it (train.setup on TrainConfig(tasks="all"), so its thread count, two-core step and loader
+   apply), same seed, --share-warmup unmeasured then --share-steps measured steps of
+   train.train_step: one with the default loader ("thread"), one with --loader off. Timed copies of
+   the step's phases (benchmark-only; train.py is not touched) report, in wall time per step
+   (perf_counter on the main thread; the two towers run at once, so CPU time would double count):
+       input        loader.get: the whole train.prepare_batch with the loader off (measured there,
+                    in the loop, rather than in a separate synchronous pass), the wait when thread
+       forward      both towers        loss      InfoNCE + R_cal (+ its backward to q, t)
+       backward     both towers        optimizer clip + AdamW + scheduler + zero_grad
+       bookkeeping  the rest of the step: GGAS peek/update, token-gradient norm, seeding, log line
+   and, per run, each as a share of its mean step. The loader's figures:
+       hidden share = (mean step off - mean step thread) / preparation per step (also clipped to
+                      [0, 1]), and the loader's hit rate hits / (hits + misses) over the measured steps.
+5. Wall time of the two documented commands, as subprocesses: `python train.py --tasks all`
    (into runs/speed/train-default, so an existing runs/fashionlens-tiny is left alone; ~10 min)
    and `python evaluate.py --ckpt <run>/best`, cold (empty gallery cache) then warm (cache hit).
    `--skip-train` reuses an existing run (default runs/fashionlens-tiny) and reads its training
@@ -41,9 +61,13 @@ Run it
     python benchmarks/speed.py --skip-train              # reuse runs/fashionlens-tiny: ~5 min
     python benchmarks/speed.py --skip-train --run runs/X --batches 8,16 --n-queries 64 --n-images 128
     python benchmarks/speed.py --skip-train --no-wall    # no subprocess timing of train/evaluate
+    python benchmarks/speed.py --no-wall --no-memory --share-steps 60   # encode, search, step shares: ~3 min
+    python benchmarks/speed.py --no-shares               # without the two step-share runs (~1 min less)
 
-Results: the table on stdout and benchmarks/speed_results.json (--out). Timings depend on what else
-runs on the machine: run it on idle cores, and compare ratios rather than absolute numbers.
+Results: the tables on stdout and benchmarks/speed_results.json (--out; the step shares under
+"step_shares"). Timings depend on what else runs on the machine: run it on idle cores. Every ratio
+and share compares figures taken within ONE run on ONE machine; compare those, not absolute numbers
+across machines or runs.
 
 Shape legend: B batch, c chunk, D embedding size, G gallery, Q queries, K retrieved per query,
 L sequence length.
@@ -51,7 +75,9 @@ L sequence length.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -243,8 +269,23 @@ def flops_per_item(emb, params: dict, n_tokens: float, n_images: float, query: b
     return float(f)
 
 
+def _encode_seconds(emb, records: list, gallery: list, batch_size: int, merge_lora) -> tuple[float, float]:
+    """Wall seconds to encode `records` (queries) and `gallery` (images), each after a 4-item warm-up."""
+    emb.encode_queries(records[:4], batch_size=4, merge_lora=merge_lora)  # warm-up (kernels, caches)
+    tq = time.perf_counter()
+    emb.encode_queries(records, batch_size=batch_size, merge_lora=merge_lora)
+    tq = time.perf_counter() - tq
+    emb.encode_images(gallery[:4], batch_size=4, merge_lora=merge_lora)
+    ti = time.perf_counter()
+    emb.encode_images(gallery, batch_size=batch_size, merge_lora=merge_lora)
+    return tq, time.perf_counter() - ti
+
+
 def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, peak_gflops: float) -> dict:
-    """items/s of query and gallery encoding, and the share of peak matmul throughput it reaches."""
+    """items/s of query and gallery encoding, the share of peak matmul throughput it reaches, and the
+    same items through the old path (before merged LoRA and encoding threads) in the same run."""
+    import torch
+
     import data
     import evaluate
 
@@ -269,29 +310,48 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
         n_img.append(k_img + k_frm)
     tgt_tokens = len(emb.tokenizer(emb.render_target(), add_special_tokens=False)["input_ids"])
 
-    emb.encode_queries(records[:4], batch_size=4)  # warm-up
-    tq = time.perf_counter()
-    emb.encode_queries(records, batch_size=batch_size)
-    tq = time.perf_counter() - tq
-    emb.encode_images(gallery[:4], batch_size=4)
-    ti = time.perf_counter()
-    emb.encode_images(gallery, batch_size=batch_size)
-    ti = time.perf_counter() - ti
+    # The default path, set up as evaluate.py's command line does: one torch thread for a tiny model
+    # on a CPU (so model.encode_threads gives one encoding thread per core) and LoRA merged on a CPU.
+    import model as model_module
+    import plumbing
+
+    threads_before = torch.get_num_threads()
+    try:
+        default_threads = plumbing.set_cpu_threads(0, emb.device.type, small_model=emb.tiny)
+        tq, ti = _encode_seconds(emb, records, gallery, batch_size, merge_lora=None)
+        workers = model_module.encode_threads(emb.device)
+        # The old path, as evaluate.py ran before: torch's own thread count, LoRA unmerged, one batch
+        # at a time (encode_threads patched to 1 for the duration; the module's own function is restored).
+        torch.set_num_threads(threads_before)
+        saved = model_module.encode_threads
+        model_module.encode_threads = lambda device: 1
+        try:
+            old_q, old_i = _encode_seconds(emb, records, gallery, batch_size, merge_lora=False)
+        finally:
+            model_module.encode_threads = saved
+    finally:
+        torch.set_num_threads(threads_before)  # what the rest of the benchmark found
 
     params = param_split(emb)
     mean_tok, mean_img = sum(n_tok) / len(n_tok), sum(n_img) / len(n_img)
     fq = sum(flops_per_item(emb, params, t, i, True) for t, i in zip(n_tok, n_img)) / len(n_tok)
     fi = flops_per_item(emb, params, tgt_tokens, 1, False)
-    out = {"params": params, "batch_size": batch_size, "peak_matmul_gflops": peak_gflops}
-    for name, n, secs, fl, tok, img in (("queries", len(records), tq, fq, mean_tok, mean_img),
-                                        ("gallery images", len(gallery), ti, fi, tgt_tokens, 1)):
+    out = {"params": params, "batch_size": batch_size, "peak_matmul_gflops": peak_gflops,
+           "default_path": {"torch_threads": default_threads, "encode_threads": workers,
+                            "merge_lora": emb.device.type == "cpu"},
+           "old_path": {"torch_threads": threads_before, "encode_threads": 1, "merge_lora": False}}
+    for name, n, secs, old, fl, tok, img in (
+            ("queries", len(records), tq, old_q, fq, mean_tok, mean_img),
+            ("gallery images", len(gallery), ti, old_i, fi, tgt_tokens, 1)):
         ips = n / secs  # items per second
         achieved = ips * fl / 1e9  # GFLOP/s the model's matmuls actually ran at
         out[name] = {"items": n, "seconds": secs, "items_per_s": ips, "tokens_per_item": tok,
                      "images_per_item": img, "gflop_per_item": fl / 1e9, "achieved_gflops": achieved,
-                     "share_of_peak": achieved / peak_gflops}
+                     "share_of_peak": achieved / peak_gflops, "old_path_seconds": old,
+                     "old_path_items_per_s": n / old, "speedup_vs_old_path": old / secs}
         print(f"  encode {name}: {ips:.1f} items/s, ~{fl / 1e6:.1f} MFLOP/item -> {achieved:.2f} GFLOP/s "
-              f"= {pct(achieved / peak_gflops)} of the {peak_gflops:.1f} GFLOP/s matmul", flush=True)
+              f"= {pct(achieved / peak_gflops)} of the {peak_gflops:.1f} GFLOP/s matmul; old path "
+              f"{n / old:.1f} items/s ({old / secs:.2f}x)", flush=True)
     return out
 
 
@@ -344,7 +404,256 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
 
 
 # ================================================================================================
-# 4. Wall time of the documented commands
+# 4. Step-time shares: where a default training step's time goes, and what the loader hides
+# ================================================================================================
+# Benchmark-only instrumentation: train.py stays as it is; for the duration of a measurement the
+# step functions it calls are swapped for timed copies (train_step looks them up at call time) and
+# the optimizer / loader calls are wrapped. Everything is timed with perf_counter on the main
+# thread: the two towers run at once, so a phase's cost is its wall time, not its CPU time.
+
+SHARE_PHASES = (  # (key, what the table row says): they add up to the step's wall time
+    ("input", "input preparation (`loader.get`: the whole `prepare_batch` when off, the wait when thread)"),
+    ("forward", "forward: query and target towers (wall)"),
+    ("loss", "loss: InfoNCE + R_cal (two-core step: with its backward to the detached q, t)"),
+    ("backward", "backward: query and target towers (wall)"),
+    ("optimizer", "optimizer: clip + AdamW + scheduler + zero_grad"),
+    ("bookkeeping", "bookkeeping: GGAS peek/update, token-gradient norm, loader submit, seeding, log line"),
+)
+
+
+class PhaseClock:
+    """Wall seconds per phase of the current training step, added up by the timed copies below."""
+
+    def __init__(self):
+        self.step: dict = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.step[phase] = self.step.get(phase, 0.0) + seconds
+
+    def take(self) -> dict:
+        """This step's phases, leaving a clean slate for the next step."""
+        out, self.step = self.step, {}
+        return out
+
+
+def timed_two_core_step(clock: PhaseClock):
+    """A copy of train.two_core_step that reports (a) forward, (b) loss, (c) backward to `clock`.
+
+    The copy reads the clock only where the original already waits for both threads (after the
+    target future's result), so it does the same work in the same order as train.two_core_step.
+    """
+    import torch
+
+    import train
+
+    def step(model, batch, temperature: float, spare):
+        t0 = time.perf_counter()
+        queries, images = train._rows(batch, 0, len(batch.keys))
+        target_fwd = spare.submit(model, images=images)  # (a) the target tower, on the other core
+        out_q = model(queries=queries)  # (a) the query tower, here
+        out_t = target_fwd.result()
+        t1 = time.perf_counter()
+        q = out_q["q"].detach().requires_grad_()  # (B, D) leaf
+        t = out_t["t"].detach().requires_grad_()  # (B, D) leaf
+        nce = train.info_nce(q, t, train.key_ids(batch.keys, q.device), temperature)  # () L_nce
+        reg = out_q["reg"].float()  # () R_cal of the queries
+        loss_value = float(nce.detach() + reg.detach())  # L = L_nce + R_cal
+        train._check_finite(loss_value)
+        nce.backward()  # (b) fills q.grad (B, D) and t.grad (B, D)
+        t2 = time.perf_counter()
+        target_bwd = spare.submit(torch.autograd.backward, [out_t["t"]], [t.grad])  # (c) targets
+        outputs, grads = [out_q["q"]], [q.grad]
+        if reg.requires_grad:
+            outputs, grads = outputs + [reg], grads + [torch.ones_like(reg)]
+        torch.autograd.backward(outputs, grads)  # (c) queries and R_cal, here
+        target_bwd.result()
+        t3 = time.perf_counter()
+        clock.add("forward", t1 - t0)
+        clock.add("loss", t2 - t1)
+        clock.add("backward", t3 - t2)
+        return train.StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg.detach()),
+                             lam=float(out_q["lam"].detach().float().mean()))
+
+    return step
+
+
+def timed_full_batch_step(clock: PhaseClock):
+    """A copy of train.full_batch_step (the one-core path) reporting forward, loss and backward.
+
+    Its loss has no backward of its own: the one backward runs through L and both towers at once.
+    """
+    import train
+    from plumbing import DistInfo
+
+    def step(model, batch, temperature: float, di=DistInfo()):
+        t0 = time.perf_counter()
+        queries, images = train._rows(batch, 0, len(batch.keys))
+        out = model(queries=queries, images=images)
+        t1 = time.perf_counter()
+        q = train.gather_with_grad(out["q"].float(), di)  # (W*b, D)
+        t = train.gather_with_grad(out["t"].float(), di)  # (W*b, D)
+        reg = out["reg"].float()  # () R_cal
+        ids = train.gather_nograd(train.key_ids(batch.keys, q.device), di)  # (W*b,)
+        nce = train.info_nce(q, t, ids, temperature)  # () L_nce
+        reg_mean = train.mean_over_ranks(reg.detach(), di)  # ()
+        loss_value = float(nce.detach() + reg_mean)
+        train._check_finite(loss_value)
+        t2 = time.perf_counter()
+        (nce + reg).backward()
+        t3 = time.perf_counter()
+        clock.add("forward", t1 - t0)
+        clock.add("loss", t2 - t1)
+        clock.add("backward", t3 - t2)
+        return train.StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean),
+                             lam=float(out["lam"].detach().float().mean()))
+
+    return step
+
+
+def _timed(clock: PhaseClock, phase: str, fn):
+    """fn, adding its wall time to `phase` (functools.wraps keeps the attributes torch's lr
+    scheduler marks optimizer.step with, so it does not warn about an overridden step)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.add(phase, time.perf_counter() - t0)
+
+    return call
+
+
+@contextlib.contextmanager
+def instrumented(run, clock: PhaseClock):
+    """train.train_step on `run`, timed by phase: the module-level swaps are undone on exit; the
+    run's own objects keep their wrappers (the benchmark's runs are thrown away afterwards)."""
+    import torch
+
+    import train
+
+    saved = [(train, "two_core_step", train.two_core_step), (train, "full_batch_step", train.full_batch_step),
+             (torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)]
+    train.two_core_step = timed_two_core_step(clock)
+    train.full_batch_step = timed_full_batch_step(clock)  # also what a one-chunk gradcache_step calls
+    torch.nn.utils.clip_grad_norm_ = _timed(clock, "optimizer", torch.nn.utils.clip_grad_norm_)
+    run.optimizer.step = _timed(clock, "optimizer", run.optimizer.step)
+    run.optimizer.zero_grad = _timed(clock, "optimizer", run.optimizer.zero_grad)
+    run.scheduler.step = _timed(clock, "optimizer", run.scheduler.step)
+    run.loader.get = _timed(clock, "input", run.loader.get)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def run_default_steps(loader: str, steps: int, warmup: int, folder: Path) -> dict:
+    """Build the default training setup as train.py does (loader mode aside), run warmup + steps of
+    train.train_step, and return the mean ms per phase over the last `steps` and the loader's counts."""
+    import io
+
+    import torch
+
+    import train
+
+    cfg = train.TrainConfig(tasks="all", steps=steps + warmup, out=str(folder / loader), final_test=False,
+                            eval_every=10 ** 9, loader=loader)
+    with contextlib.redirect_stdout(io.StringIO()):  # setup prints the resolved configuration
+        run = train.setup(cfg, None)
+    clock, rows, losses, subsets = PhaseClock(), [], [], []
+    try:
+        with instrumented(run, clock):
+            run.t_prev = time.time()
+            for i in range(warmup + steps):
+                if i == warmup:  # count the loader over the measured steps only
+                    hits0, misses0 = run.loader.stats.hits, run.loader.stats.misses
+                clock.take()
+                t0 = time.perf_counter()
+                so, subset = train.train_step(run)
+                wall = time.perf_counter() - t0
+                phases = clock.take()
+                if i >= warmup:
+                    rows.append({**phases, "step": wall})
+                    losses.append(so.loss)
+                    subsets.append(subset)
+        stats = run.loader.stats
+        out = {"loader": loader, "torch_threads": torch.get_num_threads(),
+               "path": "two_core_step" if run.spare is not None else "full_batch_step",
+               "hits": stats.hits - hits0, "misses": stats.misses - misses0, "losses": losses, "subsets": subsets}
+    finally:
+        run.loader.close()
+        if run.spare is not None:
+            run.spare.shutdown()
+    ms = {k: 1000 * sum(r.get(k, 0.0) for r in rows) / len(rows) for k, _ in SHARE_PHASES if k != "bookkeeping"}
+    ms["step"] = 1000 * sum(r["step"] for r in rows) / len(rows)
+    ms["bookkeeping"] = ms["step"] - sum(ms[k] for k, _ in SHARE_PHASES if k != "bookkeeping")  # the rest
+    out["ms"] = ms
+    return out
+
+
+def share_summary(off: dict, thread: dict, hits: int, misses: int) -> dict:
+    """Shares of each run's mean step and the loader's figures, from mean ms per phase (with "step").
+
+    prep      = the input time per step with the loader off (the whole prepare_batch, in the loop)
+    hidden    = (step_off - step_thread) / prep: the share of preparation the worker takes off a step
+                (below 0: the worker costs more than it saves; above 1: more than prep was saved)
+    off_loop  = 1 - wait_thread / prep: the share of preparation no longer waited for in the loop;
+                off_loop - hidden is what the worker thread costs the other phases (the GIL, the cores)
+    """
+    prep = off["input"]
+    hidden = (off["step"] - thread["step"]) / prep if prep > 0 else float("nan")
+    return {"ms": {"off": off, "thread": thread},
+            "share": {name: {k: v / run["step"] for k, v in run.items()} for name, run in
+                      (("off", off), ("thread", thread))},
+            "prep_ms": prep, "prep_share_of_default_step": prep / thread["step"],
+            "hidden_share_unclipped": hidden, "hidden_share": min(1.0, max(0.0, hidden)),
+            "off_loop_share": 1 - thread["input"] / prep if prep > 0 else float("nan"),
+            "loader_hits": hits, "loader_misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else float("nan")}
+
+
+def measure_step_shares(args) -> dict:
+    """Where a default training step's time goes, and the share of input preparation the loader hides.
+
+    Two in-process runs of the default setup (train.setup on train.TrainConfig(tasks="all"), so the
+    default thread count, the two-core step and the loader apply), same seed and steps, into a
+    temporary folder under runs/speed: the default loader ("thread") and loader "off". Both run
+    --share-warmup steps, then --share-steps measured ones, with the same instrumentation.
+    The input preparation a step would cost in the loop is measured in the run with loader "off"
+    (where `loader.get` IS `prepare_batch`, in the caller), not by a separate synchronous pass.
+    """
+    import torch
+
+    threads_before = torch.get_num_threads()  # train.setup sets 1 thread for the tiny model
+    root = REPO / "runs" / "speed"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="step-shares-", dir=root))
+    runs = {}
+    try:
+        for loader in ("thread", "off"):
+            runs[loader] = r = run_default_steps(loader, args.share_steps, args.share_warmup, folder)
+            gc.collect()
+            print(f"  shares: loader {loader}: {args.share_steps} steps ({r['path']}, {r['torch_threads']} "
+                  f"torch thread(s)), mean step {r['ms']['step']:.1f} ms, input {r['ms']['input']:.1f} ms",
+                  flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        torch.set_num_threads(threads_before)
+    th, off = runs["thread"], runs["off"]
+    out = share_summary(off["ms"], th["ms"], th["hits"], th["misses"])
+    loss_diff = max(abs(a - b) for a, b in zip(th["losses"], off["losses"]))
+    out.update(steps=args.share_steps, warmup=args.share_warmup, path=th["path"],
+               torch_threads=th["torch_threads"], same_subsets=th["subsets"] == off["subsets"],
+               max_loss_difference=loss_diff)
+    print(f"  shares: hidden share {out['hidden_share_unclipped']:.2f} (clipped {out['hidden_share']:.2f}), "
+          f"loader hit rate {pct(out['hit_rate'])}; the two runs drew the same sub-datasets: "
+          f"{out['same_subsets']}, max |loss difference| {loss_diff:.1e}", flush=True)
+    return out
+
+
+# ================================================================================================
+# 5. Wall time of the documented commands
 # ================================================================================================
 
 
@@ -412,7 +721,8 @@ def measure_wall(args) -> dict:
 
 
 def report(res: dict) -> str:
-    """The markdown tables (memory, encode, search, wall) with each fast path as a ratio to its reference."""
+    """The markdown tables (memory, encode, search, step shares, wall), each fast path as a ratio to its
+    reference."""
     lines = []
     mem = res.get("memory")
     if mem:
@@ -442,13 +752,22 @@ def report(res: dict) -> str:
                   f"{enc['peak_matmul_gflops']:.1f} GFLOP/s; parameters: LM {p['lm'] / 1e6:.2f} M, "
                   f"vision {p['vision'] / 1e6:.2f} M, calibrator {p['calibrator'] / 1e6:.2f} M, "
                   f"embedding table {p['embedding_table'] / 1e6:.2f} M)", "",
-                  "| items | items/s | tokens/item | images/item | est. MFLOP/item | achieved GFLOP/s | "
-                  "share of matmul peak |", "|---|---|---|---|---|---|---|"]
+                  "| items | items/s | old path items/s | vs old path | tokens/item | images/item | "
+                  "est. MFLOP/item | achieved GFLOP/s | share of matmul peak |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name in ("queries", "gallery images"):
             e = enc[name]
-            lines.append(f"| {name} ({e['items']}) | {e['items_per_s']:.1f} | {e['tokens_per_item']:.0f} | "
+            old = (f"{e['old_path_items_per_s']:.1f} | {e['speedup_vs_old_path']:.2f}x" if "old_path_items_per_s" in e
+                   else "n/a | n/a")
+            lines.append(f"| {name} ({e['items']}) | {e['items_per_s']:.1f} | {old} | {e['tokens_per_item']:.0f} | "
                          f"{e['images_per_item']:.1f} | {1000 * e['gflop_per_item']:.1f} | "
                          f"{e['achieved_gflops']:.2f} | {pct(e['share_of_peak'])} |")
+        if "old_path" in enc:
+            d, o = enc["default_path"], enc["old_path"]
+            lines += ["", f"Default path: {d['torch_threads']} torch thread(s), {d['encode_threads']} encoding "
+                          f"thread(s), LoRA merged: {d['merge_lora']}. Old path (evaluate.py before): "
+                          f"{o['torch_threads']} torch thread(s), one batch at a time, LoRA unmerged. "
+                          f"Same items, same run."]
         lines.append("")
     se = res.get("search")
     if se:
@@ -458,6 +777,9 @@ def report(res: dict) -> str:
         for n, t in se["seconds"].items():
             lines.append(f"| {n} | {1000 * t:.1f} | {se['ratio_to_bare_faiss'][n]:.2f}x |")
         lines.append("")
+    sh = res.get("step_shares")
+    if sh:
+        lines += share_table(sh) + [""]
     wall = res.get("wall")
     if wall:
         lines += ["**Wall time**", "", "| command | seconds | minutes | |", "|---|---|---|---|"]
@@ -468,6 +790,30 @@ def report(res: dict) -> str:
             lines.append(f"| `{w['command']}` | {cell} | {note} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def share_table(sh: dict) -> list[str]:
+    """The step-time shares as markdown lines: the phase table, then the loader's figures."""
+    off, th = sh["ms"]["off"], sh["ms"]["thread"]
+    lines = [f"**Step-time shares** (default `train.py --tasks all` steps, {sh['path']}, "
+             f"{sh['torch_threads']} torch thread(s); mean of {sh['steps']} steps after {sh['warmup']}, "
+             f"one run per loader mode, same seed)", "",
+             "| phase | loader off: ms per step | share of step | default (loader thread): ms per step | "
+             "share of step |", "|---|---|---|---|---|"]
+    for key, label in SHARE_PHASES + (("step", "**step (mean wall time)**"),):
+        lines.append(f"| {label} | {off[key]:.1f} | {pct(off[key] / off['step'])} | {th[key]:.1f} | "
+                     f"{pct(th[key] / th['step'])} |")
+    hits, misses = sh["loader_hits"], sh["loader_misses"]
+    lines += ["",
+              f"- input preparation (`prepare_batch` in the loop, loader off): {sh['prep_ms']:.1f} ms per step "
+              f"= {pct(sh['prep_share_of_default_step'])} of the default step",
+              f"- mean step: loader off {off['step']:.1f} ms, loader thread {th['step']:.1f} ms; hidden share "
+              f"= (off - thread) / preparation = {sh['hidden_share_unclipped']:.2f} (clipped to [0, 1]: "
+              f"{sh['hidden_share']:.2f})",
+              f"- preparation taken out of the loop (1 - wait / preparation): {sh['off_loop_share']:.2f}; "
+              f"the difference to the hidden share is what the worker costs the other phases",
+              f"- loader hit rate {hits}/{hits + misses} = {pct(sh['hit_rate'])} (a miss is prepared in the loop)"]
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,6 +837,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "smoke-test this script (e.g. '--steps 3'); '' = the default")
     ap.add_argument("--no-wall", action="store_true", help="skip the train.py / evaluate.py wall times")
     ap.add_argument("--no-memory", action="store_true", help="skip the GradCache memory measurement")
+    ap.add_argument("--no-shares", action="store_true", help="skip the step-time shares (two in-process runs "
+                                                             "of the default training steps)")
+    ap.add_argument("--share-warmup", type=int, default=5, help="step-time shares: unmeasured steps first")
+    ap.add_argument("--share-steps", type=int, default=60, help="step-time shares: measured default steps "
+                                                                "per loader mode")
     ap.add_argument("--out", default="benchmarks/speed_results.json", help="results JSON")
     ap.add_argument("--memory-worker", nargs=2, type=int, metavar=("BATCH", "CHUNK"), help=argparse.SUPPRESS)
     return ap
@@ -515,7 +866,8 @@ def check_args(args) -> None:
     for flag, value, least in (("--chunk", args.chunk, 1), ("--n-queries", args.n_queries, 1),
                                ("--n-images", args.n_images, 1), ("--encode-batch", args.encode_batch, 1),
                                ("--matmul-n", args.matmul_n, 1), ("--search-dim", args.search_dim, 0),
-                               ("--k", args.k, 1)):
+                               ("--k", args.k, 1), ("--share-steps", args.share_steps, 1),
+                               ("--share-warmup", args.share_warmup, 0)):
         if value < least:
             raise SystemExit(f"error: {flag} {value}: must be >= {least}")
     if args.k > q_g[1]:
@@ -526,6 +878,8 @@ def check_args(args) -> None:
     import plumbing  # the project's own checks (imports torch)
 
     plumbing.check_writable("--out", args.out, folder=False)
+    if not (args.no_shares and args.no_wall):  # both write their runs and logs under runs/speed
+        plumbing.check_writable("the benchmark's run folder", "runs/speed")
 
 
 def main(argv=None) -> int:
@@ -579,6 +933,10 @@ def _main(argv=None) -> int:
     res["search"] = measure_search(n_q, n_g, args.search_dim or emb.dim, args.k)
     del emb
     gc.collect()
+
+    if not args.no_shares:
+        print("Step-time shares of the default training step (in-process, loader thread vs off):", flush=True)
+        res["step_shares"] = measure_step_shares(args)
 
     if not args.no_wall:
         print("Wall time of the documented commands:", flush=True)

@@ -115,3 +115,20 @@ def test_peak_memory_probe_sees_an_allocation():
     block = b"\x01" * (64 * 1024 * 1024)  # 64 MiB, written byte by byte, so it is resident
     del block
     assert speed._status_kib("VmHWM") - before >= 60 * 1024
+def test_step_shares_summary_and_table():
+    off = {"input": 40.0, "forward": 150.0, "loss": 2.0, "backward": 190.0, "optimizer": 10.0, "bookkeeping": 8.0,
+           "step": 400.0}
+    thread = dict(off, input=10.0, step=380.0)  # 20 ms faster, 10 ms still waited for
+    sh = speed.share_summary(off, thread, hits=9, misses=1)
+    assert sh["hidden_share_unclipped"] == pytest.approx(0.5)  # (400 - 380) / 40
+    assert sh["hidden_share"] == pytest.approx(0.5)
+    assert sh["off_loop_share"] == pytest.approx(0.75)  # 1 - 10 / 40
+    assert sh["hit_rate"] == pytest.approx(0.9)
+    assert sh["share"]["off"]["input"] == pytest.approx(0.1)  # 40 / 400
+    assert sh["prep_share_of_default_step"] == pytest.approx(40 / 380)
+    slower = speed.share_summary(off, dict(thread, step=460.0), hits=1, misses=0)
+    assert slower["hidden_share_unclipped"] == pytest.approx(-1.5)  # the worker cost more than it saved
+    assert slower["hidden_share"] == 0.0  # clipped to [0, 1]
+    text = "\n".join(speed.share_table({**sh, "steps": 10, "warmup": 2, "path": "two_core_step", "torch_threads": 1}))
+    assert "| forward: query and target towers (wall) | 150.0 | 37.50 % | 150.0 | 39.47 % |" in text
+    assert "= 0.50 (clipped to [0, 1]: 0.50)" in text and "9/10 = 90.00 %" in text
