@@ -38,7 +38,8 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    preparation the loader hides. Two in-process runs of the default setup, built as train.py builds
    it (train.setup on TrainConfig(tasks="all"), so its thread count, two-core step and loader
    apply), same seed, --share-warmup unmeasured then --share-steps measured steps of
-   train.train_step: one with the default loader ("thread"), one with --loader off. Timed copies of
+   train.train_step: one with --loader thread, one with --loader off (the default, auto, is off when the
+   two-core step runs, thread otherwise). Timed copies of
    the step's phases (benchmark-only; train.py is not touched) report, in wall time per step
    (perf_counter on the main thread; the two towers run at once, so CPU time would double count):
        input        loader.get: the whole train.prepare_batch with the loader off (measured there,
@@ -412,7 +413,7 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
 # thread: the two towers run at once, so a phase's cost is its wall time, not its CPU time.
 
 SHARE_PHASES = (  # (key, what the table row says): they add up to the step's wall time
-    ("input", "input preparation (`loader.get`: the whole `prepare_batch` when off, the wait when thread)"),
+    ("input", "input preparation (`loader.get`: the whole `prepare_batch` when off, the wait for the worker with a thread)"),
     ("forward", "forward: query and target towers (wall)"),
     ("loss", "loss: InfoNCE + R_cal (two-core step: with its backward to the detached q, t)"),
     ("backward", "backward: query and target towers (wall)"),
@@ -617,8 +618,8 @@ def measure_step_shares(args) -> dict:
     """Where a default training step's time goes, and the share of input preparation the loader hides.
 
     Two in-process runs of the default setup (train.setup on train.TrainConfig(tasks="all"), so the
-    default thread count, the two-core step and the loader apply), same seed and steps, into a
-    temporary folder under runs/speed: the default loader ("thread") and loader "off". Both run
+    default thread count and the two-core step apply), same seed and steps, into a
+    temporary folder under runs/speed: loader "thread" and loader "off". Both run
     --share-warmup steps, then --share-steps measured ones, with the same instrumentation.
     The input preparation a step would cost in the loop is measured in the run with loader "off"
     (where `loader.get` IS `prepare_batch`, in the caller), not by a separate synchronous pass.
@@ -798,7 +799,7 @@ def share_table(sh: dict) -> list[str]:
     lines = [f"**Step-time shares** (default `train.py --tasks all` steps, {sh['path']}, "
              f"{sh['torch_threads']} torch thread(s); mean of {sh['steps']} steps after {sh['warmup']}, "
              f"one run per loader mode, same seed)", "",
-             "| phase | loader off: ms per step | share of step | default (loader thread): ms per step | "
+             "| phase | loader off: ms per step | share of step | loader thread: ms per step | "
              "share of step |", "|---|---|---|---|---|"]
     for key, label in SHARE_PHASES + (("step", "**step (mean wall time)**"),):
         lines.append(f"| {label} | {off[key]:.1f} | {pct(off[key] / off['step'])} | {th[key]:.1f} | "

@@ -507,16 +507,16 @@ TRAIN_ARGS = ["--tasks", "t2i,cir", "--steps", "6", "--eval-every", "6", "--max-
 
 @pytest.fixture(scope="module")
 def loader_runs(small_root, tmp_path_factory):  # noqa: F811
-    """Three 6-step runs in this process: default (thread loader, two cores), --loader off,
-    --two-cores off; counting the calls of two_core_step in each."""
+    """Four 6-step runs in this process: --loader thread (two cores), --loader off, --two-cores off,
+    and the defaults (auto: no loader beside the two-core step); counting two_core_step's calls."""
     import train
 
     tmp = tmp_path_factory.mktemp("loader_runs")
     runs = {}
     threads = torch.get_num_threads()
     try:
-        for name, flags in (("default", []), ("loader_off", ["--loader", "off"]),
-                            ("one_core", ["--two-cores", "off"])):
+        for name, flags in (("thread", ["--loader", "thread"]), ("loader_off", ["--loader", "off"]),
+                            ("one_core", ["--two-cores", "off"]), ("default", [])):
             calls = [0]
 
             def counted(*a, _real=train.two_core_step, _calls=calls, **k):
@@ -541,8 +541,8 @@ def _without(records: list, drop=("time", "step_seconds", "prefetched", "seconds
 
 
 def test_thread_loader_gives_the_same_run_as_no_loader(loader_runs):
-    fast, ref = loader_runs["default"], loader_runs["loader_off"]
-    assert fast["config"]["loader"] == "thread" and ref["config"]["loader"] == "off"
+    fast, ref = loader_runs["thread"], loader_runs["loader_off"]
+    assert fast["config"]["resolved"]["loader"] == "thread" and ref["config"]["resolved"]["loader"] == "off"
     steps = [r for r in fast["log"] if r.get("event") is None]
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert len({r["subset"] for r in steps}) >= 2  # several sub-datasets: the guesses had work to do
@@ -553,6 +553,15 @@ def test_thread_loader_gives_the_same_run_as_no_loader(loader_runs):
     pre = [r["prefetched"] for r in steps]
     assert pre[0] is False and sum(pre[1:]) >= 3, pre
     assert not any(r["prefetched"] for r in ref["log"] if r.get("event") is None)
+
+
+def test_loader_auto_resolves_by_the_step(loader_runs):
+    """auto: no worker beside the two-core step (both cores compute), a thread when one core does."""
+    assert loader_runs["default"]["config"]["resolved"]["loader"] == "off"
+    assert loader_runs["default"]["config"]["resolved"]["two_core_step"] is True
+    assert loader_runs["one_core"]["config"]["resolved"]["loader"] == "thread"
+    assert loader_runs["one_core"]["config"]["resolved"]["two_core_step"] is False
+    assert _without(loader_runs["default"]["log"]) == _without(loader_runs["thread"]["log"])
 
 
 def test_two_core_steps_give_the_losses_of_one_core(loader_runs):
@@ -573,7 +582,7 @@ def test_loader_and_two_cores_flags(tmp_path, capsys):
     cfg, _ = train.parse_config(["--loader", "process", "--two-cores", "off", "--out", str(tmp_path / "r")])
     assert (cfg.loader, cfg.two_cores) == ("process", "off")
     cfg.check()  # accepted
-    assert train.TrainConfig().loader == "thread" and train.TrainConfig().two_cores == "auto"
+    assert train.TrainConfig().loader == "auto" and train.TrainConfig().two_cores == "auto"
     for flag, value in (("--loader", "nope"), ("--two-cores", "maybe")):
         with pytest.raises(SystemExit) as stop:  # argparse refuses a value outside the choices
             train.main([flag, value, "--out", str(tmp_path / "r")])
