@@ -380,10 +380,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N; under torchrun: cuda:LOCAL_RANK
     cpu_threads: int = 0  # torch CPU threads; 0 = auto: OMP_NUM_THREADS if set, else 1 for a tiny backbone on
     #                      CPU (its 128-wide matmuls are too small to split over threads), else torch's default
-    loader: str = "auto"  # who prepares the next batch during a step (prefetch.py): a worker "thread", a
-    #                       forked worker "process", or "off" (in the loop); the same batches in each. auto:
-    #                       off when two_cores keeps both CPU cores busy (a worker only competes there),
-    #                       else thread
+    loader: str = "thread"  # who prepares the next batch during a step (prefetch.py): a worker "thread", a
+    #                         forked worker "process", or "off" (in the loop); the same batches in each
     two_cores: str = "auto"  # auto: share each step between two CPU cores (two_core_step) when training
     #                         runs on a multi-core CPU with one torch thread, without DDP, GradCache
     #                         chunks or dropout; off: one core computes the whole step
@@ -425,7 +423,7 @@ class TrainConfig:
             "max_eval_queries": (self.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
             "eval_batch_size": (self.eval_batch_size >= 1, "must be >= 1"),
             "cpu_threads": (self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
-            "loader": (self.loader in ("auto", *LOADER_MODES), f"must be auto, {', '.join(LOADER_MODES)}"),
+            "loader": (self.loader in LOADER_MODES, f"must be one of {', '.join(LOADER_MODES)}"),
             "two_cores": (self.two_cores in ("auto", "off"), "must be auto or off"),
             "stop_at": (self.stop_at >= 0, "must be >= 0 (0 = never)"),
         }
@@ -589,11 +587,9 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     if resume_dir is not None:
         restore_state(run, resume_dir)
     run.batches = iter(run.task_sampler)
-    two_cores = use_two_cores(cfg, embedder, di, threads, plan.per_rank)
-    loader = cfg.loader if cfg.loader != "auto" else ("off" if two_cores else "thread")
     # The loader first: in "process" mode it forks here, while this process has a single thread.
-    run.loader = Prefetcher(partial(prepare_batch, view, embedder, cfg.seed), loader)
-    if two_cores:
+    run.loader = Prefetcher(partial(prepare_batch, view, embedder, cfg.seed), cfg.loader)
+    if use_two_cores(cfg, embedder, di, threads, plan.per_rank):
         run.spare = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-core")
     if di.main:
         write_resolved_config(run, threads, sizes, resume_dir)
@@ -983,7 +979,7 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
     "min_lr_ratio": "final lr as a share of --lr (cosine decay)", "grad_clip": "max global gradient norm",
     "eval_batch_size": "batch size of validation/test encoding",
     "cpu_threads": "torch CPU threads (0: OMP_NUM_THREADS, else 1 for a tiny backbone on CPU)",
-    "loader": "who prepares the next batch: thread, process (a forked worker), off (in the loop), or auto",
+    "loader": "who prepares the next batch: thread, process (a forked worker), or off (in the loop)",
     "two_cores": "auto: share each step between two CPU cores where that is deterministic; off",
 }
 
@@ -993,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Defaults: see TrainConfig in train.py (printed at start).")
     choices = {"calibrator": ["slerp", "linear", "off"], "sampler": ["ggas", "uniform", "size"],
-               "loader": ["auto", *LOADER_MODES], "two_cores": ["auto", "off"]}
+               "loader": list(LOADER_MODES), "two_cores": ["auto", "off"]}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         shown = f"{FLAG_HELP.get(f.name, '')} (default: {f.default!r})"

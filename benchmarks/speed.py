@@ -38,8 +38,7 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    preparation the loader hides. Two in-process runs of the default setup, built as train.py builds
    it (train.setup on TrainConfig(tasks="all"), so its thread count, two-core step and loader
    apply), same seed, --share-warmup unmeasured then --share-steps measured steps of
-   train.train_step: one with --loader thread, one with --loader off (the default, auto, is off when the
-   two-core step runs, thread otherwise). Timed copies of
+   train.train_step: one with the default --loader thread, one with --loader off. Timed copies of
    the step's phases (benchmark-only; train.py is not touched) report, in wall time per step
    (perf_counter on the main thread; the two towers run at once, so CPU time would double count):
        input        loader.get: the whole train.prepare_batch with the loader off (measured there,

@@ -508,7 +508,7 @@ TRAIN_ARGS = ["--tasks", "t2i,cir", "--steps", "6", "--eval-every", "6", "--max-
 @pytest.fixture(scope="module")
 def loader_runs(small_root, tmp_path_factory):  # noqa: F811
     """Four 6-step runs in this process: --loader thread (two cores), --loader off, --two-cores off,
-    and the defaults (auto: no loader beside the two-core step); counting two_core_step's calls."""
+    and the defaults; counting two_core_step's calls in each."""
     import train
 
     tmp = tmp_path_factory.mktemp("loader_runs")
@@ -555,11 +555,10 @@ def test_thread_loader_gives_the_same_run_as_no_loader(loader_runs):
     assert not any(r["prefetched"] for r in ref["log"] if r.get("event") is None)
 
 
-def test_loader_auto_resolves_by_the_step(loader_runs):
-    """auto: no worker beside the two-core step (both cores compute), a thread when one core does."""
-    assert loader_runs["default"]["config"]["resolved"]["loader"] == "off"
-    assert loader_runs["default"]["config"]["resolved"]["two_core_step"] is True
-    assert loader_runs["one_core"]["config"]["resolved"]["loader"] == "thread"
+def test_default_run_is_the_thread_loader_run(loader_runs):
+    """The defaults are the thread loader beside the two-core step (as config.json records)."""
+    resolved = loader_runs["default"]["config"]["resolved"]
+    assert resolved["loader"] == "thread" and resolved["two_core_step"] is True
     assert loader_runs["one_core"]["config"]["resolved"]["two_core_step"] is False
     assert _without(loader_runs["default"]["log"]) == _without(loader_runs["thread"]["log"])
 
@@ -582,7 +581,7 @@ def test_loader_and_two_cores_flags(tmp_path, capsys):
     cfg, _ = train.parse_config(["--loader", "process", "--two-cores", "off", "--out", str(tmp_path / "r")])
     assert (cfg.loader, cfg.two_cores) == ("process", "off")
     cfg.check()  # accepted
-    assert train.TrainConfig().loader == "auto" and train.TrainConfig().two_cores == "auto"
+    assert train.TrainConfig().loader == "thread" and train.TrainConfig().two_cores == "auto"
     for flag, value in (("--loader", "nope"), ("--two-cores", "maybe")):
         with pytest.raises(SystemExit) as stop:  # argparse refuses a value outside the choices
             train.main([flag, value, "--out", str(tmp_path / "r")])
@@ -639,3 +638,12 @@ def test_build_optimizer_uses_fused_adamw_with_the_per_tensor_numbers():
     for (n, p), q in zip(fused_model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), n
     assert not torch.equal(fused_model.lora, _TwoGroups().lora)  # the step did move the weights
+
+
+def test_prefetch_is_support_code():
+    """prefetch.py is support: importing it pulls in none of the core files (imports flow one way)."""
+    code = ("import sys, prefetch\n"
+            "core = {'data', 'model', 'train', 'evaluate', 'calibrator', 'sampler'} & set(sys.modules)\n"
+            "assert not core, core\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
