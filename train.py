@@ -49,7 +49,7 @@ tested on a laptop: `torchrun --nproc_per_node 2 train.py --steps 4 ...`.
 
 Run it
 ------
-    python train.py --tasks all                 # synthetic U-FIRE + tiny backbone, CPU, ~7 min
+    python train.py --tasks all                 # synthetic U-FIRE + tiny backbone, 2 CPU cores, ~9 min
     python train.py --tasks t2i,cir --steps 200 --out runs/small
     python train.py --resume runs/small         # continue an interrupted run exactly
     python train.py --data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct --batch-size 256 \\
