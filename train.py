@@ -297,7 +297,7 @@ def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor) -
     (c) backward: each thread pushes its cached gradient back through its own tower.
     torch releases the GIL inside its kernels and autograd locks gradient accumulation, so the two
     threads run side by side. The gradient is full_batch_step's up to float summation order (a
-    weight used several times in each tower sums its pieces in another order; tests/test_train.py
+    weight used several times in each tower sums its pieces in another order; tests/test_fast_paths.py
     holds them within 1e-5). train.py uses this path only without dropout: two threads would draw
     their masks from one generator in an unpredictable order.
     """
@@ -464,7 +464,7 @@ def make_batch(view, subset: str, indices: list[int], seed: int, step: int) -> B
 
 def prepare_batch(view, embedder, seed: int, request: tuple) -> Batch:
     """The loader's job for one step: make_batch, then collate queries and targets into tensors
-    (the steps take rows of them: GradCache's chunks, two_core_step's split).
+    (GradCache's chunks take rows of them).
 
     request = (sub-dataset, this rank's record indices, step). Pure: the same request always gives
     the same batch, so it does not matter whether the worker or the loop prepared it.
@@ -637,7 +637,7 @@ def build_optimizer(embedder, cfg: TrainConfig, plan: Plan, di: DistInfo):
             embedder, device_ids=[di.local_rank] if di.device.startswith("cuda") else None,
             find_unused_parameters=cfg.find_unused_parameters)
     # fused: one kernel for the whole update instead of ~10 small ops per tensor (the calibrator alone
-    # has 4.3 M parameters in many tensors); the same numbers as the per-tensor loop.
+    # has 4.3 M parameters in many tensors); the same update up to float rounding (docs/RESULTS.md).
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

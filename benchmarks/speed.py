@@ -38,12 +38,12 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    preparation the loader hides. Two in-process runs of the default setup, built as train.py builds
    it (train.setup on TrainConfig(tasks="all"), so its thread count, two-core step and loader
    apply), same seed, --share-warmup unmeasured then --share-steps measured steps of
-   train.train_step: one with the default --loader thread, one with --loader off. Timed copies of
-   the step's phases (benchmark-only; train.py is not touched) report, in wall time per step
+   train.train_step: one with the default --loader thread, one with --loader off. Timers wrapped
+   around the step's own functions (benchmark-only; train.py is not touched) report, in wall time per step
    (perf_counter on the main thread; the two towers run at once, so CPU time would double count):
        input        loader.get: the whole train.prepare_batch with the loader off (measured there,
                     in the loop, rather than in a separate synchronous pass), the wait when thread
-       forward      both towers        loss      InfoNCE + R_cal (+ its backward to q, t)
+       forward      both towers        loss      train.info_nce
        backward     both towers        optimizer clip + AdamW + scheduler + zero_grad
        bookkeeping  the rest of the step: GGAS peek/update, token-gradient norm, seeding, log line
    and, per run, each as a share of its mean step. The loader's figures:
@@ -407,14 +407,14 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
 # 4. Step-time shares: where a default training step's time goes, and what the loader hides
 # ================================================================================================
 # Benchmark-only instrumentation: train.py stays as it is; for the duration of a measurement the
-# step functions it calls are swapped for timed copies (train_step looks them up at call time) and
-# the optimizer / loader calls are wrapped. Everything is timed with perf_counter on the main
+# step functions it calls are wrapped in timers (train_step looks them up at call time), and so are
+# the optimizer / loader calls. Everything is timed with perf_counter on the main
 # thread: the two towers run at once, so a phase's cost is its wall time, not its CPU time.
 
 SHARE_PHASES = (  # (key, what the table row says): they add up to the step's wall time
     ("input", "input preparation (`loader.get`: the whole `prepare_batch` when off, the wait for the worker with a thread)"),
     ("forward", "forward: query and target towers (wall)"),
-    ("loss", "loss: InfoNCE + R_cal (two-core step: with its backward to the detached q, t)"),
+    ("loss", "loss: InfoNCE (`train.info_nce`)"),
     ("backward", "backward: query and target towers (wall)"),
     ("optimizer", "optimizer: clip + AdamW + scheduler + zero_grad"),
     ("bookkeeping", "bookkeeping: GGAS peek/update, token-gradient norm, loader submit, seeding, log line"),
@@ -422,7 +422,7 @@ SHARE_PHASES = (  # (key, what the table row says): they add up to the step's wa
 
 
 class PhaseClock:
-    """Wall seconds per phase of the current training step, added up by the timed copies below."""
+    """Wall seconds per phase of the current training step, added up by the timers below."""
 
     def __init__(self):
         self.step: dict = {}
@@ -436,76 +436,35 @@ class PhaseClock:
         return out
 
 
-def timed_two_core_step(clock: PhaseClock):
-    """A copy of train.two_core_step that reports (a) forward, (b) loss, (c) backward to `clock`.
+def timed_step(clock: PhaseClock, step_fn):
+    """train.two_core_step or train.full_batch_step itself, timed by phase without a copy of it.
 
-    The copy reads the clock only where the original already waits for both threads (after the
-    target future's result), so it does the same work in the same order as train.two_core_step.
-    """
-    import torch
-
-    import train
-
-    def step(model, batch, temperature: float, spare):
-        t0 = time.perf_counter()
-        queries, images = train._rows(batch, 0, len(batch.keys))
-        target_fwd = spare.submit(model, images=images)  # (a) the target tower, on the other core
-        out_q = model(queries=queries)  # (a) the query tower, here
-        out_t = target_fwd.result()
-        t1 = time.perf_counter()
-        q = out_q["q"].detach().requires_grad_()  # (B, D) leaf
-        t = out_t["t"].detach().requires_grad_()  # (B, D) leaf
-        nce = train.info_nce(q, t, train.key_ids(batch.keys, q.device), temperature)  # () L_nce
-        reg = out_q["reg"].float()  # () R_cal of the queries
-        loss_value = float(nce.detach() + reg.detach())  # L = L_nce + R_cal
-        train._check_finite(loss_value)
-        nce.backward()  # (b) fills q.grad (B, D) and t.grad (B, D)
-        t2 = time.perf_counter()
-        target_bwd = spare.submit(torch.autograd.backward, [out_t["t"]], [t.grad])  # (c) targets
-        outputs, grads = [out_q["q"]], [q.grad]
-        if reg.requires_grad:
-            outputs, grads = outputs + [reg], grads + [torch.ones_like(reg)]
-        torch.autograd.backward(outputs, grads)  # (c) queries and R_cal, here
-        target_bwd.result()
-        t3 = time.perf_counter()
-        clock.add("forward", t1 - t0)
-        clock.add("loss", t2 - t1)
-        clock.add("backward", t3 - t2)
-        return train.StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg.detach()),
-                             lam=float(out_q["lam"].detach().float().mean()))
-
-    return step
-
-
-def timed_full_batch_step(clock: PhaseClock):
-    """A copy of train.full_batch_step (the one-core path) reporting forward, loss and backward.
-
-    Its loss has no backward of its own: the one backward runs through L and both towers at once.
+    Forward runs from the call to L's first use (train.info_nce: both towers are done by then), the
+    loss is info_nce itself, backward is the rest of the step (with L's small backward to q and t).
     """
     import train
-    from plumbing import DistInfo
 
-    def step(model, batch, temperature: float, di=DistInfo()):
+    real_nce, marks = train.info_nce, {}
+
+    def nce(*args, **kwargs):  # info_nce, marking when it starts and ends
+        marks["loss_start"] = time.perf_counter()
+        try:
+            return real_nce(*args, **kwargs)
+        finally:
+            marks["loss_end"] = time.perf_counter()
+
+    @functools.wraps(step_fn)
+    def step(*args, **kwargs):
         t0 = time.perf_counter()
-        queries, images = train._rows(batch, 0, len(batch.keys))
-        out = model(queries=queries, images=images)
-        t1 = time.perf_counter()
-        q = train.gather_with_grad(out["q"].float(), di)  # (W*b, D)
-        t = train.gather_with_grad(out["t"].float(), di)  # (W*b, D)
-        reg = out["reg"].float()  # () R_cal
-        ids = train.gather_nograd(train.key_ids(batch.keys, q.device), di)  # (W*b,)
-        nce = train.info_nce(q, t, ids, temperature)  # () L_nce
-        reg_mean = train.mean_over_ranks(reg.detach(), di)  # ()
-        loss_value = float(nce.detach() + reg_mean)
-        train._check_finite(loss_value)
-        t2 = time.perf_counter()
-        (nce + reg).backward()
-        t3 = time.perf_counter()
-        clock.add("forward", t1 - t0)
-        clock.add("loss", t2 - t1)
-        clock.add("backward", t3 - t2)
-        return train.StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean),
-                             lam=float(out["lam"].detach().float().mean()))
+        train.info_nce = nce  # the step looks info_nce up in train's namespace at call time
+        try:
+            out = step_fn(*args, **kwargs)
+        finally:
+            train.info_nce = real_nce
+        clock.add("forward", marks["loss_start"] - t0)
+        clock.add("loss", marks["loss_end"] - marks["loss_start"])
+        clock.add("backward", time.perf_counter() - marks["loss_end"])
+        return out
 
     return step
 
@@ -534,8 +493,8 @@ def instrumented(run, clock: PhaseClock):
 
     saved = [(train, "two_core_step", train.two_core_step), (train, "full_batch_step", train.full_batch_step),
              (torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)]
-    train.two_core_step = timed_two_core_step(clock)
-    train.full_batch_step = timed_full_batch_step(clock)  # also what a one-chunk gradcache_step calls
+    train.two_core_step = timed_step(clock, train.two_core_step)
+    train.full_batch_step = timed_step(clock, train.full_batch_step)  # also what a one-chunk gradcache_step calls
     torch.nn.utils.clip_grad_norm_ = _timed(clock, "optimizer", torch.nn.utils.clip_grad_norm_)
     run.optimizer.step = _timed(clock, "optimizer", run.optimizer.step)
     run.optimizer.zero_grad = _timed(clock, "optimizer", run.optimizer.zero_grad)
