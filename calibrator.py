@@ -16,7 +16,10 @@ Where it sits in the method
 backbone -> hidden state h of the query token -> **calibrator** -> calibrated unit query -> cosine
 against the (uncalibrated) unit target/gallery embeddings -> InfoNCE (train.py) / Recall@K
 (evaluate.py).  Only queries pass through it; gallery images do not, so a gallery is encoded
-once for every task.  The regularisers it returns are added to the contrastive loss.
+once for every task.  The regularisers it returns are added to the contrastive loss: `reg` is a
+mean over the queries it was given, so train.py weighs it either once per batch (the chunk means
+weighted by chunk size) or, as the authors do (my_grad_cache.py 246-265), once per GradCache
+chunk, which multiplies its weight by the number of chunks (`--reg-per-chunk`).
 
 Equations (per query; all vectors are rows)
 -------------------------------------------

@@ -11,7 +11,8 @@ image+modification text, outfit, image+attribute); two manually curated out-of-d
 tasks are test-only. ../shared/ufire/FORMAT.md describes the published files.
 
 Where it sits: at the bottom of the core import graph (data -> model -> train / evaluate). It reads a
-U-FIRE root exactly as published (no conversion step) and hands out
+U-FIRE root exactly as published (no conversion step), loads images at their native size (the
+model's processor resizes them within its pixel budget) and hands out
   * training pairs   (query, one target)                                    -- TrainView.pair
   * evaluation views (queries, de-duplicated gallery, positives as indices) -- EvalView
 Which root it reads does not matter: the offline default is the synthetic U-FIRE that synthetic.py
@@ -20,7 +21,8 @@ draws in U-FIRE's own layout (no images of the real datasets can be shipped).
 Recall@K, the metric the evaluation views feed (evaluate.py computes it):
     R@K = (1/N) * sum_n 1[ topK(q_n) ∩ P_n != {} ]
 where P_n is the positive set of query n (asfr: every gallery image filed under its label). A record
-none of whose targets is in the gallery has no P_n; it is listed as missing, never scored.
+none of whose targets is in the gallery has no P_n: the view lists it in `missing` (not encoded), and
+evaluate.py counts it in N as a miss, the authors' denominator (utils.py 113-134).
 
 Run it
 ------
@@ -30,8 +32,9 @@ Run it
     python synthetic.py --out data/synthetic         # (re)write the synthetic U-FIRE
 
 The synthetic U-FIRE, as the rest of the code sees it: 13 sub-datasets named "task/Syn...", all 9
-task words + both OOD tasks; 64x64 RGB PNGs; a video is ONE animated GIF (8 frames) in query_video
-(load_frames also reads frame folders, animated WebP, and mp4 when `av`/`imageio` is installed);
+task words + both OOD tasks; 64x64 RGB PNGs; a video is ONE animated GIF (8 frames, 100 ms each) in
+query_video (load_video also reads frame folders, animated WebP, and mp4 when `av`/`imageio` is
+installed, and returns each frame's time in its clip);
 instruction_text already contains the query text; asfr positives = every gallery image under
 target_label; synthetic_info.json is the completion stamp.
 
@@ -144,10 +147,14 @@ class Record:
 
 @dataclass
 class Query:
-    """A query as the model sees it: instruction text, then images, then video frames."""
+    """A query as the model sees it: instruction text, then images, then one video (its frames)."""
     instruction: str
-    images: list[Image.Image] = field(default_factory=list)
-    frames: list[Image.Image] = field(default_factory=list)  # k frames of the one query video
+    images: list[Image.Image] = field(default_factory=list)  # native size: the model's processor resizes
+    frames: list[Image.Image] = field(default_factory=list)  # k frames of the one query video, in order
+    # Seconds of each frame in its clip (k values, increasing): Qwen3-VL writes them into the prompt
+    # and Qwen2.5-VL spaces its temporal positions by them. Empty = unknown: the model then assumes
+    # FRAME_LIST_FPS frames per second, as for a frame folder.
+    frame_times: list[float] = field(default_factory=list)
 
 
 _LIST_FIELDS = ("target_image", "query_image", "query_video", "negative_image")
@@ -220,7 +227,12 @@ def _rec_where(record: Optional[Record]) -> str:
 
 
 def load_image(path, size: Optional[int] = None, record: Optional[Record] = None) -> Image.Image:
-    """Open an image as RGB (any mode Pillow reads, see `to_rgb`), resized to size x size (bicubic)."""
+    """Open an image as RGB (any mode Pillow reads, see `to_rgb`) at its native size.
+
+    size=None (what training and evaluation use): the model's own processor resizes it, keeping the
+    aspect ratio within a pixel budget (model.py). size given: a size x size bicubic square, for
+    notebooks and pictures that want one fixed size.
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise UFireError(f"missing image {path}{_rec_where(record)}")
@@ -231,7 +243,7 @@ def load_image(path, size: Optional[int] = None, record: Optional[Record] = None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise UFireError(f"unreadable image {path}{_rec_where(record)}: {e}") from None
     if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)  # square: a fixed token count per image
+        img = img.resize((size, size), Image.BICUBIC)  # the optional square (aspect not kept)
     return img
 
 
@@ -287,6 +299,12 @@ def _deep_to_grey(im: Image.Image) -> Image.Image:
 
 _FRAME_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # files a frame folder may hold
 
+# A frame folder, a list of frame files, or a frame with no duration carries no timing: such frames
+# are taken as FRAME_LIST_FPS per second, what Qwen's own loader assumes for a list of frames
+# (qwen-vl-utils fetch_video: sample_fps = 2.0, frame i at i / 2 s). The times only reach the model
+# as Qwen3-VL's "<t seconds>" text and Qwen2.5-VL's temporal position spacing (model.py).
+FRAME_LIST_FPS = 2.0
+
 
 def _pick_frames(n: int, k: int, rng: Optional[random.Random]) -> list[int]:
     """k frame indices out of n: segment centres (eval) or one random frame per segment (train).
@@ -304,9 +322,9 @@ def _pick_frames(n: int, k: int, rng: Optional[random.Random]) -> list[int]:
     return idx
 
 
-def _read_mp4(path: str, record: Optional[Record]) -> list[Image.Image]:
-    """Decode a video file with an optional reader (PyAV, else imageio); a clear error if neither is
-    installed or the file does not decode (each reader raises its own exception types)."""
+def _read_mp4(path: str, record: Optional[Record]) -> tuple[list[Image.Image], list[float]]:
+    """Decode a video file with an optional reader (PyAV, else imageio) -> (frames, seconds of each
+    frame from the first); a clear error if neither is installed or the file does not decode."""
     try:
         import av  # type: ignore
     except ImportError:
@@ -322,70 +340,120 @@ def _read_mp4(path: str, record: Optional[Record]) -> list[Image.Image]:
     try:
         if av is not None:
             with av.open(path) as c:
-                return [fr.to_image().convert("RGB") for fr in c.decode(video=0)]
-        return [Image.fromarray(a).convert("RGB") for a in iio.imiter(path)]
+                rate = float(c.streams.video[0].average_rate or FRAME_LIST_FPS)  # frames per second
+                decoded = list(c.decode(video=0))
+                frames = [fr.to_image().convert("RGB") for fr in decoded]
+                # a frame's presentation time; a frame without one sits at its index / frame rate
+                times = [fr.time if fr.time is not None else i / rate for i, fr in enumerate(decoded)]
+        else:
+            frames = [Image.fromarray(a).convert("RGB") for a in iio.imiter(path)]
+            rate = float(iio.immeta(path).get("fps") or FRAME_LIST_FPS)
+            times = [i / rate for i in range(len(frames))]  # qwen-vl-utils: frame index / video fps
     except Exception as e:  # noqa: BLE001 -- any decoder failure means a damaged or foreign file
         raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
+    return frames, [t - times[0] for t in times] if times else []  # the clip starts at 0 s
 
 
-def load_frames(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
-                rng: Optional[random.Random] = None) -> list[Image.Image]:
-    """A video as num_frames RGB frames: a frame folder, an animated GIF/WebP, or mp4 (optional).
+def _read_animated(path: str, record: Optional[Record]) -> tuple[list[Image.Image], list[float]]:
+    """An animated GIF/WebP -> (frames, seconds at which each frame appears).
+
+    Frame i appears when the frames before it have been shown: t_i = sum of their durations
+    (Pillow's per-frame info["duration"], in ms); a frame with no or zero duration counts 1 /
+    FRAME_LIST_FPS s.
+    """
+    try:
+        with Image.open(path) as im:
+            frames, times, clock = [], [], 0.0
+            for i in range(getattr(im, "n_frames", 1)):
+                im.seek(i)
+                frames.append(to_rgb(im))  # a new image: the frame survives the next seek
+                times.append(clock)
+                ms = im.info.get("duration") or 0
+                clock += ms / 1000.0 if ms > 0 else 1.0 / FRAME_LIST_FPS
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
+    return frames, times
+
+
+def load_video(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
+               rng: Optional[random.Random] = None) -> tuple[list[Image.Image], list[float]]:
+    """A video as num_frames RGB frames and the second of each in its clip: a frame folder, an
+    animated GIF/WebP, or mp4 (optional reader).
 
     Frames are taken one per equal segment of the clip (segment centre at eval, random position
-    in the segment at training), so a short clip yields repeated frames rather than fewer.
+    in the segment at training), so a short clip yields repeated frames rather than fewer. Their
+    times: GIF/WebP from the frame durations, mp4 from the stream's timestamps, a frame folder at
+    FRAME_LIST_FPS (file-name order). size given: each frame resized to a size x size square
+    (load_image's option); None keeps the native size (the model resizes frames itself).
     """
     path = str(path)
     if os.path.isdir(path):  # a folder of frame images, in file-name order
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(_FRAME_EXT))
         if not names:
             raise UFireError(f"video frame folder {path} holds no images{_rec_where(record)}")
-        return [load_image(os.path.join(path, names[i]), size, record)
-                for i in _pick_frames(len(names), num_frames, rng)]
+        idx = _pick_frames(len(names), num_frames, rng)
+        return ([load_image(os.path.join(path, names[i]), size, record) for i in idx],
+                [i / FRAME_LIST_FPS for i in idx])
     if not os.path.isfile(path):
         raise UFireError(f"missing video {path}{_rec_where(record)}")
     if path.lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):  # needs an optional decoder
-        frames = _read_mp4(path, record)
+        frames, times = _read_mp4(path, record)
     else:  # an animated image (GIF, WebP): Pillow walks its frames
-        try:
-            with Image.open(path) as im:
-                frames = []
-                for i in range(getattr(im, "n_frames", 1)):
-                    im.seek(i)
-                    frames.append(to_rgb(im))  # a new image: the frame survives the next seek
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
+        frames, times = _read_animated(path, record)
     if not frames:
         raise UFireError(f"video {path} has no frames{_rec_where(record)}")
-    out = [frames[i] for i in _pick_frames(len(frames), num_frames, rng)]  # k frames
+    idx = _pick_frames(len(frames), num_frames, rng)  # k frame indices
+    out = [frames[i] for i in idx]
     if size is not None:  # the same square resize as load_image
         out = [f.resize((size, size), Image.BICUBIC) if f.size != (size, size) else f for f in out]
-    return out
+    return out, [times[i] for i in idx]
 
 
-def record_to_query(record: Record, image_size: int, max_images: int = 4, num_frames: int = 4,
-                    rng: Optional[random.Random] = None) -> Query:
-    """Load a record's query: instruction, up to max_images images, num_frames video frames.
+def load_frames(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
+                rng: Optional[random.Random] = None) -> list[Image.Image]:
+    """The frames of `load_video` without their times."""
+    return load_video(path, num_frames, size, record, rng)[0]
 
-    rng None -> the deterministic evaluation query (first sketch, first max_images images, centre
-    frames). rng given -> a training draw: one random sketch among several (sketch tasks), a random
-    ordered subset when there are more images than max_images, random frame positions.
+
+def record_to_query(record: Record, image_size: Optional[int] = None, max_images: int = 4,
+                    num_frames: int = 4, rng: Optional[random.Random] = None, sketches: str = "one",
+                    image_cap: int = 0) -> Query:
+    """Load a record's query: instruction, its query images, num_frames frames of its video.
+
+    rng None -> the deterministic evaluation query; rng given -> a training draw. Which query images,
+    rule by rule:
+      * sketches="one" on a task whose query images are alternatives (sketch2i): one of them, the
+        first at evaluation, a random one at training. sketches="all": all of them in one prompt,
+        as the authors feed them (dataset.py FashionDataset / FashionCollator).
+      * image_cap > 0: at most image_cap, drawn at random in random order at training (the authors'
+        random.sample for two sketch datasets, dataset.py 12-31 and 51-53), the first ones at eval.
+      * max_images > 0: at most max_images, the first ones at evaluation (evaluate.py 54 keeps the
+        first 8), a random subset in the record's order at training (an outfit keeps its order).
+        0 = every image.
+    image_size None keeps the images at their native size (the model resizes them); a number gives
+    load_image's size x size square.
     """
+    if sketches not in ("one", "all"):
+        raise ValueError(f"sketches={sketches!r}: expected 'one' or 'all'")
     spec = TASKS[base_task(record.task)]
     paths = list(record.query_image)
-    if spec.pick_one_query and len(paths) > 1:  # several sketches are alternatives of one query
+    if sketches == "one" and spec.pick_one_query and len(paths) > 1:  # alternatives: one per prompt
         paths = [paths[0] if rng is None else rng.choice(paths)]
-    if len(paths) > max_images:  # bounds the prompt length; sorted keeps the outfit's order
+    if 0 < image_cap < len(paths):
+        paths = paths[:image_cap] if rng is None else rng.sample(paths, image_cap)
+    if 0 < max_images < len(paths):  # bounds the prompt length; sorted keeps the outfit's order
         keep = range(max_images) if rng is None else sorted(rng.sample(range(len(paths)), max_images))
         paths = [paths[i] for i in keep]
     images = [load_image(record.path(p), image_size, record) for p in paths]
     frames: list[Image.Image] = []
+    times: list[float] = []
     if len(record.query_video) == 1:  # one clip: a file or a frame folder
-        frames = load_frames(record.path(record.query_video[0]), num_frames, image_size, record, rng)
-    elif len(record.query_video) > 1:  # the clip given as an ordered list of frame files
-        frames = [load_image(record.path(record.query_video[i]), image_size, record)
-                  for i in _pick_frames(len(record.query_video), num_frames, rng)]
-    return Query(instruction=record.instruction_text, images=images, frames=frames)
+        frames, times = load_video(record.path(record.query_video[0]), num_frames, image_size, record, rng)
+    elif len(record.query_video) > 1:  # the clip given as an ordered list of frame files (untimed)
+        idx = _pick_frames(len(record.query_video), num_frames, rng)
+        frames = [load_image(record.path(record.query_video[i]), image_size, record) for i in idx]
+        times = [i / FRAME_LIST_FPS for i in idx]
+    return Query(instruction=record.instruction_text, images=images, frames=frames, frame_times=times)
 
 
 # --------------------------------------------------------------------------------------------
@@ -590,7 +658,7 @@ class UFire:
     # ---- views ------------------------------------------------------------------------------
     def eval_view(self, subset: str, split: str = "test") -> EvalView:
         """Scored records, de-duplicated gallery and positives; records without a positive are
-        listed in `missing` (reported, never scored as misses or hits)."""
+        listed in `missing` (never encoded: evaluate.py counts each as a miss)."""
         recs = self.records(subset, split)
         gal = self.gallery(subset, split)
         index = {p: i for i, p in enumerate(gal.paths)}  # path -> gallery index
@@ -613,9 +681,14 @@ class UFire:
         root = os.path.dirname(gal.source) if subset.startswith("ood/") else self.root
         return EvalView(subset, split, scored, gal.paths, positives, missing, root, gal.source, outside)
 
-    def train_view(self, subsets, image_size: int, max_images: int = 4, num_frames: int = 4) -> "TrainView":
-        """The training records of `subsets`, as (query, target) pairs loaded on demand."""
-        return TrainView(self, list(subsets), image_size, max_images, num_frames)
+    def train_view(self, subsets, image_size: Optional[int] = None, max_images: int = 4, num_frames: int = 4,
+                   sketches: str = "one", image_caps: Optional[dict] = None) -> "TrainView":
+        """The training records of `subsets`, as (query, target) pairs loaded on demand.
+
+        The query options are record_to_query's; image_caps maps a sub-dataset to its image_cap
+        (model.FashionLensEmbedder.query_options() gives all of them for the embedder's recipe).
+        """
+        return TrainView(self, list(subsets), image_size, max_images, num_frames, sketches, image_caps)
 
 
 class TrainView:
@@ -626,10 +699,13 @@ class TrainView:
     that list many.
     """
 
-    def __init__(self, ufire: UFire, subsets: list[str], image_size: int, max_images: int = 4,
-                 num_frames: int = 4):
-        self.ufire, self.image_size = ufire, image_size
-        self.max_images, self.num_frames = max_images, num_frames
+    def __init__(self, ufire: UFire, subsets: list[str], image_size: Optional[int] = None, max_images: int = 4,
+                 num_frames: int = 4, sketches: str = "one", image_caps: Optional[dict] = None):
+        if sketches not in ("one", "all"):
+            raise ValueError(f"sketches={sketches!r}: expected 'one' or 'all'")
+        self.ufire, self.image_size = ufire, image_size  # None: native size (the model resizes)
+        self.max_images, self.num_frames, self.sketches = max_images, num_frames, sketches
+        self.image_caps = dict(image_caps or {})  # subset -> at most this many query images (0 / absent: no cap)
         self.recs = {s: ufire.records(s, "train") for s in sorted(subsets)}  # subset -> records
         self.sizes = {s: len(r) for s, r in self.recs.items()}  # records per subset (sampler's N_k)
 
@@ -640,7 +716,8 @@ class TrainView:
     def pair(self, subset: str, i: int, rng: random.Random) -> TrainPair:
         """Load record i as a training pair; rng makes every random choice of this draw."""
         r = self.recs[subset][i]
-        query = record_to_query(r, self.image_size, self.max_images, self.num_frames, rng)
+        query = record_to_query(r, self.image_size, self.max_images, self.num_frames, rng, self.sketches,
+                                self.image_caps.get(subset, 0))
         tgt = r.path(rng.choice(r.target_image))  # one of several targets, fresh each epoch
         # The key decides which in-batch targets count as positives for each other. Usually that is
         # "the same image"; for asfr every image filed under the label is correct, so two queries
@@ -793,7 +870,7 @@ def _tour() -> None:
         v = uf.eval_view(s)
         print(f"{s:36s} {'-':>6s} {'-':>5s} {len(v.records):5d} {len(v.gallery):8d}")
     r = uf.records("cir/SynCIR-Top", "test")[0]  # cir shows every part: image, text, instruction
-    q = record_to_query(r, 64)
+    q = record_to_query(r)
     print("\nexample record (cir/SynCIR-Top, test #0):")
     print(json.dumps({k: v for k, v in dataclasses.asdict(r).items() if v not in (None, [], "")}, indent=1))
     print(f"-> Query(instruction={q.instruction!r}, images={[im.size for im in q.images]}, frames={len(q.frames)})")

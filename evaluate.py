@@ -11,10 +11,29 @@ This module measures how often the right image comes back near the top:
 
 where top_K(q_i) are the K gallery images with the largest q_i · t_g, P_i is the set of gallery
 images that count as correct for query i (every entry of its `target_image`; for `asfr`, every image
-filed under its attribute label), and Q are the queries that have at least one positive in the
-gallery. Queries whose positives are absent from the gallery cannot be scored at all: they are
-counted and reported (column `missing`), never silently scored as misses or hits. This is the
-authors' definition (at least one hit in the top K), not the "fraction of positives retrieved" one.
+filed under its attribute label), and Q is *every* query of the sub-dataset. This is the authors'
+definition (utils.py 113-134, `calculate_recall_at_k`: hits / num_queries, where a query whose
+positive list is empty is skipped in the loop but stays in num_queries): at least one hit in the
+top K, not the "fraction of positives retrieved", and a query whose positives are all absent from
+the gallery (P_i = ∅) is a miss at every K. Such queries cannot hit whatever the model does, so they
+are not encoded; they are counted in the column `missing`, and the table's Recall@K is
+
+    Recall@K = hits@K / (queries + missing)      queries: those with P_i ≠ ∅ (encoded and searched)
+
+With --max-queries N only N of the `queries` are encoded; the hit rate among them is then scaled by
+the sub-dataset's whole share of queries that have a positive, queries / (queries + missing) counted
+over all records, which is the same number when nothing is sampled.
+
+Which gallery: the test split (the paper's tables) ranks against the published gallery file, as the
+authors' test.py does (0_test_candidates/<name>_candidates.json, asfr its label -> images file;
+test.py 43-61, 106-130); targets missing from that file are dropped from P_i (test.py 83-97), so
+queries with none left are the `missing` ones. For the val split (model selection during training)
+the authors' evaluate.py builds the gallery from the val records themselves (evaluate.py 86-112:
+the union of their `target_image`s; asfr: every image of the val label file) and never meets a
+missing positive (a target absent from the image folder would stop it: `list.index`, evaluate.py
+68). Ours does the same (data.UFire.gallery: the union of the split's targets; asfr: its val label
+pool), so `missing` is 0 on val unless an asfr label has no image in its pool, and such a query is
+a miss here where the authors' code would have crashed.
 
 Protocol, step by step
 ----------------------
@@ -28,11 +47,12 @@ Protocol, step by step
 3. Search: exact inner-product search with faiss (IndexFlatIP). Ties are broken by gallery index so
    results never depend on thread scheduling. `search_torch` is the readable reference (one matmul
    and a stable sort) and the tests hold the two equal.
-4. Metric: Recall@K per sub-dataset, then the mean per task word, then the overall mean over task
-   words (each task weighs the same, however many sub-datasets it has; OOD tasks are reported apart).
-   A sub-dataset without a single scorable query (an empty triplet file, or no positive in the
-   gallery) has no Recall@K at all: its row says so (None in JSON, n/a in the table) and the means
-   are taken over the rows that have queries.
+4. Metric: Recall@K per sub-dataset (missing queries included, as misses), then the mean per task
+   word, then the overall mean over task words (each task weighs the same, however many
+   sub-datasets it has; OOD tasks are reported apart). A sub-dataset without a single record (an
+   empty triplet file) has no Recall@K at all: its row says so (None in JSON, n/a in the table) and
+   the means are taken over the rows that have queries. One whose every record is missing has
+   Recall@K = 0 and counts in the means, as in the authors' code.
 
 Run it
 ------
@@ -150,8 +170,8 @@ def search_faiss(q: np.ndarray, g: np.ndarray, k: int, index=None):
 def first_hit_rank(ids: np.ndarray, positives: Sequence[Sequence[int]]) -> np.ndarray:
     """0-based rank of the first positive in each row of `ids` (B, K); -1 when none is in the top K.
 
-    A query with an empty positive list also gets -1; callers must leave such queries out of the
-    metric (they are "missing", see the module docstring), which `recall_at_k` does.
+    A query with an empty positive list also gets -1: it can never hit, and `recall_at_k` counts it
+    as a miss (the authors' denominator, see the module docstring).
     """
     ranks = np.full(len(positives), -1, dtype=np.int64)  # (B,)
     for i, pos in enumerate(positives):
@@ -161,45 +181,54 @@ def first_hit_rank(ids: np.ndarray, positives: Sequence[Sequence[int]]) -> np.nd
     return ranks
 
 
-def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterable[int]) -> dict:
-    """Recall@K for each K: the share of scorable queries with a positive in their top K.
+def recall_at_k(ids: np.ndarray, positives: Sequence[Sequence[int]], ks: Iterable[int],
+                missing: float = 0) -> dict:
+    """Recall@K for each K: hits@K / (B + missing), the authors' denominator (utils.py 113-134).
 
-    ids: (B, K_max) gallery indices in rank order. positives: per query, its gallery indices.
-    Queries with no positive at all are not scorable and are left out of the denominator. With no
-    scorable query, Recall@K is undefined: None (never NaN, which would poison every mean over it).
+    ids: (B, K_max) gallery indices in rank order. positives: per query, its gallery indices; an
+    empty list is a query that cannot hit (a miss at every K, still in the denominator). missing:
+    further queries without a positive that were not searched at all (EvalView.missing), counted
+    as misses; a float when it stands for a sample's share of them (see `evaluate`). With no query
+    at all, Recall@K is undefined: None (never NaN, which would poison every mean over it).
     """
-    ranks = first_hit_rank(ids, positives)  # (B,)
-    scorable = np.array([len(p) > 0 for p in positives], dtype=bool)  # (B,)
-    n = int(scorable.sum())  # |Q|, the denominator
+    ranks = first_hit_rank(ids, positives)  # (B,) -1 for no hit in the top K_max
+    n = len(positives) + missing  # |Q|: every query, searched or not
     out = {}
     for k in ks:
-        hits = (ranks[scorable] >= 0) & (ranks[scorable] < k)  # (n,) first positive within the top k
+        hits = (ranks >= 0) & (ranks < k)  # (B,) first positive within the top k
         out[int(k)] = float(hits.sum() / n) if n else None  # (1/|Q|) sum_i 1[hit_i]
     return out
 
 
-def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int = 10) -> Optional[float]:
-    """Expected Recall@k of a random ranking, averaged over scorable queries (None without any).
+def chance_recall(gallery_size: int, positives: Sequence[Sequence[int]], k: int = 10,
+                  missing: float = 0) -> Optional[float]:
+    """Expected Recall@k of a random ranking over the same queries as `recall_at_k` (None without any).
 
     With P positives among G images, a random top-k misses them all with probability
     C(G-P, k) / C(G, k) = prod_{j<k} (G-P-j) / (G-j). For one positive this is the familiar k / G;
     for `asfr`, where a label holds many images, chance is far higher, and the table says so.
+    A query without a positive (an empty list, or one of the `missing`) has chance 0, and counts.
     """
-    vals = []
+    total = 0.0  # sum over queries of P(at least one positive in a random top k)
     for pos in positives:
         p = len(pos)
-        if p == 0:
-            continue
         miss = 1.0
         for j in range(min(k, gallery_size)):
             miss *= max(gallery_size - p - j, 0) / (gallery_size - j)  # prod_{j<k} (G-P-j) / (G-j)
-        vals.append(1.0 - miss)  # P(at least one positive in a random top k)
-    return float(np.mean(vals)) if vals else None
+        total += 1.0 - miss  # 0 when p == 0: the product stays 1
+    n = len(positives) + missing  # the same |Q| as recall_at_k
+    return float(total / n) if n else None
 
 
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------
+
+RECALL_DEFINITION = ("hits@K / (queries + missing): a query whose positives are not in the gallery "
+                     "counts as a miss (the authors' denominator, utils.py 113-134)")  # the JSON's and table's note
+SAMPLED_NOTE = ("queries were sampled (--max-queries): R@K = the hit rate among them x the share of all "
+                "records with a positive in the gallery")  # added to the note when sampling was on
+
 
 @dataclass
 class EvalRow:
@@ -208,9 +237,10 @@ class EvalRow:
     subset: str
     task: str  # task word, or "ood" for the evaluation-only tasks
     gallery: int  # unique images in this sub-dataset's gallery
-    queries: int  # scored queries (one per record with at least one positive in the gallery)
-    missing: int  # records whose positives are not in the gallery: reported, not scored
-    recall: dict  # {K: Recall@K}; every value None when queries == 0 (nothing to score)
+    queries: int  # searched queries (records with at least one positive in the gallery; with
+    #               --max-queries, the sample of them that was encoded)
+    missing: int  # records whose positives are not in the gallery: misses, in the denominator
+    recall: dict  # {K: hits@K / (queries + missing)}; every value None for an empty triplet file
     chance10: Optional[float]  # expected Recall@10 of a random ranking (see chance_recall)
 
 
@@ -222,8 +252,10 @@ class EvalResult:
     ks: tuple
     task_means: dict = field(default_factory=dict)  # {task word: {K: mean over its sub-datasets}}
     overall: dict = field(default_factory=dict)  # {K: mean over in-distribution task words}
-    per_query: list = field(default_factory=list)  # optional: top-k ids/scores per query
+    per_query: list = field(default_factory=list)  # optional: top-k ids/scores per searched query
+    #                                                 (a missing query has no ranking: it is a row's count)
     seconds: dict = field(default_factory=dict)  # wall time of each stage
+    max_queries: int = 0  # > 0: at most this many queries were searched per sub-dataset (SAMPLED_NOTE)
 
     def sum_recall(self, k: int = 1, include_ood: bool = False) -> float:
         """Sum over sub-datasets of Recall@k: the authors' model-selection number (with k = 1)."""
@@ -231,16 +263,22 @@ class EvalResult:
                          if (include_ood or r.task != "ood") and r.recall[k] is not None))
 
     def to_dict(self) -> dict:
-        """Plain JSON types, no NaN anywhere (per_query goes to its own .jsonl file)."""
-        return {"ks": list(self.ks), "rows": [dataclasses.asdict(r) for r in self.rows],
+        """Plain JSON types, no NaN anywhere (per_query goes to its own .jsonl file).
+
+        `recall` names the denominator, so a reader of the file alone knows what a row's numbers mean.
+        """
+        note = RECALL_DEFINITION + (f"; {SAMPLED_NOTE}" if self.max_queries else "")
+        return {"ks": list(self.ks), "recall": note, "max_queries": self.max_queries,
+                "rows": [dataclasses.asdict(r) for r in self.rows],
                 "task_means": self.task_means, "overall": self.overall, "seconds": self.seconds}
 
 
 def summarise(rows: list, ks: Sequence[int]) -> tuple[dict, dict]:
     """Task means (mean over a task's sub-datasets) and the overall mean (over in-distribution tasks).
 
-    Only rows with queries count: a row without any has no Recall (None), and a task none of whose
-    rows has queries gets None means and stays out of the overall mean (None if no task has any).
+    Only rows with a Recall count: a row without a single record has None, and a task none of whose
+    rows has any gets None means and stays out of the overall mean (None if no task has any). A row
+    whose records are all missing has Recall 0 and counts.
     """
     def mean(vals):  # the mean of the defined values; None when there are none
         vals = [v for v in vals if v is not None]
@@ -256,14 +294,15 @@ def summarise(rows: list, ks: Sequence[int]) -> tuple[dict, dict]:
 
 
 def format_table(result: EvalResult) -> str:
-    """The markdown table the CLI prints: rows, then task means, then the overall mean."""
+    """The markdown table the CLI prints: rows, then task means, then the overall mean, then the
+    line that says what Recall@K divides by."""
     ks = list(result.ks)
     head = "| sub-dataset | gallery | queries | missing | " + " | ".join(f"R@{k}" for k in ks) + " | chance R@10 |"
     lines = [head, "|" + "---|" * (5 + len(ks))]
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731  (percent, one decimal)
-    empty = [r for r in result.rows if r.queries == 0]  # no Recall: marked, and left out of the means
+    empty = [r for r in result.rows if r.queries + r.missing == 0]  # no Recall: marked, left out of the means
     for r in result.rows:
-        name = f"{r.subset} (no queries: left out of the means)" if r.queries == 0 else r.subset
+        name = f"{r.subset} (no queries: left out of the means)" if r.queries + r.missing == 0 else r.subset
         lines.append(f"| {name} | {r.gallery} | {r.queries} | {r.missing} | "
                      + " | ".join(pct(r.recall[k]) for k in ks) + f" | {pct(r.chance10)} |")
     for t, m in result.task_means.items():
@@ -272,6 +311,7 @@ def format_table(result: EvalResult) -> str:
         over = f"; the {len(empty)} row(s) without queries left out" if empty else ""
         lines.append(f"| **overall** (mean of task means{over}) | | | | "
                      + " | ".join(pct(result.overall[k]) for k in ks) + " | |")
+    lines.append(f"\nR@K = {RECALL_DEFINITION}" + (f"; {SAMPLED_NOTE}" if result.max_queries else "") + ".")
     return "\n".join(lines)
 
 
@@ -284,13 +324,29 @@ def few_queries(view, n: int):
 
     Evenly spaced rather than the first n, because records are often grouped (by category,
     by source file), and the first n would then measure one group only. `missing` (records with no
-    positive in the gallery) is left whole: it describes the data, not the sample.
+    positive in the gallery) is left whole: it describes the data, not the sample; `missing_weight`
+    scales it to the sample for the denominator.
     """
     if n <= 0 or len(view.records) <= n:
         return view
     keep = [round(i * (len(view.records) - 1) / max(1, n - 1)) for i in range(n)]  # n indices
     return dataclasses.replace(view, records=[view.records[i] for i in keep],
                                positives=[view.positives[i] for i in keep])
+
+
+def missing_weight(view, scored_total: int) -> float:
+    """How many missing queries go into the denominator beside `view`'s searched queries.
+
+    All of them when every query with a positive was searched: Recall@K = hits / (B + M), the
+    authors' number. When `few_queries` kept B of the scored_total queries with a positive, the M
+    missing ones are scaled by the same fraction, M * B / scored_total, so that
+    hits / (B + M * B / scored_total) = (hits / B) * scored_total / (scored_total + M):
+    the sample's hit rate times the whole sub-dataset's share of queries that can hit.
+    """
+    b, m = len(view.records), len(view.missing)
+    if b == scored_total or scored_total == 0:  # nothing sampled (or nothing to sample): exact
+        return m
+    return m * b / scored_total  # M * B / scored_total
 
 
 def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: Sequence[int] = DEFAULT_KS,
@@ -308,8 +364,8 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
     t0 = time.perf_counter()
     was_training = embedder.training
     embedder.eval()
-    views = [few_queries(ufire.eval_view(s, split=split), cfg.max_queries)  # parse + de-duplicate
-             for s in subsets]
+    full = [ufire.eval_view(s, split=split) for s in subsets]  # parse + de-duplicate
+    views = [few_queries(v, cfg.max_queries) for v in full]  # the queries to encode and search
 
     # 1. One gallery for everything: unique absolute paths in first-seen order.
     slot: dict = {}
@@ -333,7 +389,7 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
     # 3.-4. Per sub-dataset: search its own gallery, score.
     rows, per_query, t_search, start = [], [], 0.0, 0
     kmax = max(cfg.ks)
-    for v in views:
+    for v, whole in zip(views, full):
         q = q_all[start:start + len(v.records)]  # (B, D) this sub-dataset's queries
         start += len(v.records)
         tb = time.perf_counter()
@@ -342,9 +398,10 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
             np.zeros((0, kmax), np.float32), np.zeros((0, kmax), np.int64))  # (B, K), (B, K)
         t_search += time.perf_counter() - tb
         task = "ood" if v.subset.startswith("ood/") else v.subset.split("/")[0]
+        m = missing_weight(v, len(whole.records))  # the missing queries the searched ones stand beside
         rows.append(EvalRow(subset=v.subset, task=task, gallery=len(v.gallery), queries=len(v.records),
-                            missing=len(v.missing), recall=recall_at_k(ids, v.positives, cfg.ks),
-                            chance10=chance_recall(len(v.gallery), v.positives, 10)))
+                            missing=len(v.missing), recall=recall_at_k(ids, v.positives, cfg.ks, m),
+                            chance10=chance_recall(len(v.gallery), v.positives, 10, m)))
         if cfg.keep_per_query:
             ranks = first_hit_rank(ids, v.positives)  # (B,)
             for i, rec in enumerate(v.records):
@@ -357,9 +414,9 @@ def evaluate(embedder, ufire, subsets: Sequence[str], split: str = "test", ks: S
     task_means, overall = summarise(rows, cfg.ks)
     secs = {"parse": t1 - t0, "gallery_encode": t2 - t1, "query_encode": t_query, "search": t_search,
             "total": time.perf_counter() - t0, "gallery_images": len(all_paths),
-            "queries": int(sum(r.queries for r in rows))}
+            "queries": int(sum(r.queries for r in rows)), "missing": int(sum(r.missing for r in rows))}
     return EvalResult(rows=rows, ks=cfg.ks, task_means=task_means, overall=overall,
-                      per_query=per_query, seconds=secs)
+                      per_query=per_query, seconds=secs, max_queries=cfg.max_queries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,7 +642,8 @@ def _cli(argv) -> int:
     print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}{some}")
     print(format_table(res))
     s = res.seconds
-    print(f"\n{s['gallery_images']} unique gallery images, {s['queries']} queries; "
+    print(f"\n{s['gallery_images']} unique gallery images, {s['queries']} queries searched, "
+          f"{s['missing']} missing (misses); "
           f"encode gallery {s['gallery_encode']:.1f}s, queries {s['query_encode']:.1f}s, "
           f"search {s['search']:.2f}s, total {s['total']:.1f}s")
     if args.out:
@@ -682,7 +740,11 @@ def _self_check() -> int:
     # Query 3 scores 0 against images 0 and 1 alike; the tie goes to the lower index (0), so its
     # positive (image 1) falls out of its top 3 behind images 3, 2 and 0.
     print("Recall@1,2,3 =", r, "(by hand: 1/3, 2/3, 2/3)")
-    ok = np.array_equal(i_t, i_f) and abs(r[1] - 1 / 3) < 1e-9 and abs(r[2] - 2 / 3) < 1e-9
+    # A fourth query whose positive is not in the gallery cannot hit, yet counts: 1/4, 2/4, 2/4.
+    r4 = recall_at_k(i_f, positives, (1, 2, 3), missing=1)
+    print("with one more query whose positive is missing:", r4, "(by hand: 1/4, 2/4, 2/4)")
+    ok = (np.array_equal(i_t, i_f) and abs(r[1] - 1 / 3) < 1e-9 and abs(r[2] - 2 / 3) < 1e-9
+          and abs(r4[1] - 1 / 4) < 1e-9 and abs(r4[3] - 2 / 4) < 1e-9)
     print("self-check", "passed" if ok else "FAILED")
     return 0 if ok else 1
 

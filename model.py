@@ -3,12 +3,12 @@ a unit vector, so that retrieval is a dot product.
 
 Concept (Wen et al., 2026, "Toward Versatile Fashion Image Retrieval via Task-Adaptive Learning").
 A Qwen-VL chat model reads a prompt whose assistant turn is a single learnable *summary token*. The
-model has been asked to "summarise the item in one word", so its last hidden state at that token is
-pushed to hold the whole request; L2-normalised, that state is the embedding:
+model has been asked to "summarise in one word", so its last hidden state at that token is pushed to
+hold the whole request; L2-normalised, that state is the embedding:
 
-    prompt_q = system("fashion expert") + user(instruction, images / video frames in order,
-               "summarise the target item in one word") + assistant(<|query|>)
-    prompt_t = system("fashion expert") + user(gallery image, "summarise this item in one word")
+    prompt_q = system("fashion expert") + user(instruction, query images, video,
+               "summarise the target image in one word") + assistant(<|query|>)
+    prompt_t = system("fashion expert") + user(gallery image, "summarise the image in one word")
                + assistant(<|target|>)
 
     (1)  h_q   = LLM(prompt_q)[pos(<|query|>)]                    (B, D)  query summary state
@@ -19,11 +19,35 @@ pushed to hold the whole request; L2-normalised, that state is the embedding:
 
 Only queries pass the calibrator, so the gallery is encoded once and cached (evaluate.py).
 
-The summary tokens <|query|> and <|target|> are nn.Parameters of width D, initialised from the
-embeddings of the words " word" and " item". They are added to the tokenizer as special tokens and
-their slots in the input embeddings are overwritten (`inputs_embeds`), so gradients reach them while
-the embedding table itself stays frozen. Their gradient norm is GGAS's task-difficulty signal
-(sampler.py, via token_parameters()).
+Prompts (the authors' own, for every backbone, the tiny one included; dataset.py FashionCollator and
+evaluate.py / test.py collators): the system turn "You are a fashion expert in processing fashion
+images."; the query's user turn is the instruction, each query image, the video, then "Summarize the
+semantic feature of the target fashion image in one word."; the target's user turn is the image, then
+"Summarize the image in one word.". The strings are what Qwen-VL's chat template renders for the
+authors' message lists (content parts concatenated with no separator). That rendering also ends with
+"<|im_end|>\n" after the summary token; under causal attention a token never sees the tokens after
+it, so those two cannot change h, and our prompts end at the summary token.
+
+The summary tokens <|query|> and <|target|> are nn.Parameters of width D, both initialised from the
+embedding of `<|im_end|>` (the authors' model.py 148-155). They are added to the tokenizer as special
+tokens and their slots in the input embeddings are overwritten (`inputs_embeds`), so gradients reach
+them while the embedding table itself stays frozen. Their gradient norm is GGAS's task-difficulty
+signal (sampler.py, via token_parameters()).
+
+Images go through the backbone's own Qwen image processor at their native size: its smart_resize
+rounds both sides to multiples of patch x merge and keeps the aspect ratio, within a pixel budget
+[min_pixels, max_pixels] (the recipe's: 224^2..256^2 for `paper`, as the authors' collators). So a
+640x480 photo keeps its landscape shape, and images of one batch may have different token counts.
+
+Video goes through Qwen's video input, built here from the frames because the stock video processors
+need torchvision: num_frames frames, each resized to video_size x video_size (rounded to patch x
+merge; the authors: 8 frames at 224 x 224, dataset.py 362), normalised like an image, padded by
+repeating the last frame to a multiple of the temporal patch, then cut into the same patch layout as
+Qwen's processors -> pixel_values_videos / video_grid_thw (t = frames / temporal patch). Qwen3-VL's
+prompt writes each temporal group's time before it ("<0.2 seconds><|vision_start|>pads<|vision_end|>"
+per group, the mean time of the group's first and last frame); Qwen2-VL and Qwen2.5-VL read one
+<|vision_start|>pads<|vision_end|> block, Qwen2.5-VL spacing its temporal positions by the seconds
+each temporal patch spans.
 
 What trains: LoRA (peft) on the language model's q/k/v/o/gate/up/down projections, the two summary
 tokens and the calibrator, always. A pretrained vision tower stays frozen (it already sees well and is
@@ -32,27 +56,27 @@ the part most easily damaged). The random tiny vision tower is trainable (train_
 colour (the cue most tasks share) and forgets the garment's shape, which sketch, outfit and attribute
 queries need.
 
-Video: the stock Qwen video path needs torchvision's video processor and, for Qwen3-VL, timestamp
-text; so a video is fed as `num_frames` ordered frames through the image path, each frame its own
-<|vision_start|>...<|vision_end|> block after the words "Video frames in order:".
-
 Batch independence: sequences are right-padded and attention is causal, and the summary token is the
 last real token, so padding never reaches it; mRoPE position ids come from the backbone's own
-get_rope_index with the attention mask; the vision tower attends within each image only.
+get_rope_index with the attention mask; the vision tower attends within each image / video only.
 
 Backbones (one code path, told apart by the config's `model_type`): any Qwen2-VL / Qwen2.5-VL /
-Qwen3-VL hub id or local path (the paper: Qwen3-VL-4B-Instruct), or an offline random "tiny" one
-(tiny_backbone.py, the default, so everything runs on a CPU with no download).
+Qwen3-VL hub id (already in the local Hugging Face cache) or local folder in the hub's layout (the
+paper: Qwen3-VL-4B-Instruct), or an offline random "tiny" one (tiny_backbone.py, the default, so
+everything runs on a CPU with no download). Nothing here touches the network. Per-recipe defaults
+(pixel budget, frames, query images, LoRA dropout) come from recipes.py.
 
 Inputs: collate_queries / collate_images turn items into ModelInputs (token ids, mask, mRoPE
-positions, image patches), and forward reads those tensors; a plain list is collated on the spot.
-The collators touch no trainable weight, so train.py runs them ahead on the spare core.
+positions, image and video patches), and forward reads those tensors; a plain list is collated on the
+spot. The collators touch no trainable weight, so train.py runs them ahead on the spare core.
 
 Where it sits: data.py makes Query objects and images -> **model.py embeds them** -> train.py (InfoNCE
 + GradCache + GGAS) and evaluate.py (faiss Recall@K) use the vectors.
 Run: `python model.py` builds the tiny embedder (no network) and prints a similarity matrix.
 Shapes: B queries, G gallery images, L sequence length, D hidden size, V vocabulary size,
-N image patches (all images of a batch), n_img images in a batch, C*T*p*p values per patch.
+N image patches (all images of a batch), n_img images in a batch, Nv video patches, n_vid videos,
+k frames of a video, T frames per temporal patch, t temporal groups (k / T, rounded up), p pixels per
+patch side, m patches merged per token side, C*T*p*p values per patch.
 """
 from __future__ import annotations
 
@@ -65,7 +89,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,30 +97,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 import plumbing
+import recipes
 from errors import FashionLensError
 from tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
                            processor_class, tiny_backbone_config, vision_geometry)
 
 # Architectures the embedder knows how to drive (their get_rope_index and vision tower API).
 SUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# The checkpoint layout and prompts of this version; older formats are refused (from_pretrained).
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
 class EmbedderConfig:
-    """Everything needed to rebuild the embedder; saved as JSON inside each checkpoint."""
+    """Everything needed to rebuild the embedder; saved as JSON inside each checkpoint.
+
+    A field left at None takes the value of the recipe (recipes.py): `recipe`="auto" picks `tiny-cpu`
+    for the tiny backbones and `paper` (the authors' values) for a real Qwen-VL. The embedder resolves
+    them when it is built (resolve_config), so a checkpoint's config holds the numbers it used.
+    """
     backbone: str = "tiny"          # "tiny" | "tiny-qwen2-vl" | hub id | local path; tiny = offline CPU default
     seed: int = 0                   # seeds the random tiny base (seed), the LoRA init (+1), the calibrator (+2)
-    image_size: int = 64            # every image is resized to image_size^2 -> a fixed token count per image
-    max_query_images: int = 4       # a query keeps at most this many images (outfits have up to ~4 items)
-    num_frames: int = 4             # video queries are this many ordered frames
+    recipe: str = "auto"            # "auto" | "paper" | "tiny-cpu": where the None fields below come from
+    # Pixel budget of an image: Qwen's smart_resize keeps the aspect ratio and rounds the sides to
+    # multiples of patch x merge; a larger image shrinks to at most max_pixels, a smaller one grows to
+    # at least min_pixels. Visual tokens per image = pixels / (patch x merge)^2.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_query_images: Optional[int] = None  # images per query prompt (the first ones at eval); 0 = all
+    query_sketches: Optional[str] = None    # "all": an item's sketches in one prompt; "one": one per prompt
+    num_frames: Optional[int] = None        # frames of a video query (sampled evenly over the clip)
+    video_size: Optional[int] = None        # each frame resized to video_size^2 (rounded to patch x merge)
     lora_r: int = 8                 # LoRA rank (paper: 8)
     lora_alpha: int = 16            # LoRA scale numerator (paper: 16, i.e. scale alpha / r = 2)
-    # LoRA dropout. None = auto (auto_lora_dropout): the paper's 0.05 on a real backbone, 0 on the tiny
-    # CPU default, where the dropout masks are a sizeable share of a step's time and a model this small,
-    # trained this briefly, is far from overfitting, so the time buys more steps instead.
-    # A checkpoint saves the resolved number.
-    lora_dropout: Optional[float] = None
+    lora_dropout: Optional[float] = None  # dropout on the LoRA input (0 on a tiny CPU model: see recipes.py)
     calibrator: str = "slerp"       # PGSQC mode: slerp (paper) | linear (ablation) | off (identity)
     calibrator_rank: int = 32       # rank r of the calibrator's per-query low-rank map (paper: 32)
     calibrator_hidden: int = 512    # hidden width of the calibrator's hyper-network (paper: 512)
@@ -108,20 +144,56 @@ class EmbedderConfig:
     tiny_vocab_size: int = 1536     # BPE vocabulary of the offline tokenizer (its fashion corpus is small)
 
 
-def auto_lora_dropout(backbone: str) -> float:
-    """EmbedderConfig.lora_dropout=None resolves to this: 0 for a tiny random base, 0.05 (paper) else."""
-    return 0.0 if backbone in TINY_TYPES else 0.05
+class EmbedderConfigError(FashionLensError, ValueError):
+    """An EmbedderConfig value no embedder can use (the message names the field)."""
 
 
-# The prompt pieces. The strings are part of the model: a checkpoint only works with the prompts it
-# was trained on, so they never change. Our two learnable summary tokens are added to the tokenizer
-# as special tokens, so BPE never splits them.
+def resolve_config(config: EmbedderConfig) -> EmbedderConfig:
+    """`config` with every None field set to its recipe's value and `recipe` to the recipe's name
+    (recipes.recipe_values); a value no embedder can use raises EmbedderConfigError naming it."""
+    try:
+        name = recipes.recipe_name(config.recipe, config.backbone)
+    except ValueError as e:
+        raise EmbedderConfigError(f"EmbedderConfig.recipe: {e}") from None
+    values = recipes.recipe_values(name, config.backbone, "embedder")
+    config = replace(config, recipe=name, **{k: v for k, v in values.items() if getattr(config, k) is None})
+    if config.backbone not in TINY_TYPES and Path(config.backbone).expanduser().is_dir():
+        # A local folder is saved as an absolute path: a checkpoint trained with `--backbone ../qwen`
+        # must still find its backbone when evaluated from another working directory.
+        config = replace(config, backbone=str(Path(config.backbone).expanduser().resolve()))
+    c = config
+    problems = [msg for bad, msg in (
+        (c.min_pixels < 1 or c.max_pixels < c.min_pixels,
+         f"min_pixels={c.min_pixels}, max_pixels={c.max_pixels}: need 1 <= min_pixels <= max_pixels"),
+        (c.max_query_images < 0, f"max_query_images={c.max_query_images}: must be >= 0 (0 = all)"),
+        (c.query_sketches not in ("one", "all"), f"query_sketches={c.query_sketches!r}: expected 'one' or 'all'"),
+        (c.num_frames < 1, f"num_frames={c.num_frames}: must be >= 1"),
+        (c.video_size < 1, f"video_size={c.video_size}: must be >= 1"),
+        (not 0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1)"),
+    ) if bad]
+    if problems:
+        raise EmbedderConfigError("EmbedderConfig: " + "; ".join(problems))
+    return config
+
+
+# The prompt pieces (the authors' sentences, dataset.py FashionCollator). They are part of the model: a
+# checkpoint only works with the prompts it was trained on. Our two learnable summary tokens are added
+# to the tokenizer as special tokens, so BPE never splits them.
 QUERY_TOKEN, TARGET_TOKEN = "<|query|>", "<|target|>"
-SYSTEM_PROMPT = "You are a fashion expert."
-QUERY_CLOSING = "Summarize the target fashion item in one word."
-TARGET_CLOSING = "Summarize this fashion item in one word."
-IMAGE_PAD = "<|image_pad|>"                           # one visual token's placeholder
-IMAGE_BLOCK = "<|vision_start|>{pads}<|vision_end|>"  # one image: its placeholders between markers
+SYSTEM_PROMPT = "You are a fashion expert in processing fashion images."
+QUERY_CLOSING = "Summarize the semantic feature of the target fashion image in one word."
+TARGET_CLOSING = "Summarize the image in one word."
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"   # one visual token's placeholder
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# An image / a video part as the chat template writes it, before the pads are expanded.
+IMAGE_PART = VISION_START + IMAGE_PAD + VISION_END
+VIDEO_PART = VISION_START + VIDEO_PAD + VISION_END
+
+
+def _chat(user: str, summary_token: str) -> str:
+    """The ChatML prompt: system turn, user turn, then the assistant turn up to the summary token."""
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n{summary_token}")
 
 
 @dataclass
@@ -131,33 +203,67 @@ class ModelInputs:
     input_ids: torch.Tensor                 # (B, L) token ids, right-padded
     attention_mask: torch.Tensor            # (B, L) 1 = real token, 0 = padding
     position_ids: torch.Tensor              # (3, B, L) mRoPE positions (time, height, width)
-    pixel_values: Optional[torch.Tensor]    # (N, C*T*p*p) patches of the batch's images in prompt order; None: text only
-    image_grid_thw: Optional[torch.Tensor]  # (n_img, 3) each image's patch grid; None: text only
+    pixel_values: Optional[torch.Tensor]    # (N, C*T*p*p) patches of the batch's images in prompt order; None: none
+    image_grid_thw: Optional[torch.Tensor]  # (n_img, 3) each image's patch grid (1, h, w); None: no image
     summary_index: torch.Tensor             # (B,) position of the summary token (<|query|> / <|target|>) per row
-    images_per_row: torch.Tensor            # (B,) images (and video frames) in each row's prompt
+    images_per_row: torch.Tensor            # (B,) images in each row's prompt
+    pixel_values_videos: Optional[torch.Tensor] = None  # (Nv, C*T*p*p) patches of the batch's videos; None: none
+    video_grid_thw: Optional[torch.Tensor] = None       # (n_vid, 3) each video's grid (frames / T, h, w)
+    videos_per_row: Optional[torch.Tensor] = None       # (B,) videos in each row's prompt (0 or 1); None: all 0
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, start: int, end: int) -> "ModelInputs":
-        """Rows start:end as a batch of their own (their images only, padding cut to their longest
-        row): the same tensors that collating those rows alone would give (tests/test_fast_paths.py)."""
+        """Rows start:end as a batch of their own (their images and videos only, padding cut to their
+        longest row): the same tensors that collating those rows alone would give
+        (tests/test_fast_paths.py)."""
         if start == 0 and end == len(self):
             return self
-        per_row = self.images_per_row.tolist()
-        img0, img1 = sum(per_row[:start]), sum(per_row[:end])      # this slice's images
-        pixels = grid = None
-        if img1 > img0:
-            patches = self.image_grid_thw.prod(dim=-1).tolist()     # (n_img,) patches per image
-            p0, p1 = sum(patches[:img0]), sum(patches[:img1])
-            pixels, grid = self.pixel_values[p0:p1], self.image_grid_thw[img0:img1]  # (N', .), (n', 3)
+        pixels, grid = _slice_visual(self.pixel_values, self.image_grid_thw, self.images_per_row, start, end)
+        vpixels, vgrid = _slice_visual(self.pixel_values_videos, self.video_grid_thw, self.videos_per_row,
+                                       start, end)
         length = int(self.attention_mask[start:end].sum(dim=1).max())  # the slice's longest real row
         return ModelInputs(input_ids=self.input_ids[start:end, :length],              # (b, L')
                            attention_mask=self.attention_mask[start:end, :length],    # (b, L')
                            position_ids=self.position_ids[:, start:end, :length],     # (3, b, L')
                            pixel_values=pixels, image_grid_thw=grid,
                            summary_index=self.summary_index[start:end],               # (b,)
-                           images_per_row=self.images_per_row[start:end])             # (b,)
+                           images_per_row=self.images_per_row[start:end],             # (b,)
+                           pixel_values_videos=vpixels, video_grid_thw=vgrid,
+                           videos_per_row=None if self.videos_per_row is None else self.videos_per_row[start:end])
+
+
+def _slice_visual(pixels: Optional[torch.Tensor], grid: Optional[torch.Tensor], per_row: Optional[torch.Tensor],
+                  start: int, end: int):
+    """The patches and grids of rows start:end, from a batch's (N, .) patches, (n, 3) grids and (B,)
+    counts per row; (None, None) when those rows hold none."""
+    if per_row is None or grid is None:
+        return None, None
+    counts = per_row.tolist()
+    i0, i1 = sum(counts[:start]), sum(counts[:end])                 # this slice's images / videos
+    if i1 == i0:
+        return None, None
+    patches = grid.prod(dim=-1).tolist()                            # (n,) patches of each
+    p0, p1 = sum(patches[:i0]), sum(patches[:i1])
+    return pixels[p0:p1], grid[i0:i1]                               # (N', .), (n', 3)
+
+
+class _Prompt(NamedTuple):
+    """One row before collation: which prompt, and the pictures that fill its placeholders."""
+    kind: str                  # "query" (prompt_q) | "target" (prompt_t)
+    instruction: str           # the query's instruction ("" for a target)
+    images: list               # PIL images (or paths), in prompt order
+    frames: list               # the video's frames ([] = no video)
+    frame_times: list          # seconds of each frame in its clip
+
+
+class _Video(NamedTuple):
+    """One video as the backbone reads it (made by FashionLensEmbedder._video)."""
+    patches: np.ndarray        # (Nv, C*T*p*p) float32 patches in Qwen's video layout
+    grid: tuple                # (t, h, w): temporal groups, patch rows, patch columns
+    group_times: list          # (t,) seconds of each temporal group (mean of its first and last frame)
+    seconds_per_group: float   # seconds one temporal group spans (Qwen2.5-VL's second_per_grid_ts)
 
 
 def _slot_index(slot: torch.Tensor) -> torch.Tensor:
@@ -184,55 +290,94 @@ class FashionLensEmbedder(nn.Module):
     # ==============================================================================================
     # Prompts: the chat strings of prompt_q and prompt_t
     # ==============================================================================================
-    def _image_block(self) -> str:
-        """One image in a prompt: tokens_per_image placeholders, later replaced by its visual tokens."""
-        return IMAGE_BLOCK.format(pads=IMAGE_PAD * self.tokens_per_image)
+    def render_query(self, instruction: str, n_images: int = 0, n_frames: int = 0) -> str:
+        """prompt_q as the chat template writes it (one placeholder per image, one per video; a query
+        has a video when n_frames > 0), ending with the query token. The instruction goes in as
+        given, directly followed by the images, the video and the closing sentence."""
+        return _chat(instruction + IMAGE_PART * n_images + (VIDEO_PART if n_frames else "") + QUERY_CLOSING,
+                     QUERY_TOKEN)
 
-    def render_query(self, instruction: str, n_images: int, n_frames: int, expand: bool = True) -> str:
-        """prompt_q as text, ending with the query token. expand=False writes one placeholder per image
-        (the chat template's form, used to check the two agree)."""
-        block = self._image_block() if expand else IMAGE_BLOCK.format(pads=IMAGE_PAD)
-        user = instruction.strip()
-        if n_images:
-            user += "\n" + block * n_images
-        if n_frames:
-            user += "\nVideo frames in order:" + block * n_frames
-        user += "\n" + QUERY_CLOSING
-        return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                f"<|im_start|>assistant\n{QUERY_TOKEN}")
+    def render_target(self) -> str:
+        """prompt_t as the chat template writes it, ending with the target token."""
+        return _chat(IMAGE_PART + TARGET_CLOSING, TARGET_TOKEN)
 
-    def render_target(self, expand: bool = True) -> str:
-        """prompt_t as text, ending with the target token (the same string for every gallery image)."""
-        block = self._image_block() if expand else IMAGE_BLOCK.format(pads=IMAGE_PAD)
-        return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{block}\n{TARGET_CLOSING}"
-                f"<|im_end|>\n<|im_start|>assistant\n{TARGET_TOKEN}")
+    def _image_block(self, grid) -> str:
+        """One image with its pads expanded: (h x w patches) / merge^2 visual tokens."""
+        t, h, w = (int(v) for v in grid)
+        return VISION_START + IMAGE_PAD * (t * h * w // self.merge_size ** 2) + VISION_END
+
+    def _video_block(self, video: "_Video") -> str:
+        """One video with its pads expanded, as each architecture's processor writes it.
+
+        Qwen3-VL: per temporal group "<t seconds>" + <|vision_start|> + its pads + <|vision_end|>, in
+        place of the template's whole <|vision_start|><|video_pad|><|vision_end|>: what transformers'
+        Qwen3VLProcessor wrote when Qwen3-VL was released (4.57, the authors' era) and what vLLM
+        renders. (transformers 5.x replaces only the <|video_pad|>, leaving the template's outer
+        <|vision_start|> ... <|vision_end|> around the groups.) Qwen2-VL / Qwen2.5-VL: one block of
+        every group's pads.
+        """
+        t, h, w = video.grid
+        per_group = h * w // self.merge_size ** 2                    # visual tokens of one temporal group
+        if self.model_type == "qwen3_vl":
+            return "".join(f"<{s:.1f} seconds>" + VISION_START + VIDEO_PAD * per_group + VISION_END
+                           for s in video.group_times)
+        return VISION_START + VIDEO_PAD * (t * per_group) + VISION_END
+
+    def _prompt_text(self, p: "_Prompt", image_grids, video: Optional["_Video"]) -> str:
+        """The expanded text of one row: render_query / render_target with every placeholder replaced
+        by its visual tokens (image_grids: (n, 3) grids of the row's images, in order)."""
+        images = "".join(self._image_block(g) for g in image_grids)
+        if p.kind == "target":
+            return _chat(images + TARGET_CLOSING, TARGET_TOKEN)
+        return _chat(p.instruction + images + (self._video_block(video) if video else "") + QUERY_CLOSING,
+                     QUERY_TOKEN)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Visual tokens of a width x height image at this embedder's pixel budget (what the processor's
+        smart_resize gives, divided by the merge^2 patches each token pools)."""
+        patches = self.image_processor.get_number_of_image_patches(height, width, {})  # (h/p) (w/p)
+        return patches // self.merge_size ** 2
+
+    def query_options(self) -> dict:
+        """The query options of this embedder's recipe, as keyword arguments of data.UFire.train_view:
+        max_images, num_frames, sketches, and with sketches="all" the authors' per-sub-dataset training
+        caps (recipes.TRAIN_QUERY_IMAGE_CAP). Images stay at their native size (no image_size)."""
+        c = self.config
+        caps = dict(recipes.TRAIN_QUERY_IMAGE_CAP) if c.query_sketches == "all" else None
+        return {"max_images": c.max_query_images, "num_frames": c.num_frames, "sketches": c.query_sketches,
+                "image_caps": caps}
 
     def _prep_image(self, img) -> Image.Image:
-        """PIL or path -> RGB image_size x image_size (square, so every image has the same tokens)."""
-        s = self.config.image_size
+        """PIL or path -> RGB at its native size (the image processor resizes it within the budget)."""
         if isinstance(img, (str, os.PathLike)):
-            import data  # lazy: only path inputs need data.py's image loader
-            img = data.load_image(str(img), s)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if img.size != (s, s):
-            img = img.resize((s, s), Image.BICUBIC)
-        return img
+            return data.load_image(str(img))
+        return img if img.mode == "RGB" else data.to_rgb(img)
 
-    def _as_query(self, item):
-        """Query | Record | str -> (instruction, images, frames) within the configured caps."""
+    def _as_query(self, item) -> "_Prompt":
+        """Query | Record | str -> the query's prompt row within the configured caps.
+
+        A Record becomes its deterministic evaluation query (data.record_to_query, rng=None). A Query
+        keeps its first max_query_images images (0: all) and, when its clip has more than num_frames
+        frames, num_frames of them evenly spaced (the first and last included). Frames without times
+        are taken at data.FRAME_LIST_FPS frames per second.
+        """
+        c = self.config
         if isinstance(item, str):
-            return item, [], []
+            return _Prompt("query", item, [], [], [])
         if not hasattr(item, "instruction"):  # a data.Record: build its deterministic eval query
-            import data
-            item = data.record_to_query(item, self.config.image_size, self.config.max_query_images,
-                                        self.config.num_frames)
-        images = list(item.images)[: self.config.max_query_images]
+            item = data.record_to_query(item, None, c.max_query_images, c.num_frames, sketches=c.query_sketches)
+        images = list(item.images)[: c.max_query_images or None]
         frames = list(getattr(item, "frames", []) or [])
-        n = self.config.num_frames
+        times = [float(s) for s in (getattr(item, "frame_times", None) or [])]
+        if times and len(times) != len(frames):
+            raise ValueError(f"query {item.instruction[:60]!r}: {len(frames)} frames but "
+                             f"{len(times)} frame_times")
+        times = times or [i / data.FRAME_LIST_FPS for i in range(len(frames))]
+        n = c.num_frames
         if len(frames) > n:  # uniform subsample keeps the order and the whole clip's span
-            frames = [frames[round(i * (len(frames) - 1) / max(n - 1, 1))] for i in range(n)]
-        return item.instruction, images, frames
+            keep = [round(i * (len(frames) - 1) / max(n - 1, 1)) for i in range(n)]
+            frames, times = [frames[k] for k in keep], [times[k] for k in keep]
+        return _Prompt("query", item.instruction, images, frames, times)
 
     # ==============================================================================================
     # Collators: prompts + images -> the tensors the backbone reads (ModelInputs). They touch no
@@ -240,53 +385,120 @@ class FashionLensEmbedder(nn.Module):
     # encoder collates one batch while another computes.
     # ==============================================================================================
     def collate_queries(self, queries: Sequence) -> "ModelInputs":
-        """B queries (Query | Record | str) -> ModelInputs of prompt_q; images first, then video frames."""
-        texts, imgs, counts = [], [], []
-        for q in queries:
-            instr, images, frames = self._as_query(q)
-            texts.append(self.render_query(instr, len(images), len(frames)))
-            imgs += images + frames  # prompt order: images first, then the video frames
-            counts.append(len(images) + len(frames))
-        return self._collate(texts, imgs, counts)
+        """B queries (Query | Record | str) -> ModelInputs of prompt_q; images first, then the video."""
+        return self._collate([self._as_query(q) for q in queries])
 
     def collate_images(self, images: Sequence) -> "ModelInputs":
         """G gallery images (PIL | path) -> ModelInputs of prompt_t, one prompt per image.
 
-        Every row is the same prompt with one image of the same size, so its token ids and mRoPE
-        positions are computed once and repeated; only the pixels differ from row to row.
+        Fast path: when every image of the batch has the same patch grid (the same size after
+        smart_resize: every synthetic image, and most photos of one source), every row is the same
+        prompt, so its token ids and mRoPE positions are computed once per grid, cached, and repeated;
+        only the pixels differ from row to row. Mixed grids are collated row by row (_assemble).
         """
-        if self._target_row is None:
-            probe = self._collate([self.render_target()], [Image.new("RGB", (self.config.image_size,) * 2)], [1])
-            self._target_row = (probe.input_ids, probe.attention_mask, probe.position_ids)  # (1, L) x2, (3, 1, L)
-        ids, attn, pos = self._target_row
-        g = len(images)
-        pixels, grid = self._pixels(list(images))                                   # (N, C*T*p*p), (G, 3)
+        prompts = [_Prompt("target", "", [im], [], []) for im in images]
+        pixels, grid = self._pixels([im for p in prompts for im in p.images])  # (N, C*T*p*p), (G, 3)
+        if grid is None or not bool((grid == grid[:1]).all()):
+            return self._assemble(prompts, pixels, grid)
+        key = tuple(grid[0].tolist())                                # (t, h, w) of every image
+        if key not in self._target_rows:
+            one = self._assemble(prompts[:1], pixels[: int(grid[0].prod())], grid[:1])
+            self._target_rows[key] = (one.input_ids, one.attention_mask, one.position_ids)  # (1, L) x2, (3, 1, L)
+        ids, attn, pos = self._target_rows[key]
+        g = len(prompts)
         return ModelInputs(input_ids=ids.repeat(g, 1), attention_mask=attn.repeat(g, 1),  # (G, L) each
                            position_ids=pos.repeat(1, g, 1), pixel_values=pixels,          # (3, G, L)
                            image_grid_thw=grid, summary_index=_slot_index(ids == self.target_token_id).repeat(g),
-                           images_per_row=torch.ones(g, dtype=torch.int64))          # (G,) one image each
+                           images_per_row=torch.ones(g, dtype=torch.int64),          # (G,) one image each
+                           videos_per_row=torch.zeros(g, dtype=torch.int64))         # (G,) no video
 
-    def _collate(self, texts: list[str], images: list, counts: list[int]) -> "ModelInputs":
-        """Tokenise B prompts (right-padded), patchify their images (counts[i] of them in prompt i),
-        and lay out the mRoPE positions."""
+    def _collate(self, prompts: list) -> "ModelInputs":
+        """The general collation of B prompt rows: patchify all their images, then _assemble."""
+        pixels, grid = self._pixels([im for p in prompts for im in p.images])  # (N, .), (n_img, 3) or None
+        return self._assemble(prompts, pixels, grid)
+
+    def _assemble(self, prompts: list, pixels: Optional[torch.Tensor], grid: Optional[torch.Tensor]) -> "ModelInputs":
+        """Rows whose images are already patchified -> ModelInputs: make each row's video, expand each
+        prompt with its visual tokens, tokenise (right-padded) and lay out the mRoPE positions."""
+        videos = [self._video(p.frames, p.frame_times) if p.frames else None for p in prompts]
+        counts = [len(p.images) for p in prompts]
+        starts = np.cumsum([0] + counts)                                   # first image of each row
+        texts = [self._prompt_text(p, grid[starts[i]:starts[i + 1]] if counts[i] else [], videos[i])
+                 for i, p in enumerate(prompts)]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         input_ids, attn = enc["input_ids"], enc["attention_mask"]          # (B, L) each; 1 = real token
-        pixels, grid = self._pixels(images)                                # (N, C*T*p*p), (n_img, 3) or None
-        # mRoPE positions from the backbone's own rule (it reads only the config, no weights); padding
-        # is excluded by the mask, so a row's positions depend only on that row.
-        pos, _ = self._base().get_rope_index(input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(),
-                                             image_grid_thw=grid, attention_mask=attn)  # (3, B, L)
+        vids = [v for v in videos if v is not None]
+        vpixels = torch.from_numpy(np.concatenate([v.patches for v in vids])) if vids else None  # (Nv, .)
+        vgrid = torch.tensor([v.grid for v in vids], dtype=torch.int64) if vids else None       # (n_vid, 3)
+        pos = self._positions(input_ids, attn, grid, vgrid, [v.seconds_per_group for v in vids])  # (3, B, L)
         slot = (input_ids == self.query_token_id) | (input_ids == self.target_token_id)  # (B, L)
         return ModelInputs(input_ids=input_ids, attention_mask=attn, position_ids=pos, pixel_values=pixels,
                            image_grid_thw=grid, summary_index=_slot_index(slot),
-                           images_per_row=torch.tensor(counts, dtype=torch.int64))  # (B,)
+                           images_per_row=torch.tensor(counts, dtype=torch.int64),       # (B,)
+                           pixel_values_videos=vpixels, video_grid_thw=vgrid,
+                           videos_per_row=torch.tensor([int(v is not None) for v in videos], dtype=torch.int64))
+
+    def _positions(self, input_ids: torch.Tensor, attn: torch.Tensor, grid: Optional[torch.Tensor],
+                   vgrid: Optional[torch.Tensor], seconds_per_group: list) -> torch.Tensor:
+        """mRoPE positions from the backbone's own get_rope_index (it reads only the config, no
+        weights). Its token types: text 0, image 1, video 2; padding is excluded by the mask, so a
+        row's positions depend only on that row. Qwen2.5-VL also spaces a video's temporal positions
+        by the seconds each temporal group spans (second_per_grid_ts)."""
+        types = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()  # (B, L)
+        extra = {}
+        if self.model_type == "qwen2_5_vl" and vgrid is not None:
+            extra["second_per_grid_ts"] = torch.tensor(seconds_per_group, dtype=torch.float32)  # (n_vid,)
+        pos, _ = self._base().get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                             video_grid_thw=vgrid, attention_mask=attn, **extra)
+        return pos                                                          # (3, B, L)
 
     def _pixels(self, images: list):
-        """Images -> (pixel patches (N, C*T*p*p) float32, grid (n_img, 3)), or (None, None) for none."""
+        """Images -> (pixel patches (N, C*T*p*p) float32, grid (n_img, 3)), or (None, None) for none.
+        Qwen's image processor resizes each one (smart_resize: aspect kept, within the pixel budget)."""
         if not images:
             return None, None
         pv = self.image_processor([self._prep_image(im) for im in images], return_tensors="np")
         return torch.from_numpy(pv["pixel_values"]), torch.from_numpy(pv["image_grid_thw"])  # (N, .), (n_img, 3)
+
+    def _video(self, frames: list, times: list) -> "_Video":
+        """k frames (PIL | path) and their seconds -> one video in Qwen's video input layout.
+
+            side  = round(video_size / (p m)) * (p m)      smart_resize's rounding (qwen-vl-utils
+                                                            fetch_video: resized_height = resized_width)
+            x_f   = (frame_f / 255 - mean) / std            each frame resized to side x side, then the
+                                                            image processor's own rescale / normalize
+            pad   : frames repeated from the last one up to a multiple of the temporal patch T
+            patch : (t, T, C, h/m, m, p, w/m, m, p) -> (t, h/m, w/m, m, m, C, T, p, p)  (the layout of
+                    Qwen2VLVideoProcessor / Qwen3VLVideoProcessor.patchify, so a video of T identical
+                    frames gives exactly the patches of that frame as an image)
+            time_g = (time of group g's first frame + time of its last) / 2   (Qwen3VLProcessor.
+                    _calculate_timestamps, on the padded times)
+        """
+        ip, p, m, tp = self.image_processor, self.patch_size, self.merge_size, self.temporal_patch_size
+        side = max(p * m, round(self.config.video_size / (p * m)) * (p * m))   # pixels per frame side
+        arrays = []
+        for f in frames:
+            img = self._prep_image(f)
+            if img.size != (side, side):
+                img = img.resize((side, side), Image.BICUBIC)
+            x = np.moveaxis(np.asarray(img), -1, 0)                         # (C, side, side) uint8
+            x = ip.normalize(ip.rescale(x, ip.rescale_factor), ip.image_mean, ip.image_std)  # (C, side, side)
+            arrays.append(x.astype(np.float32))
+        pad = -len(arrays) % tp                                             # frames to add: a multiple of T
+        arrays += [arrays[-1]] * pad
+        times = list(times) + [times[-1]] * pad
+        video = np.stack(arrays)                                            # (t T, C, side, side)
+        c, g = video.shape[1], side // p                                    # channels, patches per side
+        t = len(arrays) // tp                                               # temporal groups
+        patches = video.reshape(t, tp, c, g // m, m, p, g // m, m, p)       # (t, T, C, h/m, m, p, w/m, m, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)              # (t, h/m, w/m, m, m, C, T, p, p)
+        patches = np.ascontiguousarray(patches).reshape(t * g * g, c * tp * p * p)  # (Nv, C*T*p*p)
+        group_times = [(times[i * tp] + times[i * tp + tp - 1]) / 2 for i in range(t)]  # (t,) seconds
+        # Seconds between sampled frames (their mean spacing; FRAME_LIST_FPS for one frame), x T frames.
+        real = times[: len(frames)]
+        step = (real[-1] - real[0]) / (len(real) - 1) if len(real) > 1 and real[-1] > real[0] \
+            else 1.0 / data.FRAME_LIST_FPS
+        return _Video(patches, (t, g, g), group_times, tp * step)
 
     # ==============================================================================================
     # Summary state: h = LLM(prompt)[pos(summary token)]   (eq. 1 and 4)
@@ -304,10 +516,12 @@ class FashionLensEmbedder(nn.Module):
         embeds = torch.where(slot[..., None], token.to(embeds.dtype), embeds)  # (B, L, D)
         pixels = None if x.pixel_values is None else x.pixel_values.to(self._device, self.model_dtype)  # (N, .)
         grid = None if x.image_grid_thw is None else x.image_grid_thw.to(self._device)                # (n_img, 3)
-        # The backbone writes each image's visual tokens into its placeholder slots itself.
+        vpixels = None if x.pixel_values_videos is None else x.pixel_values_videos.to(self._device, self.model_dtype)
+        vgrid = None if x.video_grid_thw is None else x.video_grid_thw.to(self._device)               # (n_vid, 3)
+        # The backbone writes each image's and video's visual tokens into their placeholder slots itself.
         out = base(inputs_embeds=embeds, attention_mask=x.attention_mask.to(self._device),
                    position_ids=x.position_ids.to(self._device), pixel_values=pixels, image_grid_thw=grid,
-                   use_cache=False)
+                   pixel_values_videos=vpixels, video_grid_thw=vgrid, use_cache=False)  # vpixels: (Nv, .)
         hidden = out.last_hidden_state                               # (B, L, D)
         rows = torch.arange(hidden.shape[0], device=hidden.device)   # (B,)
         return hidden[rows, x.summary_index.to(hidden.device)].float()  # (B, D) h at pos(summary token)
@@ -430,9 +644,8 @@ class FashionLensEmbedder(nn.Module):
     def __init__(self, config: Optional[EmbedderConfig] = None, *, _checkpoint: Optional[str] = None):
         """Build from `config`; `_checkpoint` (used by from_pretrained) loads every weight from there."""
         super().__init__()
-        config = config or EmbedderConfig()
-        if config.lora_dropout is None:  # resolve "auto" once, so the saved config holds the number
-            config = replace(config, lora_dropout=auto_lora_dropout(config.backbone))
+        # The recipe's values fill the None fields once, so the saved config holds the numbers.
+        config = resolve_config(config or EmbedderConfig())
         self.config, self.tiny = config, config.backbone in TINY_TYPES
         dev = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self._device = torch.device(dev)
@@ -446,7 +659,7 @@ class FashionLensEmbedder(nn.Module):
             torch.manual_seed(config.seed)  # the random tiny base's weights
             base, self.processor = self._build_backbone(ckpt)
         self._read_token_layout(base)
-        self._target_row = None  # collate_images' cached (ids, mask, positions) of the one target prompt
+        self._target_rows = {}  # collate_images' cache: image grid (t, h, w) -> (ids, mask, positions) of prompt_t
         self._lora_merged = False  # inside merged_lora()
         self.train_vision = config.train_vision == "true" or (config.train_vision == "auto" and self.tiny)
         self.backbone = self._add_lora(base, ckpt)
@@ -464,7 +677,7 @@ class FashionLensEmbedder(nn.Module):
             self._load_extras(ckpt)
 
     def _read_token_layout(self, base) -> None:
-        """Token ids, width D and visual tokens per image, read off the built tokenizer and processor."""
+        """Token ids, width D and the vision geometry, read off the built tokenizer and backbone."""
         self.model_type = base.config.model_type
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
@@ -472,13 +685,12 @@ class FashionLensEmbedder(nn.Module):
         self.query_token_id = tok.convert_tokens_to_ids(QUERY_TOKEN)
         self.target_token_id = tok.convert_tokens_to_ids(TARGET_TOKEN)
         self.image_token_id = tok.convert_tokens_to_ids(IMAGE_PAD)
+        self.video_token_id = tok.convert_tokens_to_ids(VIDEO_PAD)
         self.pad_token_id = tok.pad_token_id
         self.dim = int(base.config.text_config.hidden_size)  # D
-        # Ask the processor once (its smart_resize rounds to patch * merge), then divide the patch
-        # grid by the merge^2 patches each visual token pools.
-        probe = self.image_processor([Image.new("RGB", (self.config.image_size,) * 2)], return_tensors="np")
-        merge = self.image_processor.merge_size
-        self.tokens_per_image = int(probe["image_grid_thw"][0].prod()) // merge ** 2  # 16 for the tiny default
+        # p: pixels per patch side; m: patches merged into one visual token per side; T: frames per
+        # temporal patch. The video patches are cut with these, the images by the processor (its own).
+        self.patch_size, self.merge_size, self.temporal_patch_size = vision_geometry(base.config)
 
     def _add_lora(self, base, ckpt: Optional[Path]):
         """Wrap `base` in LoRA on the language model's linears: a fresh init (seed + 1) or a saved one."""
@@ -501,12 +713,12 @@ class FashionLensEmbedder(nn.Module):
                 return get_peft_model(base, lora)
 
     def _add_summary_tokens(self) -> None:
-        """The learnable <|query|> / <|target|> vectors, initialised from the words " word" / " item"."""
+        """The learnable <|query|> / <|target|> vectors, both initialised from the embedding of
+        <|im_end|>, the token that ends a turn (the authors' model.py 148-155)."""
         emb = self._base().get_input_embeddings().weight  # (V, D) the frozen embedding table
-        q_init = self.tokenizer.encode(" word", add_special_tokens=False)[-1]
-        t_init = self.tokenizer.encode(" item", add_special_tokens=False)[-1]
-        self.query_token = nn.Parameter(emb[q_init].detach().float().clone())   # (D,)
-        self.target_token = nn.Parameter(emb[t_init].detach().float().clone())  # (D,)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.query_token = nn.Parameter(emb[im_end].detach().float().clone())   # (D,)
+        self.target_token = nn.Parameter(emb[im_end].detach().float().clone())  # (D,)
 
     def _new_calibrator(self):
         """PGSQC for the queries (eq. 3), initialised from seed + 2; None when calibrator="off"."""
@@ -531,41 +743,41 @@ class FashionLensEmbedder(nn.Module):
 
     def _build_backbone(self, ckpt: Optional[Path]):
         """(base model, processor), the base frozen: a tiny one from config and seed (or its saved
-        weights), else a hub id / local path. A checkpoint always supplies the processor, because
-        its tokenizer holds the added summary tokens."""
-        from transformers import AutoTokenizer
-
+        weights), else a real Qwen-VL from its local folder (backbone_folder). A checkpoint always
+        supplies the processor, because its tokenizer holds the added summary tokens."""
         cfg = self.config
-        processor = None
+        folder = None if self.tiny else backbone_folder(cfg.backbone)
+        mcfg = None if self.tiny else _backbone_config(folder, cfg.backbone)  # checked before anything loads
+        processor = ref = None
         if ckpt is not None:  # its tokenizer holds our summary tokens: a damaged one is reported, not rebuilt
             with _reading(ckpt / PROCESSOR_DIR, "tokenizer / image processor"):
                 processor = processor_class().from_pretrained(str(ckpt / PROCESSOR_DIR))
-        if processor is not None:
             tok = processor.tokenizer
         elif self.tiny:
             tok = build_tiny_tokenizer(cfg.tiny_vocab_size)
         else:
-            tok = AutoTokenizer.from_pretrained(cfg.backbone, padding_side="right")
+            tok, ref = _backbone_processor(folder)
         tok.padding_side = "right"  # the summary token must be each row's last real token
         if ckpt is None:
             tok.add_special_tokens({"additional_special_tokens": [QUERY_TOKEN, TARGET_TOKEN]},
                                    replace_extra_special_tokens=False)
         ids = {"pad": tok.convert_tokens_to_ids("<|endoftext|>"), "eos": tok.convert_tokens_to_ids("<|im_end|>"),
-               "image": tok.convert_tokens_to_ids(IMAGE_PAD), "video": tok.convert_tokens_to_ids("<|video_pad|>"),
-               "vision_start": tok.convert_tokens_to_ids("<|vision_start|>"),
-               "vision_end": tok.convert_tokens_to_ids("<|vision_end|>")}
+               "image": tok.convert_tokens_to_ids(IMAGE_PAD), "video": tok.convert_tokens_to_ids(VIDEO_PAD),
+               "vision_start": tok.convert_tokens_to_ids(VISION_START),
+               "vision_end": tok.convert_tokens_to_ids(VISION_END)}
         if tok.pad_token is None:
             tok.pad_token = "<|endoftext|>"
-        base = self._build_base(tok, ids, ckpt)
+        base = self._build_base(tok, ids, ckpt, folder, mcfg)
         if processor is None:
-            processor = self._new_processor(base, tok)
+            processor = self._new_processor(base, tok, ref, folder)
         base.config.use_cache = False
         for p in base.parameters():  # peft freezes the base anyway; be explicit for the vision tower
             p.requires_grad_(False)
         return base, processor
 
-    def _build_base(self, tok, ids: dict, ckpt: Optional[Path]):
-        """The Qwen-VL base model: tiny (saved weights, or random from the seeded RNG) or pretrained."""
+    def _build_base(self, tok, ids: dict, ckpt: Optional[Path], folder: Optional[Path], mcfg):
+        """The Qwen-VL base model: tiny (saved weights, or random from the seeded RNG) or pretrained
+        (AutoModel from its local folder, whose config `mcfg` is already checked)."""
         from transformers import AutoConfig, AutoModel
 
         cfg = self.config
@@ -588,29 +800,27 @@ class FashionLensEmbedder(nn.Module):
         if self.tiny:
             mcfg = tiny_backbone_config(cfg.backbone, len(tok), ids, cfg.attn_implementation)
             return AutoModel.from_config(mcfg)  # random weights from the caller's seeded RNG
-        mcfg = AutoConfig.from_pretrained(cfg.backbone)
-        if mcfg.model_type not in SUPPORTED_TYPES:
-            raise ValueError(f"backbone {cfg.backbone!r} has model_type {mcfg.model_type!r}; "
-                             f"supported: {SUPPORTED_TYPES}")
-        base = AutoModel.from_pretrained(cfg.backbone, attn_implementation=cfg.attn_implementation,
-                                         dtype=self.model_dtype)
-        if len(tok) > base.get_input_embeddings().weight.shape[0]:
-            base.resize_token_embeddings(len(tok))  # only if the added tokens overflow the table
-        return base
+        # The summary tokens' ids may lie past the end of the embedding table: they are never looked up
+        # there (their slots are overwritten, _summary_states), so the table is not resized.
+        with _reading(folder, "backbone weights", BackboneError):
+            return AutoModel.from_pretrained(str(folder), config=mcfg, attn_implementation=cfg.attn_implementation,
+                                             dtype=self.model_dtype, local_files_only=True)
 
-    def _new_processor(self, base, tok):
-        """Tokenizer + an image processor fixed to image_size^2; a pretrained backbone keeps its own
-        pixel normalisation (0.5 / 0.5, Qwen3-VL's, when it cannot be read)."""
+    def _new_processor(self, base, tok, ref, folder: Optional[Path]):
+        """Tokenizer + Qwen's PIL image processor with this config's pixel budget and the backbone's
+        vision geometry. A pretrained backbone keeps its own pixel normalisation (mean / std of its
+        image processor `ref`); the tiny one uses Qwen3-VL's 0.5 / 0.5."""
         patch, merge, tpatch = vision_geometry(base.config)
         mean, std = (0.5,) * 3, (0.5,) * 3
-        if not self.tiny:
-            try:
-                from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-                ref = Qwen2VLImageProcessorPil.from_pretrained(self.config.backbone)
-                mean, std = tuple(ref.image_mean), tuple(ref.image_std)
-            except Exception:  # noqa: BLE001 -- fall back to Qwen3-VL's 0.5/0.5
-                pass
-        improc = build_image_processor(self.config.image_size, patch, merge, tpatch, mean, std)
+        if ref is not None:
+            mean, std = tuple(ref.image_mean), tuple(ref.image_std)
+            theirs = (int(ref.patch_size), int(ref.merge_size), int(ref.temporal_patch_size))
+            if theirs != (patch, merge, tpatch):  # the processor would cut patches the tower cannot read
+                raise BackboneError(f"{folder / 'preprocessor_config.json'}: patch / merge / temporal patch "
+                                    f"sizes {theirs} differ from the vision tower's {(patch, merge, tpatch)} "
+                                    f"in {folder / 'config.json'}")
+        c = self.config
+        improc = build_image_processor(c.min_pixels, c.max_pixels, patch, merge, tpatch, mean, std)
         return processor_class()(improc, tok, chat_template=CHAT_TEMPLATE)
 
     # ==============================================================================================
@@ -659,7 +869,7 @@ class FashionLensEmbedder(nn.Module):
         # zeroed, overwritten) often still parses, and would load as silently wrong weights.
         weights = [f for f in self.required_files(asdict(self.config)) if f.endswith(".safetensors")]
         meta = {"config": asdict(self.config), "versions": _versions(), "model_type": self.model_type,
-                "dim": self.dim, "tokens_per_image": self.tokens_per_image, "format": 1,
+                "dim": self.dim, "format": CHECKPOINT_FORMAT,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "sha256": {f: _sha256(folder / f) for f in weights}}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -704,22 +914,24 @@ class FashionLensEmbedder(nn.Module):
 
         Every way a folder can be wrong (missing files, another backbone, edited configs, weights of
         another shape, damaged files) raises CheckpointError naming the file, and the field when a
-        config contradicts what was saved with it, before or while loading. Checkpoints written
-        before the sha256 field existed load as before (their files are not verified).
+        config contradicts what was saved with it, before or while loading. A checkpoint of another
+        format (format 1: other prompts and image handling) is refused, saying to retrain it. The
+        backbone of a real-Qwen checkpoint is loaded from its folder or the local Hugging Face cache
+        (backbone_folder), never downloaded.
         """
         path = Path(path)
         meta, config = _read_meta(path)
         missing = [f for f in cls.required_files(meta["config"]) if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-        if backbone is not None and backbone != config.backbone:
+        if backbone is not None and not _same_backbone(backbone, config.backbone):
             raise CheckpointError(f"{path}: checkpoint was trained on backbone {config.backbone!r}, "
                                   f"not {backbone!r}")
         _check_saved_files(path, meta, config)  # cheap checks first: checksums and JSON files
         if device is not None:
             config.device = device
         emb = cls(config, _checkpoint=str(path))  # loading itself names a file it cannot parse
-        _check_built(path, meta, emb)  # what only the built model knows: width, image geometry
+        _check_built(path, meta, emb)  # what only the built model knows: width, pixel budget
         return emb
 
     def _load_extras(self, ckpt: Path) -> None:
@@ -768,20 +980,95 @@ class CheckpointError(FashionLensError, ValueError):
     """A checkpoint folder is incomplete or belongs to another backbone (the message names the path)."""
 
 
+class BackboneError(FashionLensError, ValueError):
+    """A real backbone that cannot be loaded offline: not found locally, or its folder is incomplete."""
+
+
+# ================================================================================================
+# Real backbones: found on disk only (a folder, or the local Hugging Face cache), never downloaded.
+# ================================================================================================
+
+
+def backbone_folder(name: str) -> Path:
+    """The local folder of a real backbone: `name` itself when it is a folder, else the snapshot of
+    hub id `name` in the local Hugging Face cache. Nothing is downloaded: a backbone found in neither
+    place is one BackboneError saying how to get it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(name, "config.json")  # a path, None, or a "known missing" marker
+    except ValueError:  # not a hub id either (HFValidationError), e.g. a folder path with a typo
+        hit = None
+    if isinstance(hit, str):
+        return Path(hit).parent
+    hub_id = not name.startswith(("/", ".", "~")) and name.count("/") == 1  # "org/name"
+    how = (f"fetch it first (e.g. `hf download {name}`) or pass the folder that holds it" if hub_id else
+           "no folder is there (moved or deleted?); pass the folder that holds it")
+    raise BackboneError(f"backbone {name!r} is neither a local folder nor in the local Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}); FashionLens never downloads: {how}")
+
+
+def _backbone_config(folder: Path, name: str):
+    """The transformers config of a real backbone's folder, checked to be a supported Qwen-VL."""
+    from transformers import AutoConfig
+
+    with _reading(folder / "config.json", "backbone config", BackboneError):
+        mcfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if mcfg.model_type not in SUPPORTED_TYPES:
+        raise BackboneError(f"{folder / 'config.json'}: backbone {name!r} has model_type {mcfg.model_type!r}; "
+                            f"supported: {', '.join(SUPPORTED_TYPES)}")
+    return mcfg
+
+
+def _backbone_processor(folder: Path):
+    """(tokenizer, image processor) of a real backbone's folder: from its AutoProcessor when that
+    loads; else, as happens without torchvision (every Qwen-VL processor builds a video processor,
+    and those need torchvision: ImportError), AutoTokenizer + AutoImageProcessor (Qwen's PIL image
+    processor) from the same folder. The embedder keeps the image processor's normalisation only;
+    its own pixel budget and video patches replace the rest (_new_processor, _video)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    with _reading(folder, "processor (tokenizer / preprocessor_config.json)", BackboneError):
+        try:
+            stock = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+            return stock.tokenizer, stock.image_processor
+        except ImportError:  # the stock video processor needs torchvision, which is not installed
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, padding_side="right")
+            return tok, AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+
+
 # ================================================================================================
 # Checkpoint checks: each way a folder can be damaged or edited is refused naming file and field.
 # ================================================================================================
 
 
 def _read_meta(path: Path) -> tuple[dict, EmbedderConfig]:
-    """(the saved embedder_config.json, its EmbedderConfig), or CheckpointError naming the file."""
+    """(the saved embedder_config.json, its EmbedderConfig), or CheckpointError naming the file.
+
+    A checkpoint of another format is refused first: format 1 (no "format" 2 in the file) was written
+    with other prompts and image handling (other sentences, summary tokens from other words, square
+    image_size images, video frames as separate images), so its weights do not fit this model.
+    """
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: not a FashionLens checkpoint (missing {CONFIG_FILE})")
     try:
         meta = json.loads(cfg_file.read_text())
+        fmt = meta.get("format", 1)
+        if fmt != CHECKPOINT_FORMAT:
+            older = isinstance(fmt, int) and fmt < CHECKPOINT_FORMAT
+            raise CheckpointError(
+                f"{cfg_file}: checkpoint format {fmt!r}, this version reads format {CHECKPOINT_FORMAT}: "
+                + ("it was written with other prompts and image handling (square images, video frames as "
+                   "images, other summary-token initialisation) and must be retrained with this version"
+                   if older else "it was written by a newer FashionLens"))
         known = {f.name for f in fields(EmbedderConfig)}  # tolerate fields a newer version added
         config = EmbedderConfig(**{k: v for k, v in meta["config"].items() if k in known})
+    except CheckpointError:
+        raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{cfg_file}: unreadable embedder config ({_one_line(e)})") from e
     return meta, config
@@ -791,7 +1078,7 @@ def _check_saved_files(path: Path, meta: dict, config: EmbedderConfig) -> None:
     """Before building: the weight files are the ones saved, and the JSON files agree with the config."""
     cfg_file = path / CONFIG_FILE
     # A truncated or overwritten weight file is named here, before any library tries to parse it.
-    for rel, digest in (meta.get("sha256") or {}).items():  # checkpoints written before sha256: skipped
+    for rel, digest in (meta.get("sha256") or {}).items():  # every format-2 checkpoint has them
         if _sha256(path / rel) != digest:
             raise CheckpointError(f"{path / rel}: damaged (its sha256 differs from the one saved in "
                                   f"{CONFIG_FILE}: truncated, overwritten or copied incompletely)")
@@ -817,33 +1104,44 @@ def _check_saved_files(path: Path, meta: dict, config: EmbedderConfig) -> None:
 
 
 def _check_built(path: Path, meta: dict, emb: "FashionLensEmbedder") -> None:
-    """After building: the backbone, width and image geometry are the ones the config was saved with."""
+    """After building: the backbone, width and pixel budget are the ones the config was saved with."""
     cfg_file = path / CONFIG_FILE
     for field, built in (("model_type", emb.model_type), ("dim", emb.dim)):
         if meta.get(field, built) != built:
             raise CheckpointError(f"{cfg_file}: {field}={meta[field]!r}, but the backbone built from "
                                   f"this checkpoint has {field}={built!r}")
-    # The saved processor resizes every image to a fixed pixel budget (min = max = image_size^2 at
-    # save time); an edited image_size would shrink the images first and blur every embedding.
-    budget = _pixel_budget(emb.image_processor)
-    size = emb.config.image_size
-    if budget is not None and budget != size * size:
-        raise CheckpointError(f"{cfg_file}: image_size={size} contradicts the saved image processor in "
-                              f"{path / PROCESSOR_DIR} ({budget} pixels per image = {budget ** 0.5:g}^2)")
-    if meta.get("tokens_per_image", emb.tokens_per_image) != emb.tokens_per_image:
-        raise CheckpointError(f"{cfg_file}: tokens_per_image={meta['tokens_per_image']}, but the saved "
-                              f"processor gives {emb.tokens_per_image} visual tokens per image")
+    # The saved image processor resizes every image (it, not the config, is what loading uses); an
+    # edited min_pixels / max_pixels would describe a budget the checkpoint does not apply.
+    saved = _pixel_budget(emb.image_processor)
+    c = emb.config
+    if saved != (c.min_pixels, c.max_pixels):
+        raise CheckpointError(f"{cfg_file}: min_pixels={c.min_pixels}, max_pixels={c.max_pixels} contradict the "
+                              f"saved image processor in {path / PROCESSOR_DIR} (min {saved[0]}, max {saved[1]} "
+                              f"pixels per image)")
 
 
-def _pixel_budget(image_processor) -> Optional[int]:
-    """The processor's fixed pixels per image (Qwen's min_pixels == max_pixels), or None if unset."""
+def _pixel_budget(image_processor) -> tuple:
+    """(min_pixels, max_pixels) of a Qwen image processor (transformers 5 names them size's
+    shortest_edge / longest_edge, 4 min_pixels / max_pixels); None where unset."""
     size = getattr(image_processor, "size", None)
-    for key in ("shortest_edge", "min_pixels"):  # transformers 5 names it shortest_edge, 4 min_pixels
-        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-        value = value if value is not None else getattr(image_processor, key, None)
-        if value is not None:
-            return int(value)
-    return None
+    out = []
+    for keys in (("shortest_edge", "min_pixels"), ("longest_edge", "max_pixels")):
+        value = None
+        for key in keys:
+            value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+            value = value if value is not None else getattr(image_processor, key, None)
+            if value is not None:
+                break
+        out.append(None if value is None else int(value))
+    return tuple(out)
+
+
+def _same_backbone(a: str, b: str) -> bool:
+    """Two backbone names mean the same backbone: equal, or the same local folder spelled differently."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
 def _sha256(file: Path) -> str:
@@ -873,16 +1171,17 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _reading(file: Path, what: str):
-    """Turn any failure to parse a checkpoint file (JSON, safetensors, tokenizer: each library raises
-    its own types) into one CheckpointError naming the file; CheckpointErrors pass unchanged."""
+def _reading(file: Path, what: str, error: type = None):
+    """Turn any failure to parse a checkpoint or backbone file (JSON, safetensors, tokenizer: each
+    library raises its own types) into one `error` (CheckpointError by default) naming the file;
+    FashionLens's own errors pass unchanged."""
     try:
         yield
-    except CheckpointError:
+    except FashionLensError:
         raise
     except Exception as e:  # noqa: BLE001 -- third-party parsers; the message keeps their reason
-        raise CheckpointError(f"{file}: cannot load the {what} (damaged, truncated or not this "
-                              f"model's? {type(e).__name__}: {_one_line(e)})") from e
+        raise (error or CheckpointError)(f"{file}: cannot load the {what} (damaged, truncated or not this "
+                                         f"model's? {type(e).__name__}: {_one_line(e)})") from e
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -914,11 +1213,10 @@ if __name__ == "__main__":
     counts = emb.param_counts()
     print(f"built tiny {emb.model_type} embedder in {time.time() - t0:.1f}s: D={emb.dim}, "
           f"{counts['total'] / 1e6:.2f} M params, {counts['trainable'] / 1e6:.2f} M trainable, "
-          f"{emb.tokens_per_image} tokens/image")
+          f"{emb.image_tokens(64, 64)} tokens per 64x64 image")
     colours = {"red dress": (200, 30, 30), "blue shirt": (30, 60, 200), "green dress": (30, 160, 60),
                "yellow shirt": (230, 200, 40)}
-    size = emb.config.image_size
-    swatches = [Image.new("RGB", (size, size), c) for c in colours.values()]
+    swatches = [Image.new("RGB", (64, 64), c) for c in colours.values()]  # the synthetic images' size
     q = emb.encode_queries([f"Find the {n}." for n in colours])  # (4, D) plain-text queries
     t = emb.encode_images(swatches)                               # (4, D)
     sim = q @ t.T                        # (4, 4) eq. 5 scores (random weights: no structure yet)

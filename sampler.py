@@ -18,10 +18,24 @@ Equations (K sub-datasets, sizes N_k, reported gradient norms g_k)
     G_k   <- alpha * G_k + (1 - alpha) * g_k          difficulty: EMA of k's gradient norms (alpha 0.9)
     log s_k = lam * log N_k + G_k / T                 score: size prior (lam 0.5) + difficulty (T 1.0)
     p      = softmax(log s)                           sampling distribution over sub-datasets
-    p_k    = max(m, c * p_k),  sum_k p_k = 1          floor m = min(min_prob, 1/K); c found by
-                                                      water-filling so the floor holds exactly
+    floor m = min(min_prob, 1/K), then either
+      "waterfill": p_k = max(m, c * p_k), sum_k p_k = 1   c found so the floor holds exactly
+      "renorm":    p_k = max(m, p_k) / sum_j max(m, p_j)  the authors' one pass (dataset.py 241-246);
+                                                         a clipped p_k may end a little below m
 During the warm-up (the authors: the first epoch) p is uniform, which also gives every
-sub-dataset a first difficulty estimate.  Strategies for the ablations:
+sub-dataset a first difficulty estimate.  The authors draw that uniform choice with
+random.randint over the K sub-datasets (dataset.py, __iter__): the same distribution as our
+inverse-CDF draw on p_k = 1/K, from another random stream.
+
+Three switches choose between the authors' schedule and ours (the authors' value first):
+    refresh    "epoch": p is recomputed at the start of each epoch (dataset.py set_epoch), so it is
+               fixed for a whole epoch; "step": recomputed before every draw.  Both recompute at
+               the end of the warm-up.
+    ema_start  "zero": every G_k starts at 0, so the first report moves it only to (1 - alpha) g
+               (dataset.py 137, 200-202); "first": the first report sets G_k = g, and a sub-dataset
+               with no report yet counts as the mean of the reported ones.
+    floor      "renorm" | "waterfill", as above.
+Strategies for the ablations:
     "ggas"    the above;
     "size"    p proportional to N_k^lam (the same score without the difficulty term);
     "uniform" p_k = 1/K.
@@ -50,7 +64,8 @@ Imports only torch and the standard library, so this file can be copied alone.
 
 Credit: GGAS (difficulty from gradient norms, size prior, floor, warm-up) is from Wen et al. 2026
 ("Toward Versatile Fashion Image Retrieval via Task-Adaptive Learning"); the counter-based
-seeding, water-filling floor and sharding are our implementation choices.
+seeding, the water-filling floor, the per-step refresh, the first-report EMA start and the
+sharding are our implementation choices.
 """
 from __future__ import annotations
 
@@ -61,6 +76,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 STRATEGIES = ("ggas", "uniform", "size")
+REFRESH_MODES = ("epoch", "step")  # when p is recomputed: at each epoch start (authors) | every step
+EMA_STARTS = ("zero", "first")  # G_k before the first report: 0 (authors) | set by that report
+FLOORS = ("renorm", "waterfill")  # the floor: clip + one renormalisation (authors) | exact water-filling
 _MASK64 = (1 << 64) - 1
 
 
@@ -77,6 +95,19 @@ def _mix(*values: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z ^= z >> 31
     return z >> 1  # torch.Generator.manual_seed takes up to 2**63 - 1 safely
+
+
+def renorm_floor(p: List[float], min_prob: float) -> List[float]:
+    """The authors' floor (dataset.py 241-246): raise every p_k to m = min(min_prob, 1/K), then
+    divide by the new sum once.
+
+    The division scales the clipped entries down too, so a sub-dataset that was raised to m ends
+    at m / sum_j max(m, p_j) < m whenever anything was clipped: the floor holds only approximately.
+    """
+    m = min(max(min_prob, 0.0), 1.0 / len(p))
+    clipped = [max(pk, m) for pk in p]  # max(m, p_k)
+    total = sum(clipped)  # >= 1: the clipping only adds mass
+    return [c / total for c in clipped]  # renormalised once
 
 
 def floor_probabilities(p: List[float], min_prob: float) -> List[float]:
@@ -114,7 +145,16 @@ class SamplerConfig:
     min_prob: float = 0.02  # floor on every p_k (clamped to 1/K) so no sub-dataset is forgotten
     warmup_steps: Optional[int] = None  # uniform for this many steps; None = one epoch (steps_per_epoch),
     #                                     as the authors do; 0 = adaptive from the start
-    refresh_every: int = 1  # recompute p every this many steps; 1 (ours): see TaskBatchSampler
+    # When p is recomputed: "epoch" (the authors) holds it fixed for a whole epoch (steps_per_epoch
+    # draws); "step" follows every report.  The default "step" is ours: see TaskBatchSampler.
+    refresh: str = "step"
+    refresh_every: int = 1  # under refresh="step": recompute p every this many steps (1 = every step)
+    # G_k before its first report: "zero" (the authors) starts the EMA at 0; "first" (ours, the
+    # default) lets the first report set it, so a rarely drawn sub-dataset does not look easy.
+    ema_start: str = "first"
+    # The floor: "renorm" (the authors) clips and renormalises once; "waterfill" (ours, the default)
+    # renormalises so that the floor holds exactly.
+    floor: str = "waterfill"
     seed: int = 0  # all randomness (sub-dataset choice, shuffles) derives from it
     drop_last: bool = True  # True: a tail shorter than a batch is skipped (batches always full, no
     #                         duplicates); False: the tail is yielded as a smaller batch
@@ -128,15 +168,14 @@ class TaskBatchSampler:
             rank agrees on the order whatever the dict order.
         batch_size: GLOBAL batch size b (see module docstring).  A sub-dataset smaller than b
             gives batches of N_k rounded down to a multiple of world_size.
-        strategy, lam, temperature, ema, min_prob, warmup_steps, refresh_every, seed, drop_last:
-            see `SamplerConfig`.
+        strategy, lam, temperature, ema, min_prob, warmup_steps, refresh, refresh_every, ema_start,
+            floor, seed, drop_last: see `SamplerConfig`.
         rank, world_size: this process's shard; all ranks must use the same other arguments
             and report the same gradient norms (they do after DDP's all-reduce).
 
-    refresh_every defaults to 1 step, where the authors recompute once per epoch: computing p
+    refresh defaults to "step", where the authors recompute once per epoch ("epoch"): computing p
     costs microseconds for K ~ 20, difficulties move every step, and a short run (the synthetic
-    default trains for less than a few epochs) would otherwise hardly adapt at all.  Pass
-    refresh_every=steps_per_epoch to reproduce the authors' schedule.
+    default trains for less than a few epochs) would otherwise hardly adapt at all.
 
     One epoch, for warmup_steps=None and steps_per_epoch: the number of batches a full pass over
     every sub-dataset would take, sum_k ceil(N_k / b_k) (floor with drop_last).  Sub-datasets are
@@ -146,13 +185,17 @@ class TaskBatchSampler:
 
     def __init__(self, sizes: Dict[str, int], batch_size: int, strategy: str = "ggas",
                  lam: float = 0.5, temperature: float = 1.0, ema: float = 0.9,
-                 min_prob: float = 0.02, warmup_steps: Optional[int] = None,
-                 refresh_every: int = 1, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+                 min_prob: float = 0.02, warmup_steps: Optional[int] = None, refresh: str = "step",
+                 refresh_every: int = 1, ema_start: str = "first", floor: str = "waterfill",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True):
         if not sizes:
             raise ValueError("TaskBatchSampler: `sizes` is empty; give at least one sub-dataset")
         if strategy not in STRATEGIES:
             raise ValueError(f"TaskBatchSampler: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for what, value, allowed in (("refresh", refresh, REFRESH_MODES), ("ema_start", ema_start, EMA_STARTS),
+                                     ("floor", floor, FLOORS)):
+            if value not in allowed:
+                raise ValueError(f"TaskBatchSampler: {what} must be one of {allowed}, got {value!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"TaskBatchSampler: need 0 <= rank < world_size, got rank={rank} "
                              f"world_size={world_size}")
@@ -173,19 +216,23 @@ class TaskBatchSampler:
         self.index = {name: k for k, name in enumerate(self.names)}
         self.batch_size, self.strategy, self.lam = batch_size, strategy, lam
         self.temperature, self.ema, self.min_prob = temperature, ema, min_prob
-        self.refresh_every, self.seed, self.drop_last = refresh_every, seed, drop_last
+        self.refresh, self.refresh_every, self.seed, self.drop_last = refresh, refresh_every, seed, drop_last
+        self.ema_start, self.floor = ema_start, floor
         self.rank, self.world_size = rank, world_size
         # Per-sub-dataset global batch: b, or N_k rounded down to a multiple of the world size.
         self.batch_sizes = [min(batch_size, n - n % world_size) for n in self.sizes]
         self.warmup_steps = self.steps_per_epoch() if warmup_steps is None else int(warmup_steps)
+        # Steps between two recomputations of p: one epoch of draws, or refresh_every.
+        self.refresh_interval = max(1, self.steps_per_epoch()) if refresh == "epoch" else refresh_every
 
         # --- mutable state (everything in state_dict) ---
         self.step = 0  # number of batches drawn so far
-        self.difficulty: List[Optional[float]] = [None] * len(self.names)  # G_k; None = never reported
+        # G_k; None = never reported (ema_start "first"); "zero" starts every G_k at 0 instead.
+        self.difficulty: List[Optional[float]] = [0.0 if ema_start == "zero" else None] * len(self.names)
         self.num_updates = [0] * len(self.names)  # reports received per sub-dataset
         self.stream_epoch = [0] * len(self.names)  # which shuffle of sub-dataset k is in use
         self.stream_pos = [0] * len(self.names)  # next position in that shuffle
-        self._probs: Optional[List[float]] = None  # cached p (recomputed every refresh_every steps)
+        self._probs: Optional[List[float]] = None  # cached p (recomputed every refresh_interval steps)
         self._perm_cache: Dict[int, Tuple[int, List[int]]] = {}  # k -> (epoch, permutation); derived
 
     @classmethod
@@ -208,8 +255,9 @@ class TaskBatchSampler:
         return (self.step if step is None else step) < self.warmup_steps
 
     def _effective_difficulties(self) -> List[float]:
-        """G_k used in the score; a sub-dataset with no report yet gets the mean of the others
-        (neutral: neither favoured nor starved before its first measurement), 0 if none has one."""
+        """G_k used in the score; under ema_start "first" a sub-dataset with no report yet gets the
+        mean of the others (neutral: neither favoured nor starved before its first measurement), 0
+        if none has one.  Under "zero" every G_k is a number from the start (0 until reported)."""
         seen = [g for g in self.difficulty if g is not None]
         fill = sum(seen) / len(seen) if seen else 0.0
         return [fill if g is None else g for g in self.difficulty]
@@ -226,21 +274,25 @@ class TaskBatchSampler:
         e = [math.exp(v - top) for v in log_s]  # softmax, shifted for stability
         z = sum(e)
         p = [v / z for v in e]  # p = softmax(log s)
-        return floor_probabilities(p, self.min_prob)  # p_k >= min(min_prob, 1/K), sum 1
+        if self.floor == "renorm":
+            return renorm_floor(p, self.min_prob)  # p_k = max(m, p_k) / sum_j max(m, p_j)
+        return floor_probabilities(p, self.min_prob)  # p_k >= min(min_prob, 1/K) exactly, sum 1
+
+    def _refresh_due(self) -> bool:
+        """Is p recomputed before the draw at self.step?  At a refresh boundary (every step, every
+        refresh_every steps, or each epoch start) and at the end of the warm-up."""
+        return (self._probs is None or self.step % self.refresh_interval == 0
+                or self.step == self.warmup_steps)
 
     def _current_probabilities(self) -> List[float]:
         """p for the draw at self.step, recomputed on schedule and at the end of the warm-up."""
-        if (self._probs is None or self.step % self.refresh_every == 0
-                or self.step == self.warmup_steps):
+        if self._refresh_due():
             self._probs = self._compute_probabilities()
         return self._probs
 
     def probabilities(self) -> Dict[str, float]:
         """{name: p_k} that the NEXT draw will use (recomputed now; does not change the state)."""
-        cached = self._probs
-        if (cached is None or self.step % self.refresh_every == 0
-                or self.step == self.warmup_steps):
-            cached = self._compute_probabilities()
+        cached = self._compute_probabilities() if self._refresh_due() else self._probs
         return dict(zip(self.names, cached))
 
     def difficulties(self) -> Dict[str, float]:
@@ -251,8 +303,9 @@ class TaskBatchSampler:
     def update(self, name: str, grad_norm) -> None:
         """Report the gradient norm measured on a step of sub-dataset `name` (float or 0-d tensor).
 
-        G_k <- ema * G_k + (1 - ema) * g; the first report sets G_k = g (starting the EMA at 0
-        would make a sub-dataset look easy merely because it was rarely drawn).
+        G_k <- ema * G_k + (1 - ema) * g.  With ema_start "first" the first report sets G_k = g
+        (starting the EMA at 0 would make a sub-dataset look easy merely because it was rarely
+        drawn); with "zero" (the authors) G_k starts at 0 and the first report gives (1 - ema) g.
         """
         if name not in self.index:
             raise ValueError(f"TaskBatchSampler.update: unknown sub-dataset {name!r}; "
@@ -349,6 +402,9 @@ class TaskBatchSampler:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "strategy": self.strategy,
+            "refresh": self.refresh,
+            "ema_start": self.ema_start,
+            "floor": self.floor,
             "step": self.step,
             "difficulty": list(self.difficulty),
             "num_updates": list(self.num_updates),
@@ -359,10 +415,12 @@ class TaskBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output.  Refuses a state from a different data/batch/seed setup,
-        which would silently draw different batches."""
-        for key in ("names", "sizes", "batch_size", "seed"):
+        which would silently draw different batches.  A state saved before the GGAS switches
+        existed holds none of them: it was drawn with ours (step, first, waterfill)."""
+        older = {"refresh": "step", "ema_start": "first", "floor": "waterfill"}  # absent: these
+        for key in ("names", "sizes", "batch_size", "seed", "refresh", "ema_start", "floor"):
             mine = getattr(self, key)
-            theirs = state.get(key)
+            theirs = state.get(key, older.get(key))
             if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != mine:
                 raise ValueError(f"TaskBatchSampler.load_state_dict: saved {key}={theirs!r} differs from "
                                  f"this sampler's {mine!r}; resume with the same data and settings")

@@ -9,9 +9,10 @@ from here instead of `from_pretrained`:
                                   tokens and chat template (deterministic: same vocabulary every time)
     tiny_backbone_config(kind, ...)   a ~1 M-parameter Qwen3-VL ("tiny") or Qwen2-VL ("tiny-qwen2-vl")
                                   config; model.py draws its weights at random from EmbedderConfig.seed
-    build_image_processor(...)    Qwen's PIL/numpy image processor fixed to one square image size
-    processor_class()             an image-only Qwen-VL processor (used for every backbone: the stock
-                                  ones also build a torchvision video processor, which we do not ship)
+    build_image_processor(...)    Qwen's PIL/numpy image processor with a pixel budget (min/max pixels)
+    processor_class()             a tokenizer + image-processor Qwen-VL processor (used for every
+                                  backbone: the stock ones also build a torchvision video processor,
+                                  which we do not ship; model.py patchifies video frames itself)
 
 Architecture constraints a tiny config must respect (or the Qwen code fails at build or forward):
   * the mRoPE sections (temporal, height, width) sum to head_dim / 2  (6 + 5 + 5 = 16 = 32 / 2);
@@ -33,15 +34,20 @@ TINY_TYPES = {"tiny": "qwen3_vl", "tiny-qwen2-vl": "qwen2_vl"}
 # prompts model.py renders are identical for the tiny and the real backbones.
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
-# The ChatML template of the Qwen-VL family (text and image parts). model.py renders the same strings
+# The ChatML template of the Qwen-VL family, as Qwen publishes it for Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+# without the tool-calling and reasoning branches: every message is "<|im_start|>role\n" + its content
+# + "<|im_end|>\n"; a list content concatenates its parts with no separator, an image part as
+# <|vision_start|><|image_pad|><|vision_end|>, a video part as <|vision_start|><|video_pad|><|vision_end|>
+# (the processor later expands each pad to the visual tokens). model.py renders the same strings
 # directly, which is faster than running jinja per item; a test checks that the two agree.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if not (loop.last and message['role'] == 'assistant') %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -78,19 +84,22 @@ INSTRUCTIONS = (
     "item that goes well with these. Find the item with the given attribute value. Try on the garment. "
     "Query target image images video frames sketch street shop photo text description modification "
     "reference candidate gallery retrieve retrieval search find match matching compatible outfit. "
-    "You are a fashion expert. Summarize the target fashion item in one word. Summarize this fashion "
-    "item in one word. Video frames in order: user assistant system word one two three four. "
-    "0 1 2 3 4 5 6 7 8 9 10 #")
+    "You are a fashion expert in processing fashion images. Summarize the semantic feature of the "
+    "target fashion image in one word. Summarize the image in one word. user assistant system word one "
+    "two three four. 0 1 2 3 4 5 6 7 8 9 10 #")
+# Qwen3-VL writes each temporal group's time before its visual tokens ("<0.5 seconds>", model.py).
+TIMESTAMPS = "".join(f"<{i / 10:.1f} seconds>" for i in range(100))
 
 
 def fashion_corpus() -> list[str]:
     """The fixed corpus the offline tokenizer learns from (deterministic: the same list every time).
 
-    Repetition weights the BPE merge counts: the prompt sentences and word lists appear 4 times, and
-    every colour + pattern + category triple a synthetic caption may contain appears once.
+    Repetition weights the BPE merge counts: the prompt sentences and word lists appear 4 times, the
+    video timestamps twice, and every colour + pattern + category triple a synthetic caption may
+    contain once.
     """
     words = " ".join([COLOURS, CATEGORIES, PATTERNS, ATTRIBUTES]).split()
-    lines = [INSTRUCTIONS] * 4
+    lines = [INSTRUCTIONS] * 4 + [TIMESTAMPS] * 2
     lines += [" ".join(words)] * 4
     for c in COLOURS.split():
         for p in PATTERNS.split()[:12]:
@@ -124,15 +133,17 @@ def build_tiny_tokenizer(vocab_size: int = 1536):
 
 
 def processor_class():
-    """The class of an image-only Qwen-VL processor (built lazily: transformers loads on first use).
+    """The class of a tokenizer + image-processor Qwen-VL processor (built lazily: transformers loads
+    on first use).
 
-    The stock Qwen-VL processors also build a torchvision video processor; FashionLens feeds a video
-    as ordered frames through the image path, so tokenizer + image processor is all it needs.
+    The stock Qwen-VL processors also build a torchvision video processor, which is not installed;
+    model.py turns video frames into Qwen's video patches itself, so tokenizer + image processor is
+    all a checkpoint needs to save.
     """
     from transformers import ProcessorMixin
 
     class FashionLensProcessor(ProcessorMixin):
-        """Tokenizer + Qwen2-VL PIL/numpy image processor; images only, video comes as frames."""
+        """Tokenizer + Qwen2-VL PIL/numpy image processor (video patches: model.py)."""
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -140,14 +151,14 @@ def processor_class():
     return FashionLensProcessor
 
 
-def build_image_processor(image_size: int, patch_size: int, merge_size: int, temporal_patch_size: int,
-                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """Qwen's PIL/numpy image processor with min_pixels = max_pixels = image_size^2, so every (square)
-    image becomes the same (image_size / patch)^2 patches -> a fixed token count, batch-friendly."""
+def build_image_processor(min_pixels: int, max_pixels: int, patch_size: int, merge_size: int,
+                          temporal_patch_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """Qwen's PIL/numpy image processor with a pixel budget: each image is resized by Qwen's
+    smart_resize to sides that are multiples of patch * merge, its aspect ratio kept as closely as
+    possible, and its area within [min_pixels, max_pixels] (when it starts outside that range)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size,
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                     merge_size=merge_size, temporal_patch_size=temporal_patch_size,
                                     image_mean=list(mean), image_std=list(std))
 

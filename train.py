@@ -1,4 +1,4 @@
-"""Contrastive multi-task training of FashionLens: multi-positive InfoNCE, GradCache, GGAS, DDP.
+"""Contrastive multi-task training of FashionLens: InfoNCE, GradCache, GGAS, DDP, two recipes.
 
 Where this sits in the method
 -----------------------------
@@ -8,15 +8,22 @@ FashionLens (Wen et al., 2026) trains one multimodal-LLM retriever for every U-F
    comes from the same gallery as the positive (mixing tasks would make negatives trivially easy).
 2. The embedder (model.py) turns the B queries into calibrated unit vectors q_i (PGSQC,
    calibrator.py) and the B target images into unit vectors t_j.
-3. The loss is a multi-positive InfoNCE from queries to targets plus the calibrator's regulariser:
+3. The loss is an InfoNCE from queries to targets plus the calibrator's regulariser:
 
        s_ij  = q_i . t_j / tau                                    (cosine similarity / temperature)
-       P(i)  = { j : key(t_j) == key(t_i) }   (same image as i's target; for asfr, same label: positives)
+       P(i)  = { i }                           --positives single (the authors: labels = arange,
+                                               my_grad_cache.py 48)
+       P(i)  = { j : key(t_j) == key(t_i) }    --positives multi (same image as i's target; for
+                                               asfr, same label)
        L_nce = (1/B) sum_i [ log sum_j exp(s_ij) - log sum_{j in P(i)} exp(s_ij) ]
-       L     = L_nce + R_cal,     R_cal = (1/B) sum_i [ w_fro L_fro(i) + w_orth L_orth(i) ]
+       L     = L_nce + R_cal,   R_cal = sum_c w_c r_c,   r_c = (1/|c|) sum_{i in c} [ w_fro L_fro(i)
+                                                                              + w_orth L_orth(i) ]
+       w_c   = |c| / B   (--no-reg-per-chunk: R_cal is the batch mean, whatever the chunking)
+       w_c   = 1         (--reg-per-chunk, the authors: each GradCache chunk c adds its own mean,
+                          my_grad_cache.py 246-265, so R_cal's weight grows with the chunk count)
 
-   P(i) always holds i itself; when two queries in a batch share a target image (common in small
-   galleries), that image is a positive for both instead of a false negative.
+   Under "single", a second query in the batch with the same target image pushes that image away
+   as a negative; "multi" counts it as a positive for both (common in small galleries).
 4. GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
    Setup") decouples the contrastive batch from memory: (a) a no-grad pass over chunks gives all
    representations, (b) L and dL/d(representations) are computed on the whole batch, (c) each chunk
@@ -24,11 +31,20 @@ FashionLens (Wen et al., 2026) trains one multimodal-LLM retriever for every U-F
    the surrogate  sum_i q_i . dL/dq_i + sum_j t_j . dL/dt_j + R_cal(chunk).  Its parameter gradient
    equals dL/dtheta exactly, as long as the re-run sees the same dropout masks: we restore the RNG
    state (CPU and CUDA) each chunk had in pass (a). `full_batch_step` is the plain reference
-   computation (`--chunk-size 0`); tests/test_train.py holds the two equal with dropout on.
-5. Clip the gradient norm, AdamW (a trainable vision tower at lr x vision_lr_scale), linear warm-up
-   + cosine decay; then report the norm of the learnable query/target token gradients to GGAS as the
-   sub-dataset's difficulty (the authors' signal: these two embeddings are shared by every task, so
-   their gradient says how far task k currently pulls the model).
+   computation (`--chunk-size 0`; given a chunk size, it splits its forward and R_cal by the same
+   chunks, keeping every graph); tests/test_train.py holds the two equal with dropout on.
+5. Clip the gradient norm (--grad-clip; 0 = no clipping, as the authors), AdamW with weight decay
+   on every trainable parameter (a trainable vision tower at lr x vision_lr_scale), a constant lr
+   (the authors) or linear warm-up + cosine decay (--lr-schedule); then report the norm of the
+   learnable query/target token gradients to GGAS as the sub-dataset's difficulty (the authors'
+   signal: these two embeddings are shared by every task, so their gradient says how far task k
+   currently pulls the model).
+
+Two recipes (recipes.py) set the optimisation and input values: `paper` (the authors' values, any
+real Qwen-VL) and `tiny-cpu` (the offline tiny default). Every TrainConfig field a recipe sets
+defaults to None, "the recipe's value"; `TrainConfig.resolved()` fills them in once, and a flag
+overrides any of them. The GradCache chunk size may follow the authors' table per sub-dataset
+(`--chunk-size -1`, decided for each batch): long prompts (video, outfits) get small chunks.
 
 Speed without changing the method (the CPU default): a loader (prefetch.py) decodes, patchifies and
 tokenises step t+1's batch while step t computes, guessing GGAS' next draw (`prepare_batch`); and
@@ -52,13 +68,12 @@ Run it
     python train.py --tasks all                 # synthetic U-FIRE + tiny backbone, 2 CPU cores, ~9 min
     python train.py --tasks t2i,cir --steps 200 --out runs/small
     python train.py --resume runs/small         # continue an interrupted run exactly
-    python train.py --data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct --batch-size 256 \\
-        --chunk-size 32 --lr 1e-4 --epochs 1   # the real thing, one GPU
+    python train.py --data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct   # `paper`: one GPU
     torchrun --nproc_per_node 8 train.py --data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct
 
-Outputs in runs/NAME: config.json (resolved configuration), log.jsonl (one line per step and per
-validation), best/ and last/ (checkpoints; `python evaluate.py --ckpt runs/NAME/best`),
-test_results.json (final test table).
+Outputs in runs/NAME: config.json (resolved configuration: the recipe's name and every value it
+filled in), log.jsonl (one line per step and per validation), best/ and last/ (checkpoints;
+`python evaluate.py --ckpt runs/NAME/best`), test_results.json (final test table).
 
 Shape legend: B batch (queries = targets), b per-rank batch, c chunk, D embedding size,
 G gallery, r rank, T tasks (sub-datasets), W world size (processes).
@@ -92,6 +107,7 @@ from tqdm import tqdm
 import data
 from errors import FashionLensError, run_cli
 import evaluate
+import recipes
 import sampler
 import synthetic
 from model import EmbedderConfig, FashionLensEmbedder
@@ -113,11 +129,27 @@ def key_ids(keys: list[str], device) -> torch.Tensor:
     return torch.tensor([mix_seed(k) for k in keys], dtype=torch.int64, device=device)  # (b,)
 
 
-def info_nce(q: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Multi-positive InfoNCE, query -> target (the equation is in the module docstring).
+POSITIVES = ("single", "multi")  # P(i) = {i} (the authors) | every in-batch copy of i's target
 
-    q (B, D) unit queries, t (B, D) unit targets (row i is query i's target), ids (B,) target
-    image ids: targets with the same id are the same image, so all of them are positives of query i.
+
+def target_ids(keys: list[str], positives: str, device, di: DistInfo = DistInfo()) -> torch.Tensor:
+    """(W*b,) ids of the global batch's targets for info_nce: P(i) = { j : ids_j == ids_i }.
+
+    "multi": the image ids (key_ids), gathered from every rank, so copies of one image share an id.
+    "single": the target's row in the global batch, so every id is distinct and P(i) = {i}: the
+    authors' cross-entropy with labels = arange (my_grad_cache.py 48).
+    """
+    if positives == "single":
+        return torch.arange(len(keys) * di.world, device=device)  # (W*b,) row r -> id r
+    return gather_nograd(key_ids(keys, device), di)  # (W*b,) image ids, rank order
+
+
+def info_nce(q: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE, query -> target (the equation is in the module docstring).
+
+    q (B, D) unit queries, t (B, D) unit targets (row i is query i's target), ids (B,) target ids
+    (`target_ids`): every target with query i's id is a positive of query i. Distinct ids (the
+    "single" positives) make it the plain cross-entropy on the diagonal.
     """
     s = (q.float() @ t.float().T) / temperature  # (B, B) s_ij = q_i . t_j / tau
     pos = ids[:, None] == ids[None, :]  # (B, B) j in P(i): t_j is the same image as t_i
@@ -171,26 +203,47 @@ def _check_finite(x: float) -> None:
         raise NonFiniteLoss(f"loss = {x}")
 
 
-def full_batch_step(model, batch: Batch, temperature: float, di: DistInfo = DistInfo()) -> StepOut:
-    """The plain computation: encode the whole batch with grad, L on it, one backward.
+def _reg_weight(rows: int, n: int, reg_per_chunk: bool) -> float:
+    """w_c of a chunk of `rows` of this rank's n queries: 1 under reg_per_chunk (the authors: every
+    GradCache chunk adds its own mean regulariser), else rows / n (the chunk means add up to the
+    batch mean)."""
+    return 1.0 if reg_per_chunk else rows / n
 
-    Memory grows with the batch (every activation is kept until backward): that is what GradCache
-    removes. Under DDP this is the one forward per step DDP expects.
+
+def full_batch_step(model, batch: Batch, temperature: float, di: DistInfo = DistInfo(), positives: str = "multi",
+                    chunk_size: int = 0, reg_per_chunk: bool = False) -> StepOut:
+    """The plain computation: encode the batch with grad, L on it, one backward.
+
+    chunk_size 0 (or >= the batch): one forward. chunk_size > 0: the forward split into GradCache's
+    chunks, every graph kept, R_cal = sum_c w_c r_c: the reference `gradcache_step` must equal
+    (each chunk draws its dropout masks in the same order, and the regulariser is split by the
+    same chunks, under either reg_per_chunk). Memory grows with the batch (every activation is kept
+    until backward): that is what GradCache removes. Under DDP train.py calls it with one chunk,
+    the one forward per step DDP expects; several forwards there are refused.
     """
-    queries, images = _rows(batch, 0, len(batch.keys))
-    out = model(queries=queries, images=images)
-    q = gather_with_grad(out["q"].float(), di)  # (W*b, D) every rank's queries
-    t = gather_with_grad(out["t"].float(), di)  # (W*b, D) every rank's targets: cross-device negatives
-    reg = out["reg"].float()  # () R_cal of this rank's queries (the calibrator returns the batch mean)
-    ids = gather_nograd(key_ids(batch.keys, q.device), di)  # (W*b,)
+    n = len(batch.keys)
+    parts = _chunks(n, chunk_size)
+    if di.enabled and len(parts) > 1:
+        raise ValueError("full_batch_step splits its forward into chunks only in one process; "
+                         "under DDP use gradcache_step")
+    qs, ts, lams, reg = [], [], [], 0.0
+    for s, e in parts:
+        queries, images = _rows(batch, s, e)
+        out = model(queries=queries, images=images)
+        qs.append(out["q"].float())  # (c, D)
+        ts.append(out["t"].float())  # (c, D)
+        lams.append(out["lam"].detach().float())  # (c,)
+        reg = reg + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk)  # () R_cal += w_c r_c
+    q = gather_with_grad(torch.cat(qs), di)  # (W*b, D) every rank's queries
+    t = gather_with_grad(torch.cat(ts), di)  # (W*b, D) every rank's targets: cross-device negatives
+    ids = target_ids(batch.keys, positives, q.device, di)  # (W*b,)
     nce = info_nce(q, t, ids, temperature)  # () L_nce on the global batch, identical on all ranks
     reg_mean = mean_over_ranks(reg.detach(), di)  # () R_cal averaged over ranks (for the reported loss)
     loss_value = float(nce.detach() + reg_mean)  # L = L_nce + R_cal
     _check_finite(loss_value)
     # Each rank adds its own R_cal; DDP averages ranks, which turns them into the global mean.
     (nce + reg).backward()
-    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean),
-                   lam=float(out["lam"].detach().float().mean()))
+    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()))
 
 
 class RngState:
@@ -227,15 +280,16 @@ def _sync_ctx(model, last: bool):
 
 
 def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistInfo(),
-                   chunk_size: int = 8) -> StepOut:
+                   chunk_size: int = 8, positives: str = "multi", reg_per_chunk: bool = False) -> StepOut:
     """GradCache (Gao et al., 2021): the same gradient as `full_batch_step`, memory of one chunk.
 
     (a) no-grad pass over chunks -> all representations, remembering each chunk's RNG state;
     (b) L and dL/d(representations) on the full (gathered) batch, with a tiny autograd graph that
         starts at the representations;
     (c) per chunk: restore its RNG state (same dropout masks), re-encode with grad, backward the
-        surrogate  <q_c, dL/dq_c> + <t_c, dL/dt_c> + (c/b) R_cal(chunk)  whose gradient is the
-        chunk's share of dL/dtheta. Parameter gradients accumulate over chunks.
+        surrogate  <q_c, dL/dq_c> + <t_c, dL/dt_c> + w_c r_c  whose gradient is the chunk's share
+        of dL/dtheta (w_c = c/b, or 1 under reg_per_chunk: see `_reg_weight`). Parameter gradients
+        accumulate over chunks.
     DDP: (b) runs on the gathered batch, so dL/dq of our slice already includes what every rank's
     queries owe our targets; DDP then averages ranks, so our slice's gradient is scaled by W. All
     but the last chunk's backward run under no_sync: one all-reduce per step.
@@ -244,7 +298,7 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
     n = len(batch.keys)
     parts = _chunks(n, chunk_size)
     if len(parts) == 1:  # the batch fits one chunk: GradCache would only add a second forward
-        return full_batch_step(model, batch, temperature, di)
+        return full_batch_step(model, batch, temperature, di, positives, reg_per_chunk=reg_per_chunk)
     device = str(getattr(module, "device", di.device))
 
     # (a) representations without a graph.
@@ -257,13 +311,13 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
             qs.append(out["q"].float())  # (c, D)
             ts.append(out["t"].float())  # (c, D)
             lams.append(out["lam"].float())  # (c,)
-            reg = reg + out["reg"].float() * (e - s) / n  # () R_cal, batch mean of chunk means
+            reg = reg + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk)  # () R_cal += w_c r_c
     end_state = RngState(device)  # after pass (a): where the reference path would leave the RNG
 
     # (b) loss and its gradient w.r.t. the representations, on the global batch.
     q_all = gather_nograd(torch.cat(qs), di).requires_grad_()  # (W*b, D) leaf
     t_all = gather_nograd(torch.cat(ts), di).requires_grad_()  # (W*b, D) leaf
-    ids = gather_nograd(key_ids(batch.keys, q_all.device), di)  # (W*b,)
+    ids = target_ids(batch.keys, positives, q_all.device, di)  # (W*b,)
     nce = info_nce(q_all, t_all, ids, temperature)  # () L_nce, identical on all ranks
     reg_mean = mean_over_ranks(reg, di)  # () R_cal averaged over ranks (for the reported loss)
     loss_value = float(nce.detach()) + float(reg_mean)  # L = L_nce + R_cal
@@ -281,13 +335,13 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
             out = model(queries=queries, images=images)
             surrogate = ((out["q"].float() * gq[s:e]).sum()  # <q_c, dL/dq_c>
                          + (out["t"].float() * gt[s:e]).sum()  # <t_c, dL/dt_c>
-                         + out["reg"].float() * (e - s) / n)  # this chunk's share of R_cal (a batch mean)
+                         + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk))  # w_c r_c
             surrogate.backward()
     end_state.restore()  # the re-runs drew the same numbers; make the end state explicit
     return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()))
 
 
-def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor) -> StepOut:
+def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor, positives: str = "multi") -> StepOut:
     """`full_batch_step` with its work shared by two CPU cores (the tiny default on a laptop CPU).
 
     The query tower and the target tower share weights but no activations: q depends only on the
@@ -299,7 +353,8 @@ def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor) -
     threads run side by side. The gradient is full_batch_step's up to float summation order (a
     weight used several times in each tower sums its pieces in another order; tests/test_fast_paths.py
     holds them within 1e-5). train.py uses this path only without dropout: two threads would draw
-    their masks from one generator in an unpredictable order.
+    their masks from one generator in an unpredictable order. The batch is one chunk, so R_cal is
+    the batch mean under either reg_per_chunk (w_c = 1 = b/b).
     """
     queries, images = _rows(batch, 0, len(batch.keys))
     target_fwd = spare.submit(model, images=images)  # (a) the target tower, on the other core
@@ -307,7 +362,7 @@ def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor) -
     out_t = target_fwd.result()
     q = out_q["q"].detach().requires_grad_()  # (B, D) leaf: dL/dq lands in q.grad
     t = out_t["t"].detach().requires_grad_()  # (B, D) leaf
-    nce = info_nce(q, t, key_ids(batch.keys, q.device), temperature)  # () L_nce
+    nce = info_nce(q, t, target_ids(batch.keys, positives, q.device), temperature)  # () L_nce
     reg = out_q["reg"].float()  # () R_cal of the queries
     loss_value = float(nce.detach() + reg.detach())  # L = L_nce + R_cal
     _check_finite(loss_value)  # stop before touching any gradient
@@ -329,10 +384,25 @@ def token_grad_norm(embedder) -> float:
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """lr multiplier at optimizer step `step` (0-based): linear warm-up, then cosine to min_ratio."""
+def clip_gradients(params: list, max_norm: float) -> float:
+    """The global gradient norm ||g|| = sqrt(sum_p ||grad_p||^2), measured before any clipping;
+    g is then rescaled to max_norm when ||g|| exceeds it. max_norm 0: no clipping (the authors
+    never clip), the norm is only measured, for the log and the finiteness check."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # g <- g * min(1, max_norm / ||g||)
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))  # ||g||
+
+
+LR_SCHEDULES = ("constant", "cosine")  # the authors' fixed lr | ours: warm-up, then cosine decay
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """lr multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` steps, then
+    1 ("constant": the authors' AdamW has no scheduler, train.py 98) or a cosine to min_ratio."""
     if step < warmup:
         return (step + 1) / warmup  # warm-up: 1/warmup, 2/warmup, ..., 1
+    if schedule == "constant":
+        return 1.0  # the peak lr for the rest of the run
     progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay phase
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -344,35 +414,73 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; each CLI flag maps onto one field (dashes -> _)."""
+    """Everything that defines a training run; each CLI flag maps onto one field (dashes -> _).
+
+    A field whose default is None takes its value from the recipe (recipes.py: `paper` holds the
+    authors' values, `tiny-cpu` the measured choices of the offline tiny default); the comments
+    below give both. `resolved()` fills them in once; a run, config.json and every checkpoint hold
+    the resolved copy, so a resumed run keeps its values even if a recipe changes later.
+    """
 
     tasks: str = "all"  # "all" or comma-separated task words / "task/dataset" names: the paper trains on all
     data: str = "synthetic"  # "synthetic" = data/synthetic, generated on first use (offline default); or a U-FIRE root
     backbone: str = "tiny"  # "tiny" (offline random Qwen3-VL) | "tiny-qwen2-vl" | hub id | local path
+    recipe: str = "auto"  # the defaults of every None field: "paper" | "tiny-cpu" | "auto" = tiny-cpu for the
+    #                      tiny backbones, paper for any other (a real Qwen-VL gets the authors' recipe unasked)
     out: str = ""  # run directory; "" = runs/fashionlens-<backbone name>
-    steps: int = 1400  # optimizer steps: enough for the tiny CPU default to leave chance behind on every test
-    #                   row, few enough to finish in minutes on a laptop CPU (docs/RESULTS.md)
-    epochs: float = 0.0  # > 0 replaces --steps by epochs x GGAS' steps per epoch (sum_k N_k // batch)
-    batch_size: int = 16  # global contrastive batch (all ranks): each query's negatives are the other B-1
-    #                      targets. At a fixed CPU budget the tiny default gains more from more steps than
-    #                      from wider batches (docs/RESULTS.md)
-    chunk_size: int = 16  # GradCache sub-batch per rank; 0 = plain reference path. A batch that fits one
-    #                      chunk skips GradCache's extra forward: the tiny CPU default (16/16) does,
-    #                      a real run with --batch-size 256 --chunk-size 32 re-encodes 8 chunks
-    lr: float = 1e-3  # peak AdamW lr, for the randomly initialised tiny model; use ~1e-4 for a pretrained Qwen-VL
+    steps: Optional[int] = None  # optimizer steps; 0 = set by --epochs. tiny-cpu 1400: enough to leave chance
+    #                             behind on every test row, few enough for minutes on a laptop CPU (docs/RESULTS.md).
+    #                             Given without --epochs, it sets epochs to 0 (the run is exactly this long)
+    epochs: Optional[float] = None  # > 0 replaces --steps by epochs x GGAS' steps per epoch (sum_k N_k // batch).
+    #                                paper 5 (the authors' --epochs). Given without --steps, it sets steps to 0
+    batch_size: Optional[int] = None  # global contrastive batch (all ranks): each query's negatives are the other
+    #                                  B-1 targets. paper 64 (the authors' per-GPU batch, for one GPU); tiny-cpu 16:
+    #                                  at a fixed CPU budget more steps beat wider batches (docs/RESULTS.md)
+    chunk_size: Optional[int] = None  # GradCache sub-batch per rank; 0 = plain reference path; -1 = the authors'
+    #                                  size for each batch's sub-dataset (recipes.CHUNK_SIZES: small for long
+    #                                  prompts, so a chunk's activations fit; paper). A batch that fits one chunk
+    #                                  skips GradCache's extra forward: tiny-cpu's 16 of 16 does
+    lr: Optional[float] = None  # peak AdamW lr: paper 1e-4 (a pretrained Qwen-VL); tiny-cpu 1e-3 (a random model)
     vision_lr_scale: float = 0.1  # a trainable (random tiny) vision tower learns at lr x this: at the full lr it
     #                              soon encodes only colour, and sketches (no colour) become unfindable.
     #                              No effect on a frozen (pretrained) tower
-    weight_decay: float = 0.0  # AdamW decay; 0 as the LoRA adapters are small and the runs short
-    warmup_ratio: float = 0.05  # share of steps with a linear lr warm-up, so Adam's moments settle first
+    weight_decay: Optional[float] = None  # AdamW decay of every trainable parameter: paper 1e-3 (the authors);
+    #                                      tiny-cpu 0, as the LoRA adapters are small and the runs short
+    lr_schedule: Optional[str] = None  # "constant" (paper: the authors use no scheduler) | "cosine" (tiny-cpu:
+    #                                   a short run from random weights settles better as the lr decays)
+    warmup_ratio: Optional[float] = None  # share of steps with a linear lr warm-up, so Adam's moments settle first;
+    #                                      paper 0, tiny-cpu 0.05
     min_lr_ratio: float = 0.05  # cosine ends at lr x this, so the last steps still move the model a bit
-    grad_clip: float = 1.0  # max global grad norm: one bad batch (a rare task) cannot blow the LoRA up
+    grad_clip: Optional[float] = None  # max global grad norm; 0 = no clipping (paper: the authors never clip; the
+    #                                   norm is still logged). tiny-cpu 1.0: one bad batch (a rare task)
+    #                                   cannot blow the random LoRA up
     temperature: float = 0.07  # InfoNCE tau: the common value for CLIP-style retrieval, used by the authors
+    positives: Optional[str] = None  # "single": a query's only positive is its own target (paper: the authors'
+    #                                 labels = arange) | "multi": every in-batch copy of that target image too
+    #                                 (tiny-cpu: small synthetic galleries repeat images within a batch)
+    reg_per_chunk: Optional[bool] = None  # add the calibrator regulariser once per GradCache chunk, so its weight
+    #                                      grows with the chunk count (paper: the authors) | once per batch (tiny-cpu)
     calibrator: str = "slerp"  # PGSQC mode: slerp (the method) | linear | off (ablations)
     sampler: str = "ggas"  # task sampling: ggas (the method) | uniform | size (ablations)
     ggas_warmup: int = -1  # uniform sampling for N steps; -1 = one epoch (the authors) capped at steps/4, so
     #                        a short run still adapts (the CPU default: 350 uniform steps of 1400)
-    eval_every: int = 200  # validate (sum of val Recall@1) + checkpoint every N steps
+    ggas_refresh: Optional[str] = None  # GGAS recomputes p at each "epoch" start (paper: the authors) or every
+    #                                    "step" (tiny-cpu: a run of a few epochs would otherwise hardly adapt)
+    ggas_ema_start: Optional[str] = None  # difficulty EMA starts at "zero" (paper) or at the "first" report
+    #                                      (tiny-cpu: a rarely drawn sub-dataset does not look easy)
+    ggas_floor: Optional[str] = None  # "renorm": clip at the floor, renormalise once (paper) | "waterfill": the
+    #                                  floor holds exactly (tiny-cpu); see sampler.py
+    # How queries and images become prompts: passed to EmbedderConfig (model.py), which owns them; a
+    # resumed run keeps its checkpoint's.
+    min_pixels: Optional[int] = None  # pixel budget of one image, the aspect ratio kept by the backbone's processor:
+    max_pixels: Optional[int] = None  # paper 224^2 .. 256^2 (the authors' collators), tiny-cpu 64^2 .. 64^2
+    max_query_images: Optional[int] = None  # query images per prompt, 0 = all: paper 8, tiny-cpu 4
+    query_sketches: Optional[str] = None  # "all" sketches of an item in one prompt (paper) | "one" (tiny-cpu)
+    num_frames: Optional[int] = None  # frames of a video query: paper 8, tiny-cpu 4
+    video_size: Optional[int] = None  # each frame resized to this square: paper 224, tiny-cpu 64
+    lora_dropout: Optional[float] = None  # paper 0.05 (the authors); tiny-cpu 0: masks are a large share of a CPU step
+    eval_every: Optional[int] = None  # validate (sum of val Recall@1) + checkpoint every N steps: paper 500,
+    #                                  tiny-cpu 200
     max_eval_queries: int = 0  # validation queries per sub-dataset (evenly spaced); 0 = all
     eval_batch_size: int = 64  # batch size of validation/test encoding
     final_test: bool = True  # evaluate the best checkpoint on the test split at the end and print the table
@@ -382,12 +490,41 @@ class TrainConfig:
     #                      CPU (its 128-wide matmuls are too small to split over threads), else torch's default
     loader: str = "thread"  # who prepares the next batch during a step (prefetch.py): a worker "thread", a
     #                         forked worker "process", or "off" (in the loop); the same batches in each
-    two_cores: str = "auto"  # auto: share each step between two CPU cores (two_core_step) when training
-    #                         runs on a multi-core CPU with one torch thread, without DDP, GradCache
-    #                         chunks or dropout; off: one core computes the whole step
+    two_cores: str = "auto"  # auto: share a step between two CPU cores (two_core_step) when training runs on a
+    #                         multi-core CPU with one torch thread, without DDP or dropout, and the step's
+    #                         batch fits one GradCache chunk (decided per batch); off: one core computes it
     stop_at: int = 0  # end this invocation after this step (writes last/), e.g. a job time limit; 0 = never
     find_unused_parameters: bool = False  # DDP: every forward embeds queries AND targets, so every trainable
     #                                       parameter gets a gradient each backward; True only for a custom model
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its recipe applied; needs no model, and resolving twice changes nothing.
+
+        `recipe` becomes the name it resolves to for this backbone (recipes.recipe_name) and every
+        None field takes that recipe's value. Steps and epochs form one pair: given only one of
+        them, the other is 0 (`--steps 300` on `paper` trains 300 steps, not 5 epochs); given
+        neither, the recipe's pair (paper: 5 epochs; tiny-cpu: 1400 steps).
+        """
+        try:
+            name = recipes.recipe_name(self.recipe, self.backbone)
+        except ValueError:
+            raise SystemExit(f"error: --recipe {self.recipe!r}: must be auto, "
+                             f"{' or '.join(recipes.RECIPE_NAMES)}") from None
+        values = {**recipes.recipe_values(name, self.backbone, "embedder"),
+                  **recipes.recipe_values(name, self.backbone, "train")}
+        length = {"steps": values.pop("steps", 0), "epochs": values.pop("epochs", 0.0)}  # the recipe's pair
+        fill = {k: v for k, v in values.items() if getattr(self, k) is None}
+        if self.steps is None and self.epochs is None:
+            fill.update(length)  # neither given: the recipe decides the run length
+        elif self.steps is None:
+            fill["steps"] = 0  # --epochs alone: the epochs decide
+        elif self.epochs is None:
+            fill["epochs"] = 0.0  # --steps alone: exactly that many steps
+        return dataclasses.replace(self, recipe=name, **fill)
+
+    def embedder_fields(self) -> dict:
+        """The EmbedderConfig fields this config sets (resolved): the recipe's name and the input values."""
+        return {"recipe": self.recipe, **{k: getattr(self, k) for k in EMBEDDER_FIELDS}}
 
     def resolved_out(self) -> str:
         """The run directory: --out, or runs/fashionlens-<last path part of the backbone>."""
@@ -399,39 +536,63 @@ class TrainConfig:
     def check(self) -> None:
         """Refuse values no run can use, before anything is built or created on disk.
 
+        Checks the resolved values (`resolved()`: a config with None fields is resolved first).
         Each failure is one line `error: --flag value: what it needs` (a SystemExit, as argparse's
         own errors are). The ranges are written so that NaN fails them too (NaN fails every
         comparison), and a float that must be finite is compared with inf.
         """
-        inf = math.inf
+        c, inf = self.resolved(), math.inf
+
+        def one_of(values) -> str:
+            return f"must be one of {', '.join(values)}"
+
         rules = {  # field -> (value acceptable?, what the flag needs)
-            "steps": (self.steps >= 1, "must be >= 1 (optimizer steps)"),
-            "epochs": (0 <= self.epochs < inf, "must be >= 0 (0: train for --steps)"),
-            "batch_size": (self.batch_size >= 1, "must be >= 1"),
-            "chunk_size": (self.chunk_size >= 0, "must be >= 0 (0: no GradCache)"),
-            "lr": (0 < self.lr < inf, "must be > 0"),
-            "vision_lr_scale": (0 <= self.vision_lr_scale < inf, "must be >= 0 (0 freezes the tower's updates)"),
-            "weight_decay": (0 <= self.weight_decay < inf, "must be >= 0"),
-            "warmup_ratio": (0 <= self.warmup_ratio <= 1, "must lie in [0, 1]"),
-            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "must lie in [0, 1]"),
-            "grad_clip": (self.grad_clip > 0, "must be > 0"),
-            "temperature": (0 < self.temperature < inf, "must be > 0"),
-            "calibrator": (self.calibrator in ("slerp", "linear", "off"), "must be slerp, linear or off"),
-            "sampler": (self.sampler in sampler.STRATEGIES, f"must be one of {', '.join(sampler.STRATEGIES)}"),
-            "ggas_warmup": (self.ggas_warmup >= -1, "must be >= 0, or -1 for one epoch"),
-            "eval_every": (self.eval_every >= 1, "must be >= 1 (steps between validations)"),
-            "max_eval_queries": (self.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
-            "eval_batch_size": (self.eval_batch_size >= 1, "must be >= 1"),
-            "cpu_threads": (self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
-            "loader": (self.loader in LOADER_MODES, f"must be one of {', '.join(LOADER_MODES)}"),
-            "two_cores": (self.two_cores in ("auto", "off"), "must be auto or off"),
-            "stop_at": (self.stop_at >= 0, "must be >= 0 (0 = never)"),
+            "steps": (c.steps >= 1 or (c.steps == 0 and c.epochs > 0), "must be >= 1 (0 only with --epochs > 0)"),
+            "epochs": (0 <= c.epochs < inf, "must be >= 0 (0: train for --steps)"),
+            "batch_size": (c.batch_size >= 1, "must be >= 1"),
+            "chunk_size": (c.chunk_size >= -1,
+                           "must be >= -1 (-1: the authors' size per sub-dataset; 0: no GradCache)"),
+            "lr": (0 < c.lr < inf, "must be > 0"),
+            "vision_lr_scale": (0 <= c.vision_lr_scale < inf, "must be >= 0 (0 freezes the tower's updates)"),
+            "weight_decay": (0 <= c.weight_decay < inf, "must be >= 0"),
+            "lr_schedule": (c.lr_schedule in LR_SCHEDULES, one_of(LR_SCHEDULES)),
+            "warmup_ratio": (0 <= c.warmup_ratio <= 1, "must lie in [0, 1]"),
+            "min_lr_ratio": (0 <= c.min_lr_ratio <= 1, "must lie in [0, 1]"),
+            "grad_clip": (0 <= c.grad_clip < inf, "must be >= 0 (0: no clipping)"),
+            "temperature": (0 < c.temperature < inf, "must be > 0"),
+            "positives": (c.positives in POSITIVES, one_of(POSITIVES)),
+            "reg_per_chunk": (isinstance(c.reg_per_chunk, bool), "must be true or false"),
+            "calibrator": (c.calibrator in ("slerp", "linear", "off"), "must be slerp, linear or off"),
+            "sampler": (c.sampler in sampler.STRATEGIES, one_of(sampler.STRATEGIES)),
+            "ggas_warmup": (c.ggas_warmup >= -1, "must be >= 0, or -1 for one epoch"),
+            "ggas_refresh": (c.ggas_refresh in sampler.REFRESH_MODES, one_of(sampler.REFRESH_MODES)),
+            "ggas_ema_start": (c.ggas_ema_start in sampler.EMA_STARTS, one_of(sampler.EMA_STARTS)),
+            "ggas_floor": (c.ggas_floor in sampler.FLOORS, one_of(sampler.FLOORS)),
+            "min_pixels": (c.min_pixels >= 1, "must be >= 1"),
+            "max_pixels": (c.max_pixels >= c.min_pixels, f"must be >= --min-pixels ({c.min_pixels})"),
+            "max_query_images": (c.max_query_images >= 0, "must be >= 0 (0 = all)"),
+            "query_sketches": (c.query_sketches in QUERY_SKETCHES, one_of(QUERY_SKETCHES)),
+            "num_frames": (c.num_frames >= 1, "must be >= 1"),
+            "video_size": (c.video_size >= 1, "must be >= 1"),
+            "lora_dropout": (0 <= c.lora_dropout < 1, "must lie in [0, 1)"),
+            "eval_every": (c.eval_every >= 1, "must be >= 1 (steps between validations)"),
+            "max_eval_queries": (c.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
+            "eval_batch_size": (c.eval_batch_size >= 1, "must be >= 1"),
+            "cpu_threads": (c.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
+            "loader": (c.loader in LOADER_MODES, one_of(LOADER_MODES)),
+            "two_cores": (c.two_cores in ("auto", "off"), "must be auto or off"),
+            "stop_at": (c.stop_at >= 0, "must be >= 0 (0 = never)"),
         }
         for name, (ok, need) in rules.items():
             if not ok:
-                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(self, name)!r}: {need}")
-        plumbing.check_device("--device", self.device)
-        plumbing.check_writable("--out", self.resolved_out())
+                raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(c, name)!r}: {need}")
+        plumbing.check_device("--device", c.device)
+        plumbing.check_writable("--out", c.resolved_out())
+
+
+# The input fields TrainConfig passes to EmbedderConfig (the recipes' "embedder" part).
+EMBEDDER_FIELDS = tuple(recipes.RECIPES["paper"]["embedder"])
+QUERY_SKETCHES = ("one", "all")  # several sketches of one item: one per prompt | all in one prompt
 
 
 # Fields a resumed run may change: they do not touch the optimisation trajectory.
@@ -546,6 +707,7 @@ class Run:
 def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     """Data, embedder, optimizer and sampler as configured; the saved state when resuming."""
     t_start = time.time()
+    cfg = cfg.resolved()  # the recipe's values, once: the run, config.json and checkpoints hold these
     cfg.check()  # flags first: a bad one stops us before anything is built or written
     di = plumbing.init_distributed(cfg.device)
     if cfg.batch_size % di.world:
@@ -571,12 +733,8 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     torch.manual_seed(cfg.seed)  # the embedder's random initialisation follows from the run seed
     embedder = build_embedder(cfg, di.device, resume_dir)
     embedder.train()
-    if hasattr(embedder, "config") and hasattr(embedder.config, "image_size"):
-        ecfg = embedder.config
-        view = ufire.train_view(train_subsets, image_size=ecfg.image_size,
-                                max_images=ecfg.max_query_images, num_frames=ecfg.num_frames)
-    else:
-        view = ufire.train_view(train_subsets, image_size=64)
+    # Training queries as the embedder takes them: images per prompt, frames, sketches, image caps.
+    view = ufire.train_view(train_subsets, **embedder.query_options())
     sizes = dict(view.sizes)  # {sub-dataset: N_k}
     plan = plan_steps(sizes, cfg, di)
     model, params, optimizer, scheduler = build_optimizer(embedder, cfg, plan, di)
@@ -589,18 +747,37 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     run.batches = iter(run.task_sampler)
     # The loader first: in "process" mode it forks here, while this process has a single thread.
     run.loader = Prefetcher(partial(prepare_batch, view, embedder, cfg.seed), cfg.loader)
-    if use_two_cores(cfg, embedder, di, threads, plan.per_rank):
+    if use_two_cores(cfg, embedder, di, threads, sizes):
         run.spare = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-core")
     if di.main:
         write_resolved_config(run, threads, sizes, resume_dir)
     return run
 
 
-def use_two_cores(cfg: TrainConfig, embedder, di: DistInfo, threads: int, per_rank: int) -> bool:
-    """--two-cores auto: use two_core_step where it is faster and deterministic (see its docstring):
-    a CPU with a second core and one torch thread, no DDP, one GradCache chunk, no dropout."""
+def step_chunk_size(cfg: TrainConfig, subset: str) -> int:
+    """The GradCache chunk of a batch of `subset`: --chunk-size, or (-1) the authors' size for it."""
+    return recipes.chunk_size_for(subset, cfg.chunk_size)
+
+
+def fits_one_chunk(chunk: int, rows: int) -> bool:
+    """A batch of `rows` per rank is one chunk: no GradCache (chunk 0) or a chunk that holds it all."""
+    return chunk == 0 or chunk >= rows
+
+
+def use_two_cores(cfg: TrainConfig, embedder, di: DistInfo, threads: int, sizes: dict) -> bool:
+    """--two-cores auto: keep a spare core for two_core_step where it is faster and deterministic
+    (see its docstring): a CPU with a second core and one torch thread, no DDP, no dropout, and a
+    sub-dataset whose batch fits one GradCache chunk.
+
+    The chunk may depend on the sub-dataset (--chunk-size -1), so train_step decides per batch:
+    two_core_step for a batch that fits one chunk, gradcache_step for the others. The two paths
+    give the same gradient up to float summation order, and which one a step takes depends only on
+    its sub-dataset, so an exact resume stays exact.
+    """
+    rows = {k: min(cfg.batch_size, n - n % di.world) // di.world for k, n in sizes.items()}  # b_k per rank
     return (cfg.two_cores == "auto" and di.device == "cpu" and not di.enabled and threads == 1
-            and (os.cpu_count() or 1) >= 2 and (cfg.chunk_size == 0 or cfg.chunk_size >= per_rank)
+            and (os.cpu_count() or 1) >= 2
+            and any(fits_one_chunk(step_chunk_size(cfg, k), b) for k, b in rows.items())
             and getattr(getattr(embedder, "config", None), "lora_dropout", 0.0) == 0.0)
 
 
@@ -609,7 +786,7 @@ def build_embedder(cfg: TrainConfig, device: str, resume_from: Optional[Path] = 
     if resume_from is not None:
         return FashionLensEmbedder.from_pretrained(str(resume_from), backbone=cfg.backbone, device=device)
     return FashionLensEmbedder(EmbedderConfig(backbone=cfg.backbone, seed=cfg.seed, calibrator=cfg.calibrator,
-                                              device=device))
+                                              device=device, **cfg.embedder_fields()))
 
 
 def plan_steps(sizes: dict, cfg: TrainConfig, di: DistInfo) -> Plan:
@@ -622,10 +799,14 @@ def plan_steps(sizes: dict, cfg: TrainConfig, di: DistInfo) -> Plan:
 
 
 def build_optimizer(embedder, cfg: TrainConfig, plan: Plan, di: DistInfo):
-    """(model, trainable params, AdamW, warm-up + cosine schedule); model = DDP(embedder) under torchrun."""
+    """(model, trainable params, AdamW, lr schedule); model = DDP(embedder) under torchrun.
+
+    AdamW decays every trainable parameter by weight_decay, as the authors' (train.py 98: one group
+    over every parameter with requires_grad); the schedule is lr_factor's.
+    """
     params = [p for p in embedder.parameters() if p.requires_grad]
     # Two parameter groups: the vision tower (if it trains) at lr x vision_lr_scale, the rest at lr.
-    # The schedule (LambdaLR) multiplies each group's own base lr, so both follow warm-up + cosine.
+    # The schedule (LambdaLR) multiplies each group's own base lr, so both follow it.
     vision_ids = {id(p) for p in embedder.vision_parameters()}
     groups = [{"params": [p for p in params if id(p) not in vision_ids], "lr": cfg.lr, "name": "adapters"}]
     if vision_ids:
@@ -641,13 +822,14 @@ def build_optimizer(embedder, cfg: TrainConfig, plan: Plan, di: DistInfo):
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, plan.total, plan.lr_warmup, cfg.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, plan.total, plan.lr_warmup, cfg.min_lr_ratio, cfg.lr_schedule))
     return model, params, optimizer, scheduler
 
 
 def make_sampler(sizes: dict, cfg: TrainConfig, plan: Plan, di: DistInfo):
     """GGAS over the training sub-datasets; batch_size is GLOBAL, each rank gets its shard."""
     return sampler.TaskBatchSampler(sizes, cfg.batch_size, strategy=cfg.sampler, warmup_steps=plan.ggas_warmup,
+                                    refresh=cfg.ggas_refresh, ema_start=cfg.ggas_ema_start, floor=cfg.ggas_floor,
                                     seed=cfg.seed, rank=di.rank, world_size=di.world)
 
 
@@ -674,6 +856,7 @@ def write_resolved_config(run: Run, threads: int, sizes: dict, resume_dir: Optio
         "out": str(run.out), "total_steps": p.total, "steps_per_epoch": p.steps_per_epoch,
         "ggas_warmup_steps": p.ggas_warmup, "lr_warmup_steps": p.lr_warmup, "world_size": run.di.world,
         "per_rank_batch": p.per_rank, "device": run.di.device, "cpu_threads": threads, "train_subsets": sizes,
+        "chunk_sizes": {k: step_chunk_size(run.cfg, k) for k in sizes},
         "loader": run.loader.mode, "two_core_step": run.spare is not None,
         "val_subsets": run.val_subsets, "resumed_from": str(resume_dir) if resume_dir else None,
         "resumed_at_step": run.step}}
@@ -744,15 +927,17 @@ def train_step(run: Run) -> tuple[StepOut, str]:
     # Every step re-seeds torch (dropout) from (seed, step, rank) and the data draws from
     # (seed, step, record): a resumed run replays exactly what the uninterrupted one drew.
     torch.manual_seed(mix_seed(cfg.seed, run.step, di.rank))
+    chunk = step_chunk_size(cfg, subset)  # this batch's GradCache chunk (per sub-dataset under -1)
     try:
-        if run.spare is not None:  # the step shared by two CPU cores (the CPU default)
-            so = two_core_step(run.model, batch, cfg.temperature, run.spare)
-        elif cfg.chunk_size > 0:
-            so = gradcache_step(run.model, batch, cfg.temperature, di, chunk_size=cfg.chunk_size)
+        if run.spare is not None and fits_one_chunk(chunk, len(batch.keys)):  # two CPU cores (the CPU default)
+            so = two_core_step(run.model, batch, cfg.temperature, run.spare, cfg.positives)
+        elif chunk > 0:
+            so = gradcache_step(run.model, batch, cfg.temperature, di, chunk_size=chunk, positives=cfg.positives,
+                                reg_per_chunk=cfg.reg_per_chunk)
         else:
-            so = full_batch_step(run.model, batch, cfg.temperature, di)
+            so = full_batch_step(run.model, batch, cfg.temperature, di, cfg.positives)
         tok = token_grad_norm(run.embedder)  # GGAS difficulty (before clipping: the raw signal)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip))
+        gnorm = clip_gradients(run.params, cfg.grad_clip)
         if not math.isfinite(gnorm):
             raise NonFiniteLoss(f"gradient norm = {gnorm}")
     except NonFiniteLoss as err:
@@ -770,6 +955,7 @@ def train_step(run: Run) -> tuple[StepOut, str]:
     if di.main:
         append_jsonl(run.log_path, {
             "step": run.step, "loss": so.loss, "nce": so.nce, "reg": so.reg, "lr": lr, "subset": subset,
+            "chunk_size": chunk,
             "grad_norm": gnorm, "token_grad_norm": tok, "lam_mean": so.lam, "prefetched": prefetched,
             "probabilities": run.task_sampler.probabilities(),
             "difficulties": {k: float(v) for k, v in run.task_sampler.difficulties().items()},
@@ -869,7 +1055,7 @@ def find_resume_checkpoint(run: Path) -> Path:
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
     """Run training as configured; returns a summary (best step/score, test result, wall time)."""
     run = setup(cfg, resume)
-    total = run.plan.total
+    cfg, total = run.cfg, run.plan.total  # the resolved config
     bar = tqdm(total=total, initial=run.step, desc="train", disable=not run.di.main, dynamic_ncols=True)
     run.t_prev = time.time()
     try:
@@ -965,8 +1151,10 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
     "tasks": "'all' or task words / task/dataset names, comma or space separated",
     "data": "'synthetic' (generated into data/synthetic) or a U-FIRE root",
     "backbone": "tiny | tiny-qwen2-vl | hub id | local path", "out": "run directory (runs/NAME)",
-    "steps": "optimizer steps", "epochs": "train for this many epochs instead of --steps",
-    "batch_size": "global contrastive batch", "chunk_size": "GradCache chunk per rank; 0 = no GradCache",
+    "recipe": "defaults of the other flags: auto (tiny-cpu for a tiny backbone, else paper) | paper | tiny-cpu",
+    "steps": "optimizer steps (alone: --epochs 0)", "epochs": "train for this many epochs instead (alone: --steps 0)",
+    "batch_size": "global contrastive batch",
+    "chunk_size": "GradCache chunk per rank; 0 = no GradCache; -1 = the authors' size per sub-dataset",
     "lr": "peak learning rate", "temperature": "InfoNCE temperature",
     "calibrator": "slerp | linear | off", "sampler": "ggas | uniform | size",
     "ggas_warmup": "uniform-sampling steps before GGAS adapts (-1: one epoch, capped at steps/4)",
@@ -976,7 +1164,17 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
     "final_test": "evaluate best/ on the test split at the end",
     "weight_decay": "AdamW weight decay", "warmup_ratio": "share of steps with linear lr warm-up",
     "vision_lr_scale": "learning rate of a trainable vision tower, as a share of --lr",
-    "min_lr_ratio": "final lr as a share of --lr (cosine decay)", "grad_clip": "max global gradient norm",
+    "min_lr_ratio": "final lr as a share of --lr (cosine decay)", "grad_clip": "max global gradient norm; 0 = off",
+    "lr_schedule": "constant (after any warm-up) | cosine (warm-up, then cosine decay)",
+    "positives": "single: only the query's own target | multi: every in-batch copy of it too",
+    "reg_per_chunk": "add the calibrator regulariser once per GradCache chunk instead of once per batch",
+    "ggas_refresh": "recompute GGAS probabilities at each epoch start | every step",
+    "ggas_ema_start": "GGAS difficulty starts at zero | at the first report",
+    "ggas_floor": "renorm: clip at the floor and renormalise once | waterfill: the floor holds exactly",
+    "min_pixels": "least pixels per image (aspect ratio kept)", "max_pixels": "most pixels per image",
+    "max_query_images": "query images per prompt (0 = all)", "query_sketches": "one | all sketches per prompt",
+    "num_frames": "frames of a video query", "video_size": "side of a video frame (pixels)",
+    "lora_dropout": "LoRA dropout",
     "eval_batch_size": "batch size of validation/test encoding",
     "cpu_threads": "torch CPU threads (0: OMP_NUM_THREADS, else 1 for a tiny backbone on CPU)",
     "loader": "who prepares the next batch: thread, process (a forked worker), or off (in the loop)",
@@ -985,21 +1183,29 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so we can tell what was given."""
+    """One flag per TrainConfig field; defaults are SUPPRESSed so we can tell what was given.
+    A field the recipes set shows both recipes' values as its default."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Defaults: see TrainConfig in train.py (printed at start).")
-    choices = {"calibrator": ["slerp", "linear", "off"], "sampler": ["ggas", "uniform", "size"],
-               "loader": list(LOADER_MODES), "two_cores": ["auto", "off"]}
+    choices = {"calibrator": ["slerp", "linear", "off"], "sampler": list(sampler.STRATEGIES),
+               "loader": list(LOADER_MODES), "two_cores": ["auto", "off"], "recipe": ["auto", *recipes.RECIPE_NAMES],
+               "lr_schedule": list(LR_SCHEDULES), "positives": list(POSITIVES), "query_sketches": list(QUERY_SKETCHES),
+               "ggas_refresh": list(sampler.REFRESH_MODES), "ggas_ema_start": list(sampler.EMA_STARTS),
+               "ggas_floor": list(sampler.FLOORS)}
+    by_recipe = {r: dataclasses.asdict(TrainConfig(recipe=r).resolved()) for r in recipes.RECIPE_NAMES}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        shown = f"{FLAG_HELP.get(f.name, '')} (default: {f.default!r})"
+        default = (", ".join(f"{r}: {v[f.name]!r}" for r, v in by_recipe.items()) if f.default is None
+                   else repr(f.default))  # None: the recipe's value
+        shown = f"{FLAG_HELP.get(f.name, '')} (default: {default})"
         kw = {"default": argparse.SUPPRESS, "help": argparse.SUPPRESS if f.name in HIDDEN_FLAGS else shown}
-        if f.type in ("bool", bool):
+        kind = str(f.type).removeprefix("Optional[").removesuffix("]")  # "int", "float", "str" or "bool"
+        if kind == "bool":
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "tasks":
             ap.add_argument(flag, nargs="+", **kw)
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = {"int": int, "float": float, "str": str}[kind]
             ap.add_argument(flag, type=typ, choices=choices.get(f.name), **kw)
     ap.add_argument("--resume", default=None, help="continue the run in this directory (runs/NAME) exactly")
     return ap

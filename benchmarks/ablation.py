@@ -5,7 +5,7 @@ What it measures
 FashionLens (Wen et al., 2026) adds two mechanisms to a plain contrastive MLLM retriever: PGSQC
 (calibrator.py: slerp of each query toward a proposal) and GGAS (sampler.py: task sampling by
 gradient-guided difficulty x data size). The paper's ablations remove each one. This script trains,
-at a reduced budget and with the same recipe otherwise (train.py's TrainConfig defaults), five
+at a reduced budget and with the same recipe otherwise (the `tiny-cpu` recipe, recipes.py), five
 variants, each with several seeds (a seed sets the tiny base's init, the sampler and the data draws):
 
     variant        --calibrator  --sampler   what it removes
@@ -277,8 +277,8 @@ def run_settings(variant: str, seed: int, args) -> dict:
     import train
 
     cal, samp = VARIANTS[variant]
-    # train.py's defaults are part of the recipe: a run trained before they changed is redone.
-    defaults = {k: v for k, v in dataclasses.asdict(train.TrainConfig()).items()
+    # The tiny-cpu recipe's values (resolved) are part of the settings: a run trained before they changed is redone.
+    defaults = {k: v for k, v in dataclasses.asdict(train.TrainConfig().resolved()).items()
                 if k not in ("out", "data", "device")}
     return {"variant": variant, "seed": seed, "calibrator": cal, "sampler": samp, "steps": args.steps,
             "eval_every": args.eval_every, "tasks": args.tasks, "ood": bool(args.ood),
@@ -465,7 +465,7 @@ def _main(argv=None) -> int:
            "command": " ".join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])]),
            "settings": {"steps": args.steps, "eval_every": args.eval_every, "seeds": seeds, "variants": variants,
                         "tasks": args.tasks, "ood": bool(args.ood), "max_eval_queries": args.max_eval_queries,
-                        "train_defaults": dataclasses.asdict(train.TrainConfig())},
+                        "train_defaults": dataclasses.asdict(train.TrainConfig().resolved())},
            "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
            "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
                          for v, e in agg.items()},

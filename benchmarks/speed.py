@@ -164,9 +164,7 @@ def memory_worker(batch: int, chunk: int, subset: str) -> dict:
     emb = FashionLensEmbedder(EmbedderConfig(seed=0, device="cpu"))
     emb.train()
     ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
-    cfg = emb.config
-    view = ufire.train_view([subset], image_size=cfg.image_size, max_images=cfg.max_query_images,
-                            num_frames=cfg.num_frames)
+    view = ufire.train_view([subset], **emb.query_options())
     n_rec = len(view.recs[subset])
     if batch > n_rec:
         raise SystemExit(f"error: {subset} has {n_rec} training records, fewer than batch {batch}")
@@ -256,7 +254,7 @@ def flops_per_item(emb, params: dict, n_tokens: float, n_images: float, query: b
     text = emb._base().config.text_config
     vcfg = emb._base().config.vision_config
     merge = int(vcfg.spatial_merge_size)
-    patches = emb.tokens_per_image * merge ** 2  # N_patch per image, before merging
+    patches = emb.image_tokens(64, 64) * merge ** 2  # N_patch of a 64 x 64 synthetic image, before merging
     vis_width = int(getattr(vcfg, "hidden_size", 0) or getattr(vcfg, "embed_dim", 0))
     if vis_width == int(text.hidden_size) and hasattr(vcfg, "embed_dim"):  # Qwen2-VL: hidden_size = output
         vis_width = int(vcfg.embed_dim)
@@ -286,10 +284,8 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
     same items through the old path (before merged LoRA and encoding threads) in the same run."""
     import torch
 
-    import data
     import evaluate
 
-    cfg = emb.config
     test = ufire.subsets("test")
     per = max(1, n_queries // len(test))
     records, gallery = [], []
@@ -299,16 +295,15 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
         gallery += [g for g in v.gallery if g not in gallery][: max(1, n_images // len(test) + 1)]
     records, gallery = records[:n_queries], gallery[:n_images]
 
-    # Tokens per query: the real prompt length (visual tokens included) and images/frames it carries.
+    # Tokens per query: the real prompt length (visual tokens included, as collated) and the images it
+    # carries (a video counts as its temporal groups: each is one image's worth of vision-tower work).
     n_tok, n_img = [], []
     for r in records:
-        q = data.record_to_query(r, cfg.image_size, cfg.max_query_images, cfg.num_frames)
-        k_img = min(len(q.images), cfg.max_query_images)
-        k_frm = min(len(getattr(q, "frames", []) or []), cfg.num_frames)
-        text = emb.render_query(q.instruction, k_img, k_frm)
-        n_tok.append(len(emb.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        n_img.append(k_img + k_frm)
-    tgt_tokens = len(emb.tokenizer(emb.render_target(), add_special_tokens=False)["input_ids"])
+        x = emb.collate_queries([r])
+        n_tok.append(int(x.attention_mask.sum()))
+        groups = 0 if x.video_grid_thw is None else int(x.video_grid_thw[:, 0].sum())
+        n_img.append(int(x.images_per_row.sum()) + groups)
+    tgt_tokens = int(emb.collate_images([gallery[0]]).attention_mask.sum())
 
     # The default path, set up as evaluate.py's command line does: one torch thread for a tiny model
     # on a CPU (so model.encode_threads gives one encoding thread per core) and LoRA merged on a CPU.

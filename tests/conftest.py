@@ -44,6 +44,33 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_synthetic_root(tmp_path_factory) -> Path:
+    """A synthetic U-FIRE at scale 0.1 (seed 0): every task, galleries of 55+ images, ~3 s to make.
+    For tests that run whole train/evaluate subprocesses and only need a few records per task."""
+    import synthetic
+
+    out = tmp_path_factory.mktemp("ufire_small") / "synthetic"
+    return Path(synthetic.ensure_synthetic(str(out), seed=0, scale=0.1))
+
+
+@pytest.fixture(scope="session")
+def hub_backbone(tmp_path_factory):
+    """hub_backbone(arch) -> the folder of a small random Qwen-VL ("qwen3_vl" | "qwen2_5_vl" |
+    "qwen2_vl") in the hub's own layout (hub_layout.write_checkpoint, seed 0), written once per session."""
+    import hub_layout
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"hub_{arch}") / arch
+            made[arch] = hub_layout.write_checkpoint(folder, hub_layout.qwen_config(arch))
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_embedder():
     """The default offline tiny embedder (random weights from seed 0), shared by all tests.
 

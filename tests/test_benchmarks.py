@@ -1,9 +1,11 @@
-"""Fast checks of the benchmark scripts' bookkeeping (no training, no model: well under a second).
+"""Checks of the benchmark scripts' bookkeeping, and of the paper-scale benchmark at a tiny size.
 
 benchmarks/ablation.py turns per-seed Recall numbers into mean ± std tables and a verdict on the
 paper's claims; benchmarks/speed.py turns measurements into ratio tables. Both are tested here on
 hand-made numbers whose answers we know. The expensive parts (training, encoding) are exercised by
 running the scripts themselves (`python benchmarks/ablation.py --quick`).
+benchmarks/paper_scale.py: its FLOP count on the published 4B config and against the modules of a
+built model, and the whole measurement at `--size test` on a CPU (a few seconds).
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ def _load(name: str):
         sys.path.insert(0, str(BENCH))  # speed.py imports its machine header from ablation.py
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there (paper_scale's configs)
     spec.loader.exec_module(mod)
     return mod
 
 
 ablation = _load("ablation")
 speed = _load("speed")
+paper_scale = _load("paper_scale")
 
 
 def test_mean_std_is_the_sample_std():
@@ -132,3 +136,135 @@ def test_step_shares_summary_and_table():
     text = "\n".join(speed.share_table({**sh, "steps": 10, "warmup": 2, "path": "two_core_step", "torch_threads": 1}))
     assert "| forward: query and target towers (wall) | 150.0 | 37.50 % | 150.0 | 39.47 % |" in text
     assert "= 0.50 (clipped to [0, 1]: 0.50)" in text and "9/10 = 90.00 %" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# paper_scale.py: the FLOP count, and one tiny run on a CPU
+# ---------------------------------------------------------------------------------------------
+
+def test_flop_counts_of_the_published_4b_config():
+    import hub_layout
+
+    c = paper_scale.flop_counts(hub_layout.qwen_config("qwen3_vl", "4b"), lora_r=8)
+    # One text layer of Qwen3-VL-4B: q 2560->4096 (32 heads x 128), k and v 2560->1024 (8 KV heads),
+    # o 4096->2560, gate and up 2560->9728, down 9728->2560; 36 layers.
+    assert (c.text_layers, c.attn_width) == (36, 4096)
+    assert c.p_lin == 36 * (2 * 2560 * 4096 + 2 * 2560 * 1024 + 3 * 2560 * 9728) == 3_633_315_840
+    assert c.p_lora == 36 * 8 * (2 * (2560 + 4096) + 2 * (2560 + 1024) + 3 * (2560 + 9728))
+    # Vision: a 3 x 2 x 16 x 16 patch to width 1024, 24 blocks (qkv, proj, fc1 and fc2 to 4096), and
+    # four mergers (the final one and three deepstack ones) of 4 x 1024 -> 4096 -> 2560.
+    assert c.p_patch == 1024 * 3 * 2 * 16 * 16 + 24 * (4 * 1024 ** 2 + 2 * 1024 * 4096)
+    assert c.p_merge == 4 * (4096 ** 2 + 4096 * 2560) and c.merge == 2
+    # With the embedding table (151936 x 2560) the counted weights are the published ~4.4 B parameters.
+    assert 4.40e9 < c.p_lin + 151936 * 2560 + c.p_patch + c.p_merge < 4.46e9
+
+
+def test_step_flops_by_hand():
+    c = paper_scale.FlopCounts(text_layers=2, attn_width=8, p_lin=100, p_lora=10, vision_depth=1, vision_width=4,
+                               p_patch=50, p_merge=20, merge=2)
+    f = paper_scale.step_flops(c, lengths=[3, 5], patches=[8], n_chunks=2)
+    attn = 4 * 2 * 8 * (3 ** 2 + 5 ** 2)  # 4 n_layers (H d) L^2, summed over rows = 2176
+    assert f["text_forward"] == 2 * 110 * 8 + attn  # 2 (P_lin + P_lora) L + attention = 3936
+    assert f["vision_forward"] == 2 * 50 * 8 + 2 * 20 * 8 // 4 + 4 * 1 * 4 * 8 ** 2  # patches, merged, attention
+    assert f["text_backward"] == 2 * 100 * 8 + 4 * 10 * 8 + 2 * attn  # dX of frozen W, LoRA x2, attention x2
+    assert f["total"] == 2 * (3936 + 1904) + 6272 == 17952  # GradCache: two forwards + one backward
+    assert paper_scale.step_flops(c, [3, 5], [8], n_chunks=1)["total"] == 3936 + 1904 + 6272
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """The test-size Qwen3-VL written in the hub layout and built as the benchmark builds it."""
+    folder = tmp_path_factory.mktemp("paper_scale") / "qwen3vl-test"
+    cfg = paper_scale.BenchConfig(size="test", device="cpu", batch=4, chunks=(2,), kinds=("cir",), warmup=1,
+                                  steps=1, encode_images=4, encode_batch=2, peak_tflops=1.0,
+                                  backbone_dir=str(folder))
+    embedder, tcfg, qcfg, _, _ = paper_scale.build(cfg)
+    return cfg, embedder, tcfg, qcfg
+
+
+def test_flop_counts_match_the_modules_of_the_built_model(tiny_bench):
+    import torch
+
+    _, embedder, _, qcfg = tiny_bench
+    c = paper_scale.flop_counts(qcfg, embedder.config.lora_r)
+    lin = lora = patch = merge = 0
+    for name, m in embedder.backbone.named_modules():  # every weight matrix the FLOP count must cover
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)):
+            continue
+        if "lora_" in name:
+            lora += m.weight.numel()  # r x in (A) + out x r (B)
+        elif "language_model" in name:
+            lin += m.weight.numel()
+        elif "visual" in name:
+            if "merger" in name:
+                merge += m.weight.numel()
+            else:
+                patch += m.weight.numel()
+        else:
+            raise AssertionError(f"a weight matrix the FLOP count does not know: {name}")
+    assert (lin, lora, patch, merge) == (c.p_lin, c.p_lora, c.p_patch, c.p_merge)
+
+
+def test_paper_scale_runs_at_test_size_on_cpu(tiny_bench):
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    cfg, embedder, tcfg, qcfg = tiny_bench
+    before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
+    res = paper_scale.run(cfg, embedder, tcfg, qcfg)
+    (row,) = res["rows"]
+    # Built with the `paper` recipe, as a user of Qwen3-VL-4B-Instruct gets it: LoRA dropout 0.05,
+    # the vision tower frozen, SDPA attention.
+    assert embedder.config.recipe == "paper" and embedder.config.lora_dropout == 0.05 and not embedder.train_vision
+    assert embedder.config.attn_implementation == "sdpa"
+    # The step trained what `paper` trains (LoRA, summary tokens, calibrator) and nothing frozen.
+    after = dict(embedder.named_parameters())
+    moved = {n for n, p in after.items() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert moved and moved <= trainable
+    assert any("lora_B" in n for n in moved) and {"query_token", "target_token"} <= moved
+    # The counted tokens are those of the batch the step saw: the sum of its attention masks.
+    batch = paper_scale.make_batch(embedder, "cir", cfg.batch, cfg)
+    assert row["tokens_per_step"] == sum(int(x.attention_mask.sum()) for x in batch.inputs)
+    shape = paper_scale.batch_shape(batch)
+    assert row["flops_per_step"] == paper_scale.step_flops(paper_scale.flop_counts(qcfg, 8), shape["lengths"],
+                                                           shape["patches"], n_chunks=2)
+    # A 640x480 photo reaches the vision tower at the paper's pixel budget (224^2 .. 256^2, 16-px
+    # patches merged 2 x 2): 192 x 288 px -> 12 x 18 patches -> 54 visual tokens.
+    h, w = smart_resize(480, 640, factor=32, min_pixels=224 * 224, max_pixels=256 * 256)
+    assert (row["patches_per_photo"], row["visual_tokens_per_photo"]) == (h * w // 256, h * w // 1024) == (216, 54)
+    assert row["images_per_step"] == 2 * cfg.batch  # a reference photo per query + a target per row
+    # Every figure is there and positive; the MFU is the achieved rate over the given peak.
+    for key in ("step_seconds_median", "tokens_per_step", "achieved_tflops", "peak_memory_bytes", "mfu"):
+        assert row[key] > 0, key
+    assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
+    assert all(math.isfinite(x) for x in row["losses"]) and len(row["losses"]) == cfg.warmup + cfg.steps
+    assert res["encode"]["encode_images_per_s"] > 0 and res["encode"]["encode_dim"] == embedder.dim
+    assert res["header"]["device"] == "cpu" and res["header"]["versions"]["torch"] == torch.__version__
+
+
+def test_paper_scale_cli_says_cpu_and_writes_json(tiny_bench, tmp_path, capsys):
+    import json
+
+    cfg, *_ = tiny_bench
+    out = tmp_path / "paper_scale.json"
+    rc = paper_scale.main(["--size", "test", "--device", "cpu", "--batch", "2", "--chunks", "1", "--kinds", "t2i",
+                           "--steps", "1", "--warmup", "0", "--encode-images", "0",
+                           "--backbone-dir", cfg.backbone_dir, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert text.startswith("*** CPU RUN") and "NOT GPU figures" in text.splitlines()[-2]
+    assert "wrote the random" not in text  # the fixture's checkpoint was reused (same size and seed)
+    doc = json.loads(out.read_text())
+    for key in ("date", "commit", "machine", "versions", "device", "dtype", "attn_implementation"):
+        assert key in doc["header"], key
+    assert doc["header"]["attn_implementation"] == "sdpa" and doc["peak_tflops"] is None  # no MFU on a CPU
+    (row,) = doc["rows"]
+    assert row["mfu"] is None and row["chunks_per_step"] == 2 and row["tokens_per_step"] > 0
+
+
+def test_paper_scale_refuses_bad_flags(capsys):
+    assert paper_scale.main(["--size", "4b", "--device", "cpu"]) == 1
+    assert "--size 4b --device cpu" in capsys.readouterr().err
+    assert paper_scale.main(["--size", "test", "--device", "cpu", "--chunks", "8,x"]) == 1
+    assert capsys.readouterr().err.startswith("error: --chunks '8,x'")

@@ -372,3 +372,83 @@ def test_mp4_frames_with_a_reader_or_a_clear_error_without(tmp_path):
     assert [f.size for f in got] == [(16, 16)] * 3
     reds = [f.getpixel((8, 8))[0] for f in got]
     assert all(abs(r - want) <= 20 for r, want in zip(reds, (40, 120, 200))), reds  # lossy codec: roughly
+
+
+# ---------------------------------------------------------------------------------------------
+# query images and video times (the authors' recipe: all sketches, caps, frame times)
+# ---------------------------------------------------------------------------------------------
+
+def _sketch_root(tmp_path: Path, n: int = 6) -> Path:
+    """A root with one sketch2i training record whose n query sketches differ (red channel 10 * i)."""
+    rec = _rec(id="sk_1", task="sketch2i", query_text=None, instruction_text="Find the product in the sketch",
+               query_image=[f"Mini_images/s{i}.png" for i in range(n)])
+    root = _mini_root(tmp_path, [rec], fname="2_sketch2i_Mini-Set_train_triplet_data.json")
+    for i in range(n):
+        Image.new("RGB", (30, 20), (10 * i, 0, 0)).save(root / "Mini_images" / f"s{i}.png")
+    return root
+
+
+def _reds(q) -> list[int]:
+    return [im.getpixel((0, 0))[0] // 10 for im in q.images]  # which sketches, in prompt order
+
+
+def test_query_images_sketches_caps_and_max(tmp_path):
+    """sketches="one": one sketch (the first at eval, a random one at training); "all": every sketch
+    in one prompt; image_cap: a random sample of that many at training (the authors' random.sample),
+    the first ones at eval; max_images: the first ones at eval, 0 = all. Images keep their size."""
+    root = _sketch_root(tmp_path)
+    r = UFire(root).records("sketch2i/Mini-Set", "train")[0]
+    assert _reds(data.record_to_query(r)) == [0]
+    assert {tuple(_reds(data.record_to_query(r, rng=random.Random(i)))) for i in range(30)} == {(i,) for i in range(6)}
+    assert _reds(data.record_to_query(r, sketches="all", max_images=0)) == [0, 1, 2, 3, 4, 5]
+    assert _reds(data.record_to_query(r, sketches="all", max_images=4)) == [0, 1, 2, 3]  # evaluate.py 54
+    assert _reds(data.record_to_query(r, sketches="all", max_images=8, image_cap=5)) == [0, 1, 2, 3, 4]
+    draws = [_reds(data.record_to_query(r, sketches="all", max_images=8, image_cap=5, rng=random.Random(i)))
+             for i in range(20)]
+    assert all(len(d) == 5 == len(set(d)) for d in draws)
+    assert len({tuple(sorted(d)) for d in draws}) > 1 and any(d != sorted(d) for d in draws)  # random, unordered
+    q = data.record_to_query(r, sketches="all", max_images=0)
+    assert [im.size for im in q.images] == [(30, 20)] * 6  # native size: the model's processor resizes
+    assert [im.size for im in data.record_to_query(r, 16, sketches="all").images] == [(16, 16)] * 4
+    with pytest.raises(ValueError, match="sketches='some'"):
+        data.record_to_query(r, sketches="some")
+    # train_view hands every option on; a sub-dataset's cap comes from image_caps.
+    tv = UFire(root).train_view(["sketch2i/Mini-Set"], max_images=8, sketches="all",
+                                image_caps={"sketch2i/Mini-Set": 5})
+    pair = tv.pair("sketch2i/Mini-Set", 0, random.Random(0))
+    assert len(pair.query.images) == 5 and pair.target.size == (8, 8)  # target at its native size too
+    tv = UFire(root).train_view(["sketch2i/Mini-Set"], max_images=8, sketches="all", image_caps={"other/X": 2})
+    assert len(tv.pair("sketch2i/Mini-Set", 0, random.Random(0)).query.images) == 6
+
+
+def test_frame_times(tmp_path):
+    """Each frame's second in its clip: a GIF from its frame durations (a frame with none counts 1 / 2 s),
+    a frame folder and a list of frame files at data.FRAME_LIST_FPS = 2 (qwen-vl-utils' assumption)."""
+    frames = [Image.new("RGB", (12, 12), (40 * i, 0, 0)) for i in range(5)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=[100, 200, 300, 400, 500],
+                   loop=0)
+    got, times = data.load_video(tmp_path / "clip.gif", 5)
+    assert [f.getpixel((0, 0))[0] // 40 for f in got] == [0, 1, 2, 3, 4]
+    assert times == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0])
+    got, times = data.load_video(tmp_path / "clip.gif", 2)  # segment centres: frames 1 and 3
+    assert [f.getpixel((0, 0))[0] // 40 for f in got] == [1, 3] and times == pytest.approx([0.1, 0.6])
+    assert data.load_frames(tmp_path / "clip.gif", 2)[1].tobytes() == got[1].tobytes()
+    d = tmp_path / "folder"
+    d.mkdir()
+    for i, f in enumerate(frames):
+        f.save(d / f"{i:03d}.png")
+    assert data.load_video(d, 3)[1] == [0.0, 1.0, 2.0]  # frames 0, 2, 4 at 2 per second
+    assert data.FRAME_LIST_FPS == 2.0
+    # Through a record: one clip (the GIF), or its frames listed one by one (untimed).
+    root = _mini_root(tmp_path / "r", [_rec(id="v1", task="video2img", query_image=None, query_text=None,
+                                             query_video=["clip.gif"]),
+                                        _rec(id="v2", task="video2img", query_image=None, query_text=None,
+                                             query_video=[f"folder/{i:03d}.png" for i in range(5)])],
+                      fname="6_video2img_Mini-Set_train_triplet_data.json")
+    os.replace(tmp_path / "clip.gif", root / "clip.gif")
+    os.replace(d, root / "folder")
+    v1, v2 = UFire(root).records("video2img/Mini-Set", "train")
+    q = data.record_to_query(v1, num_frames=5)
+    assert q.frame_times == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0]) and q.images == []
+    assert data.record_to_query(v2, num_frames=2).frame_times == [0.5, 1.5]  # frames 1 and 3
+    assert data.Query("text").frame_times == []

@@ -22,7 +22,7 @@ def test_recall_by_hand_with_ties_multi_positives_and_missing():
         [0.0, 1.0, 0.0, 0.0, 0.0],   # q0: image 1 first; images 0,2,3,4 tie at 0 -> order 0,2,3,4
         [0.0, 0.0, 0.6, 0.8, 0.0],   # q1: ranks 3, 2, then ties 0,1,4
         [0.5, 0.5, 0.5, 0.5, 0.0],   # q2: four-way tie 0,1,2,3 then 4
-        [1.0, 0.0, 0.0, 0.0, 0.0],   # q3: no positive in the gallery -> not scored
+        [1.0, 0.0, 0.0, 0.0, 0.0],   # q3: no positive in the gallery -> a miss at every K
     ], np.float32)
     positives = [[2], [4, 2], [3], []]
     scores, ids = ev.search_faiss(q, g, 5)
@@ -31,8 +31,14 @@ def test_recall_by_hand_with_ties_multi_positives_and_missing():
     # First-hit ranks by hand: q0 -> image 2 at rank 2; q1 -> image 2 at rank 1; q2 -> image 3 at rank 3.
     assert ev.first_hit_rank(ids, positives).tolist() == [2, 1, 3, -1]
     r = ev.recall_at_k(ids, positives, (1, 2, 3, 4))
-    # Three scorable queries: hits within K are {none}, {q1}, {q0, q1}, {q0, q1, q2}.
-    assert r == pytest.approx({1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0})
+    # Hits within K are {none}, {q1}, {q0, q1}, {q0, q1, q2}; the authors' denominator is all four
+    # queries (utils.py 113-134), q3 included: dropping it would give 0, 1/3, 2/3, 1.
+    assert r == pytest.approx({1: 0.0, 2: 1 / 4, 3: 2 / 4, 4: 3 / 4})
+    # Queries that were never searched (EvalView.missing) join the denominator the same way.
+    assert ev.recall_at_k(ids, positives, (2, 4), missing=2) == pytest.approx({2: 1 / 6, 4: 3 / 6})
+    # The authors' loop, transcribed: hits / num_queries, an empty positive list skipped but counted.
+    hits = {k: sum(1 for i, pos in enumerate(positives) if pos and set(ids[i][:k]) & set(pos)) for k in (1, 2, 3, 4)}
+    assert r == pytest.approx({k: h / len(positives) for k, h in hits.items()})
 
 
 def test_chance_level_matches_closed_form():
@@ -40,7 +46,10 @@ def test_chance_level_matches_closed_form():
     assert ev.chance_recall(100, [[3]], 10) == pytest.approx(0.10)
     from math import comb
     assert ev.chance_recall(50, [list(range(7))], 10) == pytest.approx(1 - comb(43, 10) / comb(50, 10))
-    assert ev.chance_recall(50, [[1], []], 10) == pytest.approx(10 / 50)  # the empty list is skipped
+    # A query without a positive has chance 0 and counts, like its Recall: (10/50 + 0) / 2, and with
+    # two more missing queries (10/50) / 4.
+    assert ev.chance_recall(50, [[1], []], 10) == pytest.approx(10 / 50 / 2)
+    assert ev.chance_recall(50, [[1], []], 10, missing=2) == pytest.approx(10 / 50 / 4)
 
 
 def _row(subset: str, r1: float, r10: float) -> "ev.EvalRow":
@@ -65,13 +74,17 @@ def test_summary_numbers_on_hand_made_rows():
     assert res.sum_recall(1) == pytest.approx(2.1)  # 0.1 + 0.2 + 0.9 + 0.9
     assert res.sum_recall(10) == pytest.approx(3.4)
     assert res.sum_recall(1, include_ood=True) == pytest.approx(2.2)
-    # A sub-dataset with no scorable query (its recall as recall_at_k reports it) stays out of the sum.
-    undefined = ev.recall_at_k(np.zeros((1, 10), np.int64), [[]], (1, 10))  # one query, no positive
+    # A sub-dataset without a single query (an empty triplet file: recall as recall_at_k reports it)
+    # stays out of the sum.
+    undefined = ev.recall_at_k(np.zeros((0, 10), np.int64), [], (1, 10))  # no query at all
     empty = ev.EvalResult(rows=rows + [_row("t2i/Empty", undefined[1], undefined[10])], ks=(1, 10))
     assert empty.sum_recall(1) == pytest.approx(2.1)
     assert ev.summarise([_row("ood/Y", 0.1, 0.3)], (1, 10))[1] == {}  # OOD alone: no overall mean
     assert "| **overall** (mean of task means) | | | | 65.0 | 90.0 | |" in ev.format_table(res)
     assert "| **cir** (task mean) | | | | 40.0 | 80.0 | |" in ev.format_table(res)
+    # The table says what R@K divides by; so does the JSON.
+    assert ev.format_table(res).endswith("R@K = " + ev.RECALL_DEFINITION + ".")
+    assert res.to_dict()["recall"] == ev.RECALL_DEFINITION and res.to_dict()["max_queries"] == 0
 
 
 # ---------------------------------------------------------------- faiss path == torch reference
@@ -188,6 +201,45 @@ def test_max_queries_keeps_evenly_spaced_queries_and_the_whole_gallery(synthetic
     res = ev.evaluate(emb, ufire, [sub], cache_dir=None, progress=False, max_queries=5)
     assert emb.query_calls == 5 and res.rows[0].queries == 5
     assert res.rows[0].gallery == len(full.gallery)
+
+
+class WithMissing:
+    """A data.UFire whose eval views list `m` more records without a positive (ids only, as
+    data.UFire.eval_view lists them), to check the denominator on real evaluate() runs."""
+
+    def __init__(self, ufire, m: int):
+        self.ufire, self.m = ufire, m
+
+    def eval_view(self, subset, split="test"):
+        import dataclasses
+
+        v = self.ufire.eval_view(subset, split)
+        return dataclasses.replace(v, missing=v.missing + [f"gone-{i}" for i in range(self.m)])
+
+
+@pytest.mark.parametrize("max_queries", [0, 5])
+def test_missing_queries_are_misses_in_the_denominator(synthetic_root, max_queries):
+    """Recall@K = hits / (queries + missing); sampled: the sample's hit rate x the share with a positive."""
+    import data
+
+    ufire = data.UFire(str(synthetic_root))
+    sub, m = "cir/SynCIR-Top", 7
+    n = len(ufire.eval_view(sub, "test").records)  # queries with a positive (none missing here)
+    kw = dict(ks=(1, 10), cache_dir=None, progress=False, keep_per_query=True, max_queries=max_queries)
+    base = ev.evaluate(CountingEmbedder(), ufire, [sub], **kw)
+    (row,) = ev.evaluate(CountingEmbedder(), WithMissing(ufire, m), [sub], **kw).rows
+    b = base.rows[0].queries  # searched queries: all n, or the 5 sampled
+    assert base.rows[0].missing == 0 and (row.queries, row.missing) == (b, m)
+    hits = {k: sum(0 <= q["first_hit_rank"] < k for q in base.per_query) for k in (1, 10)}  # by hand
+    assert hits[1] > 0 and base.rows[0].recall == pytest.approx({k: h / b for k, h in hits.items()})
+    want = {k: h / b * n / (n + m) for k, h in hits.items()}  # equals h / (n + m) when b == n
+    assert row.recall == pytest.approx(want)
+    if not max_queries:
+        assert row.recall == pytest.approx({k: h / (n + m) for k, h in hits.items()})
+    # Chance: the missing queries count with chance 0, the same |Q| as Recall.
+    assert row.chance10 == pytest.approx(base.rows[0].chance10 * n / (n + m))
+    assert base.to_dict()["max_queries"] == max_queries
+    assert ("sampled" in base.to_dict()["recall"]) == bool(max_queries)
 
 
 class PixelEmbedder(torch.nn.Module):

@@ -35,7 +35,7 @@ import torch
 # train.main runner, the stub embedder with hand-written outputs and its batch.
 from test_train import REPO, _train_in_process, _weights, small_root  # noqa: F401  (small_root: fixture)
 from test_train_step import StubEmbedder, _batch as stub_batch
-from test_model import _img
+from test_model import _img, _photo
 
 TAU = 0.07
 
@@ -45,16 +45,18 @@ TAU = 0.07
 # ------------------------------------------------------------------------------------------------
 
 def _queries():
-    """Eight queries of every kind and of different lengths (so padding and row slicing matter)."""
+    """Eight queries of every kind and of different lengths (so padding and row slicing matter), with
+    images of different shapes (different patch grids) and two videos (one beside an image)."""
     from data import Query
 
     return [Query("Find a long red floral dress with short sleeves and a belt, knee length please."),
-            Query("Find the shop image of this street photo.", images=[_img(1)]),
+            Query("Find the shop image of this street photo.", images=[_photo(1, 120, 60)]),
             Query("short"),
-            Query("Find the item shown in this video.", frames=[_img(5 + i) for i in range(4)]),
-            Query("Complete this outfit.", images=[_img(2), _img(3), _img(4)]),
+            Query("Find the item shown in this video.", frames=[_img(5 + i) for i in range(4)],
+                  frame_times=[0.0, 0.3, 0.6, 0.9]),
+            Query("Complete this outfit.", images=[_img(2), _photo(3, 40, 90), _img(4)]),
             Query("a much longer text-only instruction with many words " * 3),
-            Query("tiny"),
+            Query("tiny", images=[_img(12)], frames=[_photo(13, 80, 50), _photo(14, 80, 50)]),
             Query("Find this, but in blue.", images=[_img(9)])]
 
 
@@ -115,9 +117,7 @@ def lora_emb():
 def view(small_root, tiny_embedder):  # noqa: F811  (small_root is the fixture imported above)
     import data
 
-    c = tiny_embedder.config
-    return data.UFire(small_root).train_view(["cir/SynCIR-Top", "t2i/SynGen"], image_size=c.image_size,
-                                             max_images=c.max_query_images, num_frames=c.num_frames)
+    return data.UFire(small_root).train_view(["cir/SynCIR-Top", "t2i/SynGen"], **tiny_embedder.query_options())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,18 +137,27 @@ def test_forward_on_collated_inputs_equals_forward_on_raw_items(tiny_embedder):
     assert torch.cdist(t_raw, t_raw).fill_diagonal_(1).min() > 1e-4
 
 
-@pytest.mark.parametrize("start,end", [(0, 8), (0, 3), (1, 4), (3, 7), (5, 7), (2, 3), (6, 7), (7, 8)])
+@pytest.mark.parametrize("start,end", [(0, 8), (0, 3), (1, 4), (3, 7), (4, 6), (2, 3), (6, 7), (7, 8)])
 def test_rows_equal_collating_those_rows_alone(tiny_embedder, start, end):
-    """rows(a, b) of the batch == collate_queries(items[a:b]): their images only, padding trimmed.
-    (5, 7) and (2, 3) hold only text queries (no pixels at all), (3, 7) starts after a video."""
+    """rows(a, b) of the batch == collate_queries(items[a:b]): their images and videos only, padding
+    trimmed. (2, 3) holds one text query (no pixels at all), (4, 6) images but no video, (3, 7) starts
+    at a video and ends with an image + video row, (6, 7) is that row alone."""
     emb = tiny_embedder
     items = _queries()
     whole = emb.collate_queries(items)
+    assert whole.videos_per_row.tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+    assert len({tuple(g) for g in whole.image_grid_thw.tolist()}) == 3  # three patch grids in one batch
     alone = emb.collate_queries(items[start:end])
     _assert_same_inputs(whole.rows(start, end), alone, f"rows({start}, {end})")
-    if (start, end) in ((5, 7), (2, 3)):  # text only: no pixels at all, and padding to trim
-        assert alone.pixel_values is None and alone.image_grid_thw is None
+    if (start, end) == (2, 3):  # text only: no pixels at all, and padding to trim
+        assert alone.pixel_values is None and alone.image_grid_thw is None and alone.pixel_values_videos is None
         assert alone.input_ids.shape[1] < whole.input_ids.shape[1]
+    if (start, end) == (4, 6):
+        assert alone.pixel_values is not None and alone.pixel_values_videos is None
+    if (start, end) == (3, 7):
+        # every frame becomes video_size^2 = 64 x 64 whatever its shape (the authors' resized_height =
+        # resized_width): 4 frames -> 2 temporal groups, 2 frames -> 1
+        assert alone.video_grid_thw.tolist() == [[2, 8, 8], [1, 8, 8]]
 
 
 def test_target_rows_equal_collating_those_images_alone(tiny_embedder):
@@ -157,23 +166,39 @@ def test_target_rows_equal_collating_those_images_alone(tiny_embedder):
     whole = emb.collate_images(imgs)
     for s, e in ((0, 2), (1, 4), (5, 6)):
         _assert_same_inputs(whole.rows(s, e), emb.collate_images(imgs[s:e]), f"target rows({s}, {e})")
+    mixed = [_img(70), _photo(71, 120, 60), _img(72), _photo(73, 40, 90)]  # row by row (_assemble)
+    whole = emb.collate_images(mixed)
+    assert whole.input_ids.shape[1] > emb.collate_images(mixed[2:3]).input_ids.shape[1]  # padded rows
+    for s, e in ((0, 1), (1, 3), (2, 4), (3, 4)):
+        _assert_same_inputs(whole.rows(s, e), emb.collate_images(mixed[s:e]), f"mixed target rows({s}, {e})")
 
 
 def test_collate_images_equals_the_generic_collation_of_prompt_t(tiny_embedder):
-    """The cached, repeated target row == tokenising and laying out every prompt_t one by one."""
+    """The cached, repeated target row == tokenising and laying out every prompt_t one by one; one
+    cache entry per patch grid; a batch of mixed grids takes the general path."""
+    from model import _Prompt
+
     emb = tiny_embedder
+
+    def generic(images):
+        return emb._collate([_Prompt("target", "", [im], [], []) for im in images])
+
     imgs = [_img(80 + i) for i in range(4)]
     fast = emb.collate_images(imgs)
-    reference = emb._collate([emb.render_target()] * len(imgs), imgs, [1] * len(imgs))
-    _assert_same_inputs(fast, reference, "collate_images")
-    single = emb._collate([emb.render_target()], imgs[:1], [1])  # one image, collated alone
+    _assert_same_inputs(fast, generic(imgs), "collate_images")
+    single = generic(imgs[:1])  # one image, collated alone
     for r in range(len(imgs)):  # every row is the same prompt: the single collation's row
         assert torch.equal(fast.input_ids[r], single.input_ids[0])
         assert torch.equal(fast.position_ids[:, r], single.position_ids[:, 0])
-    assert (fast.input_ids == emb.image_token_id).sum(dim=1).tolist() == [emb.tokens_per_image] * 4
+    assert (fast.input_ids == emb.image_token_id).sum(dim=1).tolist() == [emb.image_tokens(64, 64)] * 4 == [16] * 4
     # The cache does not freeze the batch size or the pixels: another call, another batch.
     again = emb.collate_images(imgs[2:][::-1])
-    _assert_same_inputs(again, emb._collate([emb.render_target()] * 2, imgs[2:][::-1], [1, 1]), "second call")
+    _assert_same_inputs(again, generic(imgs[2:][::-1]), "second call")
+    wide = [_photo(90 + i, 120, 60) for i in range(3)]  # another grid: its own cache entry
+    _assert_same_inputs(emb.collate_images(wide), generic(wide), "wide images")
+    assert {(1, 8, 8), (1, 4, 10)} <= set(emb._target_rows)  # 120 x 60 px -> 80 x 32 px at 64^2
+    mixed = imgs[:2] + wide[:1]
+    _assert_same_inputs(emb.collate_images(mixed), generic(mixed), "mixed grids")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -617,7 +642,7 @@ class _TwoGroups(torch.nn.Module):
 def test_build_optimizer_uses_fused_adamw_with_the_per_tensor_numbers():
     import train
 
-    cfg = train.TrainConfig(weight_decay=0.01)
+    cfg = train.TrainConfig(weight_decay=0.01).resolved()  # the recipe fills lr, vision_lr_scale, ...
     plan = train.Plan(total=10, steps_per_epoch=5, ggas_warmup=1, lr_warmup=2, per_rank=8)
     fused_model, ref_model = _TwoGroups(), _TwoGroups()
     _, params, opt, _ = train.build_optimizer(fused_model, cfg, plan, plumbing.DistInfo())

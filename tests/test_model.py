@@ -1,4 +1,6 @@
-"""Tests for model.py: shapes/norms per query kind, batch independence, checkpoints, offline build.
+"""Tests for model.py: shapes/norms per query kind, the authors' prompts and summary-token start, images
+at the recipe's pixel budget, video through Qwen's video input, batch independence with mixed image
+sizes, the recipe's defaults, checkpoints (format 2 only), offline build.
 
 The shared `tiny_embedder` fixture (conftest.py) is built once per session; tests that need to
 change weights build or load their own copy.
@@ -31,6 +33,11 @@ def _img(seed: int, size: int = 64) -> Image.Image:
     else:
         d.polygon([(x0 + 15, y0), (x0 + 34, y0 + 38), (x0, y0 + 38)], fill=c)
     return im
+
+
+def _photo(seed: int, width: int, height: int) -> Image.Image:
+    """An _img of another shape: its aspect ratio, not its size, changes the patch grid at a budget."""
+    return _img(seed).resize((width, height), Image.BICUBIC)
 
 
 def _queries():
@@ -91,7 +98,8 @@ def test_forward_grad_and_outputs(tiny_embedder):
 
 # The chat template Qwen publishes with Qwen2-VL-Instruct (its tokenizer's chat_template), written out
 # here so that the prompts are checked against the format the pretrained backbones were trained on,
-# not against a second rendering of our own.
+# not against a second rendering of our own. For the authors' messages (a system turn, so no default
+# one) Qwen2.5-VL's and Qwen3-VL's templates render the same string.
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -110,61 +118,183 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
-def _query_messages(instruction: str, n_images: int, n_frames: int) -> list:
-    """prompt_q as chat messages; the wording is written out, as a checkpoint depends on it."""
-    user = [{"type": "text", "text": instruction + "\n" * bool(n_images)}]
-    user += [{"type": "image"}] * n_images
-    if n_frames:
-        user += [{"type": "text", "text": "\nVideo frames in order:"}] + [{"type": "image"}] * n_frames
-    user += [{"type": "text", "text": "\nSummarize the target fashion item in one word."}]
-    return [{"role": "system", "content": "You are a fashion expert."}, {"role": "user", "content": user}]
+def _authors_query_messages(instruction: str, n_images: int, video: bool) -> list:
+    """prompt_q as the authors' collator builds it (dataset.py FashionCollator), sentences written out."""
+    system = {"role": "system", "content": [{"type": "text",
+                                             "text": "You are a fashion expert in processing fashion images."}]}
+    user = [{"type": "text", "text": instruction}]
+    user += [{"type": "image", "image": f"q{i}.jpg", "min_pixels": 224 * 224, "max_pixels": 256 * 256}
+             for i in range(n_images)]
+    if video:
+        user += [{"type": "video", "video": "clip.mp4", "nframes": 8, "resized_height": 224, "resized_width": 224}]
+    user += [{"type": "text", "text": "Summarize the semantic feature of the target fashion image in one word."}]
+    return [system, {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": "<|query|>"}]}]
+
+
+def _authors_target_messages() -> list:
+    """prompt_t as the authors' collator builds it."""
+    return [{"role": "system", "content": [{"type": "text",
+                                            "text": "You are a fashion expert in processing fashion images."}]},
+            {"role": "user", "content": [{"type": "image", "image": "t.jpg"},
+                                         {"type": "text", "text": "Summarize the image in one word."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<|target|>"}]}]
 
 
 @pytest.mark.parametrize("n_images,n_frames", [(0, 0), (2, 0), (0, 4), (1, 3)])
 def test_prompt_matches_chat_template(tiny_embedder, n_images, n_frames):
-    """render_query / render_target == the tokenizer's apply_chat_template with Qwen's own template,
-    then the summary token as the assistant's answer; and the tiny tokenizer's template agrees."""
+    """render_query / render_target == Qwen's chat template applied to the authors' message lists, up to
+    the summary token (the template then closes the turn with <|im_end|>\n, which causal attention
+    keeps from the summary token); the tiny tokenizer's own template renders the same."""
     emb = tiny_embedder
-    msgs = _query_messages("Find this.", n_images, n_frames)
-    qwen = emb.tokenizer.apply_chat_template(msgs, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenize=False,
-                                             add_generation_prompt=True)
-    assert emb.render_query("  Find this. ", n_images, n_frames, expand=False) == qwen + "<|query|>"
-    own = emb.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "<|query|>"}], tokenize=False)
-    assert own == qwen + "<|query|>"
-    target = [{"role": "system", "content": "You are a fashion expert."},
-              {"role": "user", "content": [{"type": "image"},
-                                           {"type": "text", "text": "\nSummarize this fashion item in one word."}]}]
-    assert emb.render_target(expand=False) == emb.tokenizer.apply_chat_template(
-        target, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True) + "<|target|>"
-    # Expanded, each image is (image_size / patch)^2 / merge^2 visual tokens: 64 px, 8-px patches, 2x2 merge.
-    vision = emb._base().config.vision_config
-    per_image = (emb.config.image_size // vision.patch_size) ** 2 // vision.spatial_merge_size ** 2
-    assert per_image == 16
-    ids = emb.tokenizer(emb.render_query("Find this.", n_images, n_frames), add_special_tokens=False)["input_ids"]
-    assert ids.count(emb.image_token_id) == (n_images + n_frames) * per_image
+    msgs = _authors_query_messages(" Find this. ", n_images, n_frames > 0)
+    qwen = emb.tokenizer.apply_chat_template(msgs, chat_template=QWEN2_VL_CHAT_TEMPLATE, tokenize=False)
+    ours = emb.render_query(" Find this. ", n_images, n_frames)  # the instruction goes in verbatim
+    assert qwen == ours + "<|im_end|>\n"
+    assert emb.tokenizer.apply_chat_template(msgs, tokenize=False) == qwen  # tiny_backbone.CHAT_TEMPLATE
+    assert ours.count("<|image_pad|>") == n_images and ours.count("<|video_pad|>") == int(n_frames > 0)
+    assert ours.endswith("Find this. " + "<|vision_start|><|image_pad|><|vision_end|>" * n_images
+                         + "<|vision_start|><|video_pad|><|vision_end|>" * (n_frames > 0)
+                         + "Summarize the semantic feature of the target fashion image in one word.<|im_end|>\n"
+                         "<|im_start|>assistant\n<|query|>")
+    target = emb.tokenizer.apply_chat_template(_authors_target_messages(), chat_template=QWEN2_VL_CHAT_TEMPLATE,
+                                               tokenize=False)
+    assert target == emb.render_target() + "<|im_end|>\n"
+    assert emb.tokenizer.apply_chat_template(_authors_target_messages(), tokenize=False) == target
+    # Collated, each placeholder is expanded to its visual tokens: 64 x 64 images are 8 x 8 patches of
+    # 8 px, 16 tokens after the 2 x 2 merge; a 4-frame video is 2 temporal groups of 16 tokens.
+    from data import Query
+
+    q = Query(" Find this. ", images=[_img(i) for i in range(n_images)], frames=[_img(9 + i) for i in range(n_frames)])
+    x = emb.collate_queries([q])
+    ids = x.input_ids[0].tolist()
+    assert ids.count(emb.image_token_id) == 16 * n_images
+    assert ids.count(emb.video_token_id) == (16 * ((n_frames + 1) // 2) if n_frames else 0)
     assert ids.count(emb.query_token_id) == 1 and ids[-1] == emb.query_token_id
 
 
+def test_summary_tokens_start_from_im_end(tiny_embedder):
+    """Both summary tokens start as the embedding of <|im_end|> (the authors' model.py 148-155)."""
+    emb = tiny_embedder
+    table = emb._base().get_input_embeddings().weight                    # (V, D)
+    im_end = emb.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert torch.equal(emb.query_token.detach(), table[im_end].float())
+    assert torch.equal(emb.target_token.detach(), table[im_end].float())
+    word = emb.tokenizer.encode(" word", add_special_tokens=False)[-1]  # the old initialisation differs
+    assert not torch.equal(table[word], table[im_end])
+
+
+@pytest.fixture(scope="module")
+def paper_tiny():
+    """The tiny backbone under the `paper` recipe (the authors' pixel budget, 8 frames at 224 x 224)."""
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    emb = FashionLensEmbedder(EmbedderConfig(recipe="paper"))
+    emb.eval()
+    return emb
+
+
+@pytest.mark.parametrize("recipe,grid", [("tiny-cpu", (6, 8)), ("paper", (26, 36))])
+def test_photo_tokens_follow_smart_resize_at_the_budget(tiny_embedder, paper_tiny, recipe, grid):
+    """A 640 x 480 photo keeps its landscape shape and gets the token count Qwen's smart_resize gives at
+    the recipe's pixel budget: tiny-cpu 64^2 -> 48 x 64 px = 6 x 8 patches, 12 tokens; paper 224^2..256^2
+    -> 208 x 288 px = 26 x 36 patches, 234 tokens (8-px patches, 2 x 2 merge)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    emb = tiny_embedder if recipe == "tiny-cpu" else paper_tiny
+    c = emb.config
+    assert c.recipe == recipe and (c.min_pixels, c.max_pixels) == {"tiny-cpu": (64 * 64, 64 * 64),
+                                                                   "paper": (224 * 224, 256 * 256)}[recipe]
+    factor = emb.patch_size * emb.merge_size
+    h, w = smart_resize(480, 640, factor=factor, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+    assert (h // emb.patch_size, w // emb.patch_size) == grid and grid[1] > grid[0]  # aspect kept
+    tokens = grid[0] * grid[1] // emb.merge_size ** 2
+    photo = Image.new("RGB", (640, 480), (180, 40, 40))
+    x = emb.collate_images([photo])
+    assert x.image_grid_thw.tolist() == [[1, *grid]]
+    assert int((x.input_ids == emb.image_token_id).sum()) == tokens == emb.image_tokens(640, 480)
+    assert x.pixel_values.shape == (grid[0] * grid[1], 3 * emb.temporal_patch_size * emb.patch_size ** 2)
+    from data import Query
+
+    q = emb.collate_queries([Query("Find the shop image of this street photo.", images=[photo])])
+    assert int((q.input_ids == emb.image_token_id).sum()) == tokens
+
+
+@pytest.mark.parametrize("recipe", ["tiny-cpu", "paper"])
+def test_video_query_goes_through_the_video_input(tiny_embedder, paper_tiny, recipe):
+    """A video query: num_frames frames at video_size reach pixel_values_videos as num_frames / 2
+    temporal groups, no image placeholder or image patch is made, the video pads in input_ids match the
+    grid, and (Qwen3-VL) each group is preceded by its time, the mean of its first and last frame."""
+    from data import Query
+
+    emb = tiny_embedder if recipe == "tiny-cpu" else paper_tiny
+    c = emb.config
+    n, side = c.num_frames, c.video_size // emb.patch_size        # 4 / 8 frames; 8 / 28 patches a side
+    assert (n, c.video_size) == {"tiny-cpu": (4, 64), "paper": (8, 224)}[recipe]
+    frames = [_img(200 + i, size=50) for i in range(n + 3)]       # more frames than kept, another size
+    times = [0.25 * i for i in range(n + 3)]
+    x = emb.collate_queries([Query("Find the item shown in this video.", frames=frames, frame_times=times)])
+    assert x.pixel_values is None and x.image_grid_thw is None
+    assert int((x.input_ids == emb.image_token_id).sum()) == 0
+    groups = n // emb.temporal_patch_size
+    assert x.video_grid_thw.tolist() == [[groups, side, side]] and x.videos_per_row.tolist() == [1]
+    assert x.pixel_values_videos.shape == (groups * side * side, 3 * emb.temporal_patch_size * emb.patch_size ** 2)
+    assert int((x.input_ids == emb.video_token_id).sum()) == groups * side * side // emb.merge_size ** 2
+    # Kept frames: evenly spaced, first and last included; group g's time = mean of its two frames.
+    keep = [round(i * (n + 2) / (n - 1)) for i in range(n)]
+    want = [(times[keep[2 * g]] + times[keep[2 * g + 1]]) / 2 for g in range(groups)]
+    per_group = side * side // emb.merge_size ** 2
+    video = "".join(f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_group + "<|vision_end|>"
+                    for s in want)                                # Qwen3-VL: one timed block per group
+    assert "this video." + video + "Summarize the semantic" in emb.tokenizer.decode(x.input_ids[0])
+    # The video changes the embedding, and which frames it holds matters.
+    with torch.no_grad():
+        a = emb(queries=x)["q"]
+        b = emb(queries=[Query("Find the item shown in this video.", frames=frames[::-1], frame_times=times)])["q"]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_identical_frames_give_the_image_patches(tiny_embedder, paper_tiny):
+    """Qwen's image processor repeats an image over the temporal patch: a video of two copies of a frame
+    (or of that one frame, padded by repetition) is patch for patch that frame as an image, when the
+    frame already has the size both paths resize to."""
+    from data import Query
+
+    for emb, size in ((tiny_embedder, 64), (paper_tiny, 224)):
+        frame = _img(300, size=size)
+        image = emb.collate_images([frame])
+        for clip in ([frame, frame], [frame]):
+            video = emb.collate_queries([Query("v", frames=clip)])
+            assert video.video_grid_thw.tolist() == image.image_grid_thw.tolist()  # (1, h, w)
+            assert torch.equal(video.pixel_values_videos, image.pixel_values), (size, len(clip))
+        other = emb.collate_queries([Query("v", frames=[frame, _img(301, size=size)])])
+        assert not torch.equal(other.pixel_values_videos, image.pixel_values)  # the second frame counts
+
+
 def test_batch_independence(tiny_embedder):
-    """A query alone == the same query among 7 others of different lengths (padding, mRoPE)."""
+    """A query alone == the same query among 7 others of different lengths, image sizes and videos
+    (padding, mRoPE, the vision tower's per-image attention); the same for a gallery image among others
+    of other sizes (which takes collate_images' row-by-row path)."""
     from data import Query
 
     emb = tiny_embedder
-    probe = Query("Find the item with these changes: is red", images=[_img(20)])
+    probe = Query("Find the item with these changes: is red", images=[_img(20), _photo(24, 90, 40)])
     others = [Query("x"), Query("a much longer instruction with many words " * 3),
-              Query("two images", images=[_img(21), _img(22)]),
-              Query("video", frames=[_img(23 + i) for i in range(4)]),
+              Query("two images", images=[_img(21), _photo(22, 40, 100)]),
+              Query("video", frames=[_photo(23 + i, 80, 48) for i in range(4)], frame_times=[0, .4, .8, 1.2]),
               Query("outfit", images=[_img(30 + i) for i in range(4)]),
-              Query("short"), Query("one image and text", images=[_img(40)])]
+              Query("short"), Query("one image and a clip", images=[_photo(40, 120, 60)],
+                                    frames=[_img(41), _img(42)])]
     alone = emb.encode_queries([probe])
     for pos in (0, 3, 7):
         batch = others[:pos] + [probe] + others[pos:]
         together = emb.encode_queries(batch, batch_size=8)
         assert (together[pos] - alone[0]).abs().max() <= 1e-5
-    imgs = [_img(50 + i) for i in range(8)]
+    imgs = [_photo(50 + i, *((64, 64), (40, 90), (120, 60))[i % 3]) for i in range(8)]
     t_alone = emb.encode_images(imgs[3:4])
     t_batch = emb.encode_images(imgs, batch_size=8)
     assert (t_batch[3] - t_alone[0]).abs().max() <= 1e-5
+    assert len({tuple(g) for g in emb.collate_images(imgs).image_grid_thw.tolist()}) == 3  # mixed grids
 
 
 @pytest.fixture(scope="module")
@@ -203,20 +333,68 @@ def test_save_load_round_trip(trained_ckpt, tiny_embedder):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
-def test_lora_dropout_auto_is_zero_on_tiny_and_paper_value_elsewhere(trained_ckpt, tiny_embedder):
-    """lora_dropout=None resolves per backbone, and the checkpoint stores the resolved number."""
-    from model import EmbedderConfig, auto_lora_dropout
+def test_recipe_fills_the_none_fields(trained_ckpt, tiny_embedder, tmp_path, monkeypatch):
+    """The None fields resolve to the recipe's values (auto: tiny-cpu for a tiny backbone, paper for a
+    real one), explicit values win, bad values are refused naming the field, a local backbone folder
+    is saved as an absolute path, and the checkpoint stores the resolved numbers."""
+    import recipes
+    from model import EmbedderConfig, EmbedderConfigError, _same_backbone, resolve_config
 
-    assert EmbedderConfig().lora_dropout is None
-    assert auto_lora_dropout("tiny") == auto_lora_dropout("tiny-qwen2-vl") == 0.0
-    assert auto_lora_dropout("Qwen/Qwen3-VL-4B-Instruct") == 0.05  # the paper's value
-    assert tiny_embedder.config.lora_dropout == 0.0
+    cfg = EmbedderConfig()
+    assert cfg.lora_dropout is None and cfg.min_pixels is None and cfg.recipe == "auto"
+    tiny = resolve_config(cfg)
+    assert tiny.recipe == "tiny-cpu" and tiny.lora_dropout == 0.0
+    assert {k: getattr(tiny, k) for k in recipes.RECIPES["tiny-cpu"]["embedder"]} == recipes.RECIPES["tiny-cpu"]["embedder"]
+    paper = resolve_config(EmbedderConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"))
+    assert paper.recipe == "paper" and paper.lora_dropout == 0.05  # the authors' LoraConfig
+    assert (paper.min_pixels, paper.max_pixels, paper.num_frames, paper.video_size, paper.max_query_images,
+            paper.query_sketches) == (224 * 224, 256 * 256, 8, 224, 8, "all")
+    mixed = resolve_config(EmbedderConfig(recipe="paper", num_frames=4, lora_dropout=0.0))
+    assert (mixed.recipe, mixed.num_frames, mixed.lora_dropout, mixed.video_size) == ("paper", 4, 0.0, 224)
+    for bad, field in ((dict(min_pixels=5000, max_pixels=4000), "min_pixels=5000"),
+                       (dict(query_sketches="some"), "query_sketches='some'"), (dict(num_frames=0), "num_frames=0"),
+                       (dict(recipe="fast"), "recipe")):
+        with pytest.raises(EmbedderConfigError, match=field):
+            resolve_config(EmbedderConfig(**bad))
+    (tmp_path / "qwen").mkdir()
+    monkeypatch.chdir(tmp_path)
+    local = resolve_config(EmbedderConfig(backbone="qwen"))
+    assert local.backbone == str((tmp_path / "qwen").resolve()) and local.recipe == "paper"
+    assert _same_backbone("./qwen", local.backbone) and not _same_backbone("qwen2", local.backbone)
+    assert tiny_embedder.config.lora_dropout == 0.0 and tiny_embedder.config.recipe == "tiny-cpu"
     # peft builds an Identity instead of a Dropout for p = 0: the tiny step pays nothing for it.
     drops = [m for n, m in tiny_embedder.backbone.named_modules() if n.endswith("lora_dropout.default")]
     assert drops and all(isinstance(m, torch.nn.Identity) for m in drops)
     _, path = trained_ckpt
-    assert json.loads((path / "embedder_config.json").read_text())["config"]["lora_dropout"] == 0.0
+    saved = json.loads((path / "embedder_config.json").read_text())
+    assert saved["format"] == 2 and saved["config"]["recipe"] == "tiny-cpu"
+    assert {k: saved["config"][k] for k in recipes.RECIPES["tiny-cpu"]["embedder"]} == \
+        recipes.RECIPES["tiny-cpu"]["embedder"]
     assert json.loads((path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+
+
+def test_query_options_follow_the_recipe(tiny_embedder, paper_tiny):
+    """query_options() are train_view's keyword arguments: one sketch and 4 images for tiny-cpu; every
+    sketch, 8 images, 8 frames and the authors' two training caps for paper."""
+    import recipes
+
+    assert tiny_embedder.query_options() == {"max_images": 4, "num_frames": 4, "sketches": "one", "image_caps": None}
+    assert paper_tiny.query_options() == {"max_images": 8, "num_frames": 8, "sketches": "all",
+                                          "image_caps": recipes.TRAIN_QUERY_IMAGE_CAP}
+    assert recipes.TRAIN_QUERY_IMAGE_CAP == {"sketch2i/ClothesV1": 5, "sketch2i/QMUL-Shoe-V2": 5}
+
+
+def test_missing_backbone_is_one_clear_error(tmp_path):
+    """A backbone that is neither a folder nor in the local Hugging Face cache: one BackboneError naming
+    it, before anything is downloaded (HF_HUB_OFFLINE is also set by conftest.py)."""
+    from model import BackboneError, EmbedderConfig, FashionLensEmbedder
+
+    for name in ("nobody/Qwen3-VL-0B-Missing", str(tmp_path / "not-here")):
+        with pytest.raises(BackboneError, match="neither a local folder nor in the local Hugging Face cache"):
+            FashionLensEmbedder(EmbedderConfig(backbone=name))
+    (tmp_path / "empty").mkdir()  # a folder without config.json: named, not a transformers traceback
+    with pytest.raises(BackboneError, match=r"empty/config\.json"):
+        FashionLensEmbedder(EmbedderConfig(backbone=str(tmp_path / "empty")))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft calls a deprecated transformers API
@@ -261,6 +439,34 @@ def test_bad_checkpoints(trained_ckpt, tmp_path):
     (other / "embedder_config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"other.*base is 'qwen3_vl'.*tiny-qwen2-vl"):
         FashionLensEmbedder.from_pretrained(other)
+
+
+def _edit_meta(src, dst, edit) -> None:
+    """Copy checkpoint `src` to `dst` and apply `edit` to its embedder_config.json (a dict)."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "embedder_config.json").read_text())
+    edit(meta)
+    (dst / "embedder_config.json").write_text(json.dumps(meta))
+
+
+def test_format_1_and_edited_budget_are_refused(trained_ckpt, tmp_path):
+    """A checkpoint of the previous format (other prompts, square images) is refused saying to retrain;
+    an edited pixel budget is refused naming the fields and the saved processor."""
+    from model import CheckpointError, FashionLensEmbedder
+
+    _, path = trained_ckpt
+    old = tmp_path / "old"
+    _edit_meta(path, old, lambda m: (m.pop("format"), m["config"].update(image_size=64)))  # as format 1 wrote it
+    with pytest.raises(CheckpointError, match=r"old/embedder_config\.json: checkpoint format 1.*must be retrained"):
+        FashionLensEmbedder.from_pretrained(old)
+    newer = tmp_path / "newer"
+    _edit_meta(path, newer, lambda m: m.update(format=3))
+    with pytest.raises(CheckpointError, match="format 3.*newer FashionLens"):
+        FashionLensEmbedder.from_pretrained(newer)
+    edited = tmp_path / "edited"
+    _edit_meta(path, edited, lambda m: m["config"].update(max_pixels=128 * 128))
+    with pytest.raises(CheckpointError, match=r"max_pixels=16384 contradict the saved image processor.*max 4096"):
+        FashionLensEmbedder.from_pretrained(edited)
 
 
 def test_save_into_writes_a_new_folder(trained_ckpt, tmp_path):
@@ -314,13 +520,18 @@ def test_tiny_builds_offline_and_qwen2_variant():
         "    e = model.FashionLensEmbedder(model.EmbedderConfig(backbone=b))\n"
         "    q = e.encode_queries([Query('red dress', images=[Image.new('RGB', (64, 64), 'red')])])\n"
         "    assert q.shape == (1, e.dim) and abs(q.norm().item() - 1) < 1e-5\n"
-        "    print(b, e.model_type, e.dim)\n"
+        "    v = e.collate_queries([Query('clip', frames=[Image.new('RGB', (64, 64), 'red')] * 4)])\n"
+        "    text = e.tokenizer.decode(v.input_ids[0])\n"
+        "    print(b, e.model_type, e.dim, text.count('<|vision_start|>'), text.count(' seconds>'),\n"
+        "          text.count('<|video_pad|>'), v.video_grid_thw.tolist())\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent-hf-home")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "tiny qwen3_vl 128" in res.stdout and "tiny-qwen2-vl qwen2_vl 128" in res.stdout
+    # A 4-frame video: Qwen3-VL writes 2 timed groups of 16 pads; Qwen2-VL one untimed block of 32.
+    assert "tiny qwen3_vl 128 2 2 32 [[2, 8, 8]]" in res.stdout, res.stdout
+    assert "tiny-qwen2-vl qwen2_vl 128 1 0 32 [[2, 8, 8]]" in res.stdout, res.stdout
 
 
 def test_tiny_is_deterministic_from_seed():
@@ -372,7 +583,7 @@ def test_records_and_paths_are_accepted(tiny_embedder, tmp_path):
 def test_video_frames_are_read_in_order_and_subsampled_evenly(tiny_embedder):
     """Same instruction, same number of frames: only the frames differ, so the embedding must move
     when they are reordered or one is swapped; a clip longer than num_frames keeps evenly spaced
-    frames, the first and the last included (7 -> frames 0, 2, 4, 6)."""
+    frames and their times, the first and the last included (7 -> frames 0, 2, 4, 6)."""
     from data import Query
 
     emb = tiny_embedder
@@ -388,7 +599,10 @@ def test_video_frames_are_read_in_order_and_subsampled_evenly(tiny_embedder):
     assert (enc(frames[:n][::-1]) - base).abs().max() > 1e-3  # the order is seen
     assert (enc([frames[5], *frames[1:n]]) - base).abs().max() > 1e-3  # the first frame is seen
     assert (enc([*frames[:n - 1], frames[5]]) - base).abs().max() > 1e-3  # the last frame is seen
-    assert torch.allclose(enc(frames), enc([frames[i] for i in (0, 2, 4, 6)]), atol=1e-6)
+    kept = emb.encode_queries([Query(instruction, frames=[frames[i] for i in (0, 2, 4, 6)],
+                                     frame_times=[i / 2 for i in (0, 2, 4, 6)])])  # untimed frames: 2 fps
+    assert torch.allclose(enc(frames), kept, atol=1e-6)
+    assert (kept - enc([frames[i] for i in (0, 2, 4, 6)])).abs().max() > 1e-4  # Qwen3-VL reads the times
     assert (enc(frames) - base).abs().max() > 1e-3  # not simply the first num_frames frames
     # A video among images: images first, then the frames; moving a picture from one to the other matters.
     mixed = emb.encode_queries([Query(instruction, images=[frames[6]], frames=frames[:n])])

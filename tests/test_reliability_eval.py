@@ -366,8 +366,11 @@ def test_unwritable_cache_only_warns(tiny_root, embedder, clean_cache, tmp_path,
 
 def test_metric_of_no_queries_is_none_not_nan():
     assert ev.recall_at_k(np.zeros((0, 3), np.int64), [], (1, 3)) == {1: None, 3: None}
-    assert ev.recall_at_k(np.zeros((2, 3), np.int64), [[], []], (1,)) == {1: None}
-    assert ev.chance_recall(10, [[], []]) is None
+    assert ev.chance_recall(10, []) is None
+    # Queries without a positive are queries: misses (the authors' denominator), 0 and not None.
+    assert ev.recall_at_k(np.zeros((2, 3), np.int64), [[], []], (1,)) == {1: 0.0}
+    assert ev.recall_at_k(np.zeros((0, 3), np.int64), [], (1,), missing=3) == {1: 0.0}
+    assert ev.chance_recall(10, [[], []]) == 0.0 and ev.chance_recall(10, [], missing=3) == 0.0
     row = lambda sub, task, q, r: ev.EvalRow(sub, task, 10, q, 0, {1: r}, None if r is None else 0.1)  # noqa: E731
     rows = [row("a/x", "a", 4, 0.5), row("a/y", "a", 0, None), row("b/z", "b", 0, None), row("c/w", "c", 2, 1.0)]
     means, overall = ev.summarise(rows, (1,))
@@ -387,7 +390,7 @@ def test_metric_of_no_queries_is_none_not_nan():
     json.dumps(res.to_dict(), allow_nan=False)
 
 
-def test_empty_triplet_file_and_all_missing_rows_do_not_poison_the_means(tiny_root, ckpt, tmp_path, capsys):
+def test_empty_triplet_file_is_left_out_and_all_missing_rows_score_zero(tiny_root, ckpt, tmp_path, capsys):
     root = _copy(tiny_root, tmp_path / "root")
     (root / "0_triplet_files" / "7_cir_SynCIR-Top_test_triplet_data.json").write_text("[]\n")
     # t2i/SynShoes: every record asks for an image the gallery does not hold (all "missing")
@@ -403,15 +406,23 @@ def test_empty_triplet_file_and_all_missing_rows_do_not_poison_the_means(tiny_ro
     assert rc == 0, cap.err
     doc = _strict_json(out.read_text())  # valid JSON: no bare NaN
     rows = {r["subset"]: r for r in doc["rows"]}
+    # No record at all: no Recall (None), left out of the means.
     assert rows["cir/SynCIR-Top"]["queries"] == 0 and rows["cir/SynCIR-Top"]["recall"] == {"1": None, "10": None}
-    assert rows["t2i/SynShoes"]["queries"] == 0 and rows["t2i/SynShoes"]["missing"] == len(recs)
-    for task, subs in (("cir", ["cir/SynCIR-Dress", "cir/SynCIR-Shoes"]), ("t2i", ["t2i/SynGen"])):
-        for k in ("1", "10"):  # each task mean is over its rows with queries only
+    # Every record missing: each one a miss (the authors' hits / num_queries), Recall 0, in the means.
+    shoes = rows["t2i/SynShoes"]
+    assert shoes["queries"] == 0 and shoes["missing"] == len(recs) and shoes["recall"] == {"1": 0.0, "10": 0.0}
+    assert shoes["chance10"] == 0.0
+    for task, subs in (("cir", ["cir/SynCIR-Dress", "cir/SynCIR-Shoes"]),
+                       ("t2i", ["t2i/SynGen", "t2i/SynShoes"])):
+        for k in ("1", "10"):  # each task mean is over its rows with a Recall
             assert doc["task_means"][task][k] == pytest.approx(np.mean([rows[s]["recall"][k] for s in subs]))
     for k in ("1", "10"):
         assert doc["overall"][k] == pytest.approx((doc["task_means"]["cir"][k] + doc["task_means"]["t2i"][k]) / 2)
+    assert doc["recall"] == ev.RECALL_DEFINITION
     assert "cir/SynCIR-Top (no queries: left out of the means)" in cap.out
-    assert "the 2 row(s) without queries left out" in cap.out and "nan" not in cap.out.lower()
+    assert f"| t2i/SynShoes | {shoes['gallery']} | 0 | {len(recs)} | 0.0 | 0.0 | 0.0 |" in cap.out
+    assert "the 1 row(s) without queries left out" in cap.out and "nan" not in cap.out.lower()
+    assert "R@K = hits@K / (queries + missing)" in cap.out
     for ln in out.with_suffix(".per_query.jsonl").read_text().splitlines():
         _strict_json(ln)
 

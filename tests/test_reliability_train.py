@@ -108,12 +108,18 @@ def _root_with(tiny_root: Path, dst: Path, triplets: dict) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 BAD_FLAGS = [  # (flag, value): each must be refused naming the flag
-    ("--steps", "0"), ("--steps", "-5"), ("--batch-size", "0"), ("--chunk-size", "-1"),
+    ("--steps", "0"), ("--steps", "-5"), ("--batch-size", "0"), ("--chunk-size", "-2"),
     ("--eval-every", "0"), ("--epochs", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--temperature", "0"),
     ("--max-eval-queries", "-1"), ("--eval-batch-size", "0"), ("--warmup-ratio", "2"),
-    ("--min-lr-ratio", "-0.1"), ("--grad-clip", "0"), ("--ggas-warmup", "-2"), ("--stop-at", "-1"),
-    ("--weight-decay", "-1"), ("--device", "tpu"), ("--device", "cuda:x"),
+    ("--min-lr-ratio", "-0.1"), ("--grad-clip", "-1"), ("--grad-clip", "nan"), ("--ggas-warmup", "-2"),
+    ("--stop-at", "-1"), ("--weight-decay", "-1"), ("--device", "tpu"), ("--device", "cuda:x"),
+    ("--min-pixels", "0"), ("--max-pixels", "100"), ("--max-query-images", "-1"), ("--num-frames", "0"),
+    ("--video-size", "0"), ("--lora-dropout", "1"), ("--lora-dropout", "-0.5"),
 ]
+# Flags with a fixed set of values: argparse refuses another value on the command line (status 2);
+# a TrainConfig built in code is refused by check() in the same one-line style as the flags above.
+CHOICE_FIELDS = {"recipe": "cpu", "lr_schedule": "linear", "positives": "some", "ggas_refresh": "often",
+                 "ggas_ema_start": "one", "ggas_floor": "clip", "query_sketches": "two"}
 
 
 def _refusal(argv, capsys) -> str:
@@ -138,6 +144,23 @@ def test_bad_flag_is_refused_before_the_run_folder_exists(flag, value, tiny_root
     msg = _refusal(["--data", str(tiny_root), *SHORT, flag, value, "--out", str(out)], capsys)
     assert msg.startswith(f"error: {flag} ") and value.lstrip("-") in msg and "\n" not in msg, msg
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value", CHOICE_FIELDS.items())
+def test_bad_choice_is_refused_on_the_command_line_and_in_code(field, value, tmp_path, capsys):
+    import train
+
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(SystemExit) as stop:
+        train.main([flag, value, "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and f"argument {flag}" in lines[0] and repr(value) in lines[0], lines
+    with pytest.raises(SystemExit) as stop:
+        train.TrainConfig(out=str(tmp_path / "run"), **{field: value}).check()
+    msg = str(stop.value.code)
+    assert msg.startswith(f"error: {flag} {value!r}: must be") and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_is_refused_where_torch_sees_no_gpu(tiny_root, tmp_path, capsys):
@@ -424,8 +447,8 @@ def test_garbled_json_in_a_checkpoint_is_refused_naming_it(rel, ckpt, tmp_path):
 
 
 EDITS = [  # (where, field, new value, text the error must hold): each contradicts the saved files
-    ("config", "image_size", 32, "image_size=32 contradicts the saved image processor"),
-    ("config", "image_size", 128, "image_size=128 contradicts the saved image processor"),
+    ("config", "min_pixels", 1024, "min_pixels=1024, max_pixels=4096 contradict the saved image processor"),
+    ("config", "max_pixels", 16384, "min_pixels=4096, max_pixels=16384 contradict the saved image processor"),
     ("config", "lora_r", 4, "lora_r=4 contradicts"),
     ("config", "lora_alpha", 8, "lora_alpha=8 contradicts"),
     ("config", "calibrator", "off", "calibrator='off' switches off the calibrator weights"),
@@ -435,14 +458,13 @@ EDITS = [  # (where, field, new value, text the error must hold): each contradic
     ("config", "backbone", "tiny-qwen2-vl", "base is 'qwen3_vl' but the checkpoint config names backbone"),
     ("meta", "dim", 64, "dim=64, but the backbone built from this checkpoint has dim=128"),
     ("meta", "model_type", "qwen2_vl", "model_type 'qwen2_vl' does not match backbone 'tiny'"),
-    ("meta", "tokens_per_image", 4, "tokens_per_image=4, but the saved processor gives 16"),
 ]
 
 
 @pytest.mark.parametrize("where,field,value,says", EDITS, ids=[f"{e[1]}={e[2]}" for e in EDITS])
 def test_config_contradicting_its_weights_or_processor_is_refused(where, field, value, says, ckpt, tmp_path):
-    """An edited config is refused naming the field (an edited image_size used to load and blur
-    every image, lowering Recall without a word)."""
+    """An edited config is refused naming the field (an edited pixel budget would describe images the
+    saved processor does not make, lowering Recall without a word)."""
     from model import CheckpointError, FashionLensEmbedder
 
     path = _copy(ckpt, tmp_path)

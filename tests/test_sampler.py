@@ -1,11 +1,12 @@
-"""Tests for sampler.py: GGAS probabilities, the floor, draw frequencies, sharding and exact resume."""
+"""Tests for sampler.py: GGAS probabilities, the floors, draw frequencies, sharding, exact resume, and
+the switches between the authors' schedule and ours (refresh, EMA start, floor)."""
 import json
 import math
 import random
 
 import pytest
 
-from sampler import SamplerConfig, TaskBatchSampler, floor_probabilities
+from sampler import SamplerConfig, TaskBatchSampler, floor_probabilities, renorm_floor
 
 SIZES = {"cir/a": 300, "sketch/b": 40, "text/c": 1000, "video/d": 120}
 
@@ -267,3 +268,134 @@ def test_ggas_adapts_at_the_end_of_warmup_between_refreshes():
     assert drawn == ["sketch/b"] * 3  # a uniform p would pick another sub-dataset 3 times in 4
     held = dict(zip(s.names, s.state_dict()["probs"]))  # the p those draws used
     assert held["sketch/b"] > 0.999
+
+
+# ------------------------------------------------------------------------------------------------
+# The GGAS switches: floor, EMA start, refresh (the authors' values against ours)
+# ------------------------------------------------------------------------------------------------
+
+def test_renorm_and_waterfill_floors_on_a_hand_example():
+    """p = (0.97, 0.02, 0.01), floor 0.05.
+    renorm (the authors): clip -> (0.97, 0.05, 0.05), sum 1.07, divide once -> (0.97, 0.05, 0.05) / 1.07:
+    the clipped two end at 0.0467, below the floor.  waterfill: the two are pinned at 0.05 and the
+    rest (0.9) goes to the first: (0.9, 0.05, 0.05)."""
+    p = [0.97, 0.02, 0.01]
+    assert renorm_floor(p, 0.05) == pytest.approx([0.97 / 1.07, 0.05 / 1.07, 0.05 / 1.07], abs=1e-15)
+    assert renorm_floor(p, 0.05)[1] < 0.05  # the authors' floor does not hold exactly
+    assert floor_probabilities(p, 0.05) == pytest.approx([0.9, 0.05, 0.05], abs=1e-15)
+    # Nothing below the floor: both leave p as it is.
+    assert renorm_floor([0.5, 0.3, 0.2], 0.1) == pytest.approx([0.5, 0.3, 0.2], abs=1e-15)
+    assert floor_probabilities([0.5, 0.3, 0.2], 0.1) == pytest.approx([0.5, 0.3, 0.2], abs=1e-15)
+    # A floor above 1/K is clamped to 1/K = 0.5 by both: waterfill then gives uniform; renorm clips
+    # (0.9, 0.1) to (0.9, 0.5) and divides by 1.4, so it stays far from uniform.
+    assert floor_probabilities([0.9, 0.1], 0.7) == [0.5, 0.5]
+    assert renorm_floor([0.9, 0.1], 0.7) == pytest.approx([0.9 / 1.4, 0.5 / 1.4], abs=1e-15)
+
+
+@pytest.mark.parametrize("floor", ["renorm", "waterfill"])
+def test_the_sampler_applies_the_chosen_floor(floor):
+    """lam = 0 switches the size prior off, so p = softmax(G / T) with G set by the reports:
+    G = (log 0.97, log 0.02, log 0.01) gives p = (0.97, 0.02, 0.01) exactly, floored as above."""
+    s = TaskBatchSampler({"a": 10, "b": 10, "c": 10}, batch_size=2, lam=0.0, warmup_steps=0, min_prob=0.05,
+                         floor=floor)
+    for name, pk in zip("abc", (0.97, 0.02, 0.01)):
+        s.update(name, math.log(pk) + 10.0)  # the first report sets G_k; +10 keeps it >= 0 (cancels in softmax)
+    want = {"renorm": [0.97 / 1.07, 0.05 / 1.07, 0.05 / 1.07], "waterfill": [0.9, 0.05, 0.05]}[floor]
+    assert list(s.probabilities().values()) == pytest.approx(want, abs=1e-12)
+
+
+def test_ema_start_zero_against_first_report():
+    """Reports 2.0 then 1.0 to cir/a, alpha 0.9.  first: G = 2.0, then 0.9*2.0 + 0.1*1.0 = 1.9; an
+    unreported sub-dataset counts as the mean of the reported ones.  zero (the authors): G = 0.1*2.0
+    = 0.2, then 0.9*0.2 + 0.1*1.0 = 0.28; an unreported one stays at 0."""
+    first = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0, min_prob=0.0, ema_start="first")
+    zero = TaskBatchSampler(SIZES, batch_size=8, warmup_steps=0, min_prob=0.0, ema_start="zero")
+    for s in (first, zero):
+        s.update("cir/a", 2.0)
+    assert first.difficulties()["cir/a"] == pytest.approx(2.0, abs=1e-15)
+    assert zero.difficulties()["cir/a"] == pytest.approx(0.2, abs=1e-15)
+    for s in (first, zero):
+        s.update("cir/a", 1.0)
+        s.update("text/c", 0.5)
+    assert first.difficulties() == pytest.approx({"cir/a": 1.9, "text/c": 0.5, "sketch/b": 1.2, "video/d": 1.2})
+    assert zero.difficulties() == pytest.approx({"cir/a": 0.28, "text/c": 0.05, "sketch/b": 0.0, "video/d": 0.0})
+    # The score uses them: p = softmax(0.5 log N_k + G_k), floor off.
+    for s in (first, zero):
+        logits = {k: 0.5 * math.log(SIZES[k]) + g for k, g in s.difficulties().items()}
+        z = sum(math.exp(v) for v in logits.values())
+        assert s.probabilities() == pytest.approx({k: math.exp(v) / z for k, v in logits.items()}, rel=1e-12)
+
+
+EPOCH_SIZES = {"a": 24, "b": 16, "c": 8}  # batch 8: 3 + 2 + 1 = 6 steps per epoch
+
+
+def test_per_epoch_refresh_holds_p_inside_an_epoch_and_changes_it_at_the_boundary():
+    s = TaskBatchSampler(EPOCH_SIZES, batch_size=8, warmup_steps=6, refresh="epoch", min_prob=0.0, seed=3)
+    assert s.steps_per_epoch() == 6 and s.refresh_interval == 6
+    used = []  # the p of every draw: what probabilities() says just before it
+    for t in range(18):
+        used.append(s.probabilities())
+        name, _ = next(s)
+        s.update(name, {"a": 0.1, "b": 0.2, "c": 3.0}[name] * (1 + t))  # difficulties move every step
+    # Epoch 0 is the warm-up: uniform.  Epochs 1 and 2: one p each, fixed for their six draws.
+    assert all(p == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, abs=1e-15) for p in used[:6])
+    assert all(p == used[6] for p in used[6:12]) and all(p == used[12] for p in used[12:18])
+    assert used[6] != used[0] and used[12] != used[6]  # recomputed at each epoch start
+    # Per step instead: p follows the reports within the epoch.
+    t = TaskBatchSampler(EPOCH_SIZES, batch_size=8, warmup_steps=6, refresh="step", min_prob=0.0, seed=3)
+    seen = []
+    for k in range(12):
+        seen.append(t.probabilities())
+        name, _ = next(t)
+        t.update(name, {"a": 0.1, "b": 0.2, "c": 3.0}[name] * (1 + k))
+    assert len({tuple(p.values()) for p in seen[6:12]}) > 1
+
+
+def test_authors_switches_resume_exactly_mid_epoch_and_ranks_agree():
+    """refresh epoch + EMA from zero + renorm floor: a state saved in the middle of an epoch (its
+    held p, zero-started G) continues with the same draws, and two ranks draw the same sub-datasets."""
+    kw = dict(batch_size=8, warmup_steps=6, refresh="epoch", ema_start="zero", floor="renorm", seed=5)
+    ref = TaskBatchSampler(EPOCH_SIZES, **kw)
+    want = _run_sizes(ref, 20)
+    first = TaskBatchSampler(EPOCH_SIZES, **kw)
+    got = _run_sizes(first, 9)  # step 9: inside epoch 1
+    state = json.loads(json.dumps(first.state_dict()))  # through JSON, as train.py writes it
+    assert (state["refresh"], state["ema_start"], state["floor"]) == ("epoch", "zero", "renorm")
+    resumed = TaskBatchSampler(EPOCH_SIZES, **kw)
+    resumed.load_state_dict(state)
+    got += _run_sizes(resumed, 11, start=9)
+    assert got == want
+    ranks = [TaskBatchSampler(EPOCH_SIZES, rank=r, world_size=2, **kw) for r in range(2)]
+    for t in range(20):
+        (n0, i0), (n1, i1) = next(ranks[0]), next(ranks[1])
+        assert n0 == n1 and len(i0) == len(i1) and not set(i0) & set(i1)
+        for r in ranks:
+            r.update(n0, {"a": 0.3, "b": 1.5, "c": 0.7}[n0])
+
+
+def _run_sizes(sampler, steps, start=0):
+    """_run for EPOCH_SIZES: draw, report a per-task gradient norm, return the draws."""
+    out = []
+    for t in range(start, start + steps):
+        name, idx = next(sampler)
+        out.append((name, list(idx)))
+        sampler.update(name, {"a": 0.3, "b": 1.5, "c": 0.7}[name] * (1 + 0.1 * t))
+    return out
+
+
+def test_switches_are_checked_and_part_of_the_saved_state():
+    for field, bad in (("refresh", "often"), ("ema_start", "one"), ("floor", "clip")):
+        with pytest.raises(ValueError, match=f"{field} must be one of"):
+            TaskBatchSampler(SIZES, batch_size=8, **{field: bad})
+    zero = TaskBatchSampler(SIZES, batch_size=8, ema_start="zero")
+    with pytest.raises(ValueError, match="ema_start"):  # a state drawn with another switch is refused
+        TaskBatchSampler(SIZES, batch_size=8).load_state_dict(zero.state_dict())
+    # A state written before the switches existed was drawn with ours (step, first, waterfill).
+    old = TaskBatchSampler(SIZES, batch_size=8).state_dict()
+    for key in ("refresh", "ema_start", "floor"):
+        del old[key]
+    TaskBatchSampler(SIZES, batch_size=8).load_state_dict(old)
+    with pytest.raises(ValueError, match="floor"):
+        TaskBatchSampler(SIZES, batch_size=8, floor="renorm").load_state_dict(old)
+    cfg = SamplerConfig(batch_size=8, warmup_steps=5, refresh="epoch", ema_start="zero", floor="renorm")
+    assert TaskBatchSampler.from_config(SIZES, cfg).config == cfg

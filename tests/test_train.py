@@ -1,4 +1,4 @@
-"""Tests of train.py: the loss, GradCache == full batch, and real (tiny) training runs.
+"""Tests of train.py: the recipes, the loss, GradCache == full batch, and real (tiny) training runs.
 
 The run tests share one small synthetic U-FIRE (scale 0.1, generated once into tmp) and one set of
 short runs (module fixture `runs`), each a subprocess exactly as a user would type it:
@@ -12,10 +12,12 @@ short runs (module fixture `runs`), each a subprocess exactly as a user would ty
 Each test then checks one property of those runs. All of it takes ~1 minute on 2 cores; the slow test
 (`python -m pytest -m slow`) adds an exact resume under torchrun (three 2-process runs).
 Test-only code lives here, not in train.py: the NaN stop is provoked by monkeypatching
-train.info_nce, and the chunked reference step that GradCache is held equal to is `chunked_reference_step`.
+train.info_nce. GradCache is held equal to train.full_batch_step with its forward split into the
+same chunks (the reference path, every graph kept).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -161,32 +163,10 @@ def test_pickle_detector_flags_torch_save_files(tmp_path):
         _assert_pickle_free(tmp_path)
 
 
-def chunked_reference_step(model, batch, temperature: float, chunk_size: int):
-    """train.full_batch_step with its forward split into chunks: every graph is kept, one backward.
-
-    Splitting the forward draws the dropout masks chunk by chunk, exactly as GradCache's passes do,
-    so the two must give the same loss and gradient even with dropout on. One process only.
-    """
-    import train
-
-    n = len(batch.queries)
-    qs, ts, reg, lams = [], [], 0.0, []
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        out = model(queries=batch.queries[s:e], images=batch.images[s:e])
-        qs.append(out["q"].float())  # (c, D)
-        ts.append(out["t"].float())  # (c, D)
-        reg = reg + out["reg"].float() * (e - s) / n  # () R_cal: chunk means -> batch mean
-        lams.append(out["lam"].detach().float())  # (c,)
-    q, t = torch.cat(qs), torch.cat(ts)  # (B, D), (B, D)
-    nce = train.info_nce(q, t, train.key_ids(batch.keys, q.device), temperature)  # () L_nce
-    (nce + reg).backward()
-    return train.StepOut(loss=float(nce.detach() + reg.detach()), nce=float(nce.detach()),
-                         reg=float(reg.detach()), lam=float(torch.cat(lams).mean()))
-
-
-def test_gradcache_equals_full_batch_with_dropout(small_root):
-    """Same loss and same gradient on every trainable parameter (fp32, <= 1e-5 relative)."""
+@pytest.mark.parametrize("positives,reg_per_chunk", [("multi", False), ("single", True)])
+def test_gradcache_equals_full_batch_with_dropout(small_root, positives, reg_per_chunk):
+    """Same loss and same gradient on every trainable parameter (fp32, <= 1e-5 relative), for our
+    settings and the authors' (one positive per query, the regulariser once per chunk)."""
     import data
     import train
     from model import EmbedderConfig, FashionLensEmbedder
@@ -199,7 +179,7 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
             if "lora_B" in name:
                 prm.copy_(torch.randn(prm.shape, generator=g) * 0.05)
     emb.train()
-    view = data.UFire(small_root).train_view(["cir/SynCIR-Top"], image_size=64)
+    view = data.UFire(small_root).train_view(["cir/SynCIR-Top"], **emb.query_options())
     idx = [0, 1, 2, 3, 4, 0, 5, 1]  # records 0 and 1 twice: duplicate targets -> multi-positive
     batch = train.make_batch(view, "cir/SynCIR-Top", idx, seed=0, step=0)
     assert len(set(batch.keys)) < len(batch.keys)
@@ -208,10 +188,10 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
     def grads_of(step_fn, seed, chunk):
         emb.zero_grad(set_to_none=True)
         torch.manual_seed(seed)
-        out = step_fn(emb, batch, 0.07, chunk_size=chunk)
+        out = step_fn(emb, batch, 0.07, chunk_size=chunk, positives=positives, reg_per_chunk=reg_per_chunk)
         return out, {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
 
-    ref, g_ref = grads_of(chunked_reference_step, 11, 3)  # reference: every activation kept
+    ref, g_ref = grads_of(train.full_batch_step, 11, 3)  # reference: forward in chunks, every graph kept
     gc, g_gc = grads_of(train.gradcache_step, 11, 3)  # GradCache, uneven chunks 3+3+2
     assert abs(ref.loss - gc.loss) <= 1e-5 * abs(ref.loss)
     assert set(g_ref) == set(g_gc) and len(g_ref) >= len(params) - 2
@@ -219,7 +199,7 @@ def test_gradcache_equals_full_batch_with_dropout(small_root):
         err = float((g_ref[n] - g_gc[n]).norm())
         assert err <= 1e-5 * float(g_ref[n].norm()) + 1e-9, f"{n}: |diff| {err:.3e} vs |g| {float(g_ref[n].norm()):.3e}"
     # Dropout is really on: another seed gives other masks, hence another loss.
-    other, _ = grads_of(chunked_reference_step, 12, 3)
+    other, _ = grads_of(train.full_batch_step, 12, 3)
     assert abs(other.loss - ref.loss) > 1e-5
 
 
@@ -229,7 +209,7 @@ def test_gradcache_equals_single_forward_without_dropout(tiny_embedder, small_ro
     import train
 
     emb = tiny_embedder
-    view = data.UFire(small_root).train_view(["t2i/SynGen"], image_size=64)
+    view = data.UFire(small_root).train_view(["t2i/SynGen"], **emb.query_options())
     batch = train.make_batch(view, "t2i/SynGen", list(range(8)), seed=0, step=3)
     params = {n: p for n, p in emb.named_parameters() if p.requires_grad}
     emb.eval()  # eval mode = no dropout; gradients still flow
@@ -245,6 +225,108 @@ def test_gradcache_equals_single_forward_without_dropout(tiny_embedder, small_ro
     assert abs(ref.loss - gc.loss) <= 1e-5 * abs(ref.loss)
     for n in g_ref:
         assert float((g_ref[n] - g_gc[n]).norm()) <= 1e-4 * float(g_ref[n].norm()) + 1e-9, n
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipes (no model is built)
+# ------------------------------------------------------------------------------------------------
+
+REAL = "Qwen/Qwen3-VL-4B-Instruct"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Resolving a config must not build (or download) anything: building is made to fail."""
+    import train
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built while resolving a config")
+
+    monkeypatch.setattr(train, "FashionLensEmbedder", refuse)
+    monkeypatch.setattr(train, "EmbedderConfig", refuse)
+
+
+def _recipe(name: str) -> dict:
+    import recipes
+
+    return {**recipes.RECIPES[name]["embedder"], **recipes.RECIPES[name]["train"]}
+
+
+def test_every_recipe_value_is_a_train_config_field_defaulting_to_the_recipe():
+    import train
+
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
+    for name in ("paper", "tiny-cpu"):
+        for key in _recipe(name):
+            assert key in defaults and defaults[key] is None, (name, key)  # None = "the recipe's value"
+    assert set(train.EMBEDDER_FIELDS) == {"min_pixels", "max_pixels", "max_query_images", "query_sketches",
+                                          "num_frames", "video_size", "lora_dropout"}
+
+
+@pytest.mark.parametrize("backbone,recipe", [("tiny", "tiny-cpu"), ("tiny-qwen2-vl", "tiny-cpu"),
+                                             (REAL, "paper"), ("/models/my-qwen2.5-vl", "paper")])
+def test_auto_recipe_follows_the_backbone(backbone, recipe, no_model):
+    import train
+
+    cfg = train.TrainConfig(backbone=backbone).resolved()
+    assert cfg.recipe == recipe
+    want = _recipe(recipe)
+    length = (want.pop("steps", 0), want.pop("epochs", 0.0))
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert (cfg.steps, cfg.epochs) == length == ((0, 5.0) if recipe == "paper" else (1400, 0.0))
+    assert cfg.resolved() == cfg  # resolving twice changes nothing
+    # The paper values by name (the authors', train.py 29-48, 330-337 and my_grad_cache.py):
+    if recipe == "paper":
+        assert (cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.grad_clip, cfg.batch_size, cfg.chunk_size,
+                cfg.eval_every, cfg.positives, cfg.reg_per_chunk) == (1e-4, 1e-3, "constant", 0.0, 64, -1, 500,
+                                                                       "single", True)
+        assert (cfg.min_pixels, cfg.max_pixels, cfg.num_frames, cfg.lora_dropout) == (224 * 224, 256 * 256, 8, 0.05)
+        assert (cfg.ggas_refresh, cfg.ggas_ema_start, cfg.ggas_floor) == ("epoch", "zero", "renorm")
+
+
+def test_flags_override_the_recipe_and_steps_clear_its_epochs(no_model, tmp_path):
+    import train
+
+    def parsed(*argv):
+        cfg, resume = train.parse_config([*argv, "--out", str(tmp_path / "r")])
+        assert resume is None
+        return cfg.resolved()
+
+    cfg = parsed("--backbone", REAL, "--lr", "3e-4", "--positives", "multi", "--no-reg-per-chunk",
+                 "--chunk-size", "16", "--grad-clip", "2", "--max-pixels", "100000")
+    assert (cfg.recipe, cfg.lr, cfg.positives, cfg.reg_per_chunk, cfg.chunk_size, cfg.grad_clip,
+            cfg.max_pixels) == ("paper", 3e-4, "multi", False, 16, 2.0, 100000)
+    assert (cfg.weight_decay, cfg.min_pixels, cfg.ggas_floor) == (1e-3, 224 * 224, "renorm")  # the rest: paper
+    assert (cfg.steps, cfg.epochs) == (0, 5.0)  # neither given: the recipe's 5 epochs
+    assert (parsed("--backbone", REAL, "--steps", "50").steps, parsed("--backbone", REAL, "--steps", "50").epochs) \
+        == (50, 0.0)  # --steps alone: exactly 50 steps, not 5 epochs
+    assert (parsed("--epochs", "2").steps, parsed("--epochs", "2").epochs) == (0, 2.0)  # tiny: epochs alone
+    assert (parsed("--steps", "7", "--epochs", "2").steps, parsed("--steps", "7", "--epochs", "2").epochs) == (7, 2.0)
+    # A named recipe on any backbone: the paper's values on the tiny model, tiny-cpu's on a real one.
+    assert parsed("--recipe", "paper").lr == 1e-4 and parsed("--recipe", "paper").backbone == "tiny"
+    assert parsed("--backbone", REAL, "--recipe", "tiny-cpu").positives == "multi"
+    # The embedder receives the resolved input values and the recipe's name.
+    assert parsed("--backbone", REAL, "--num-frames", "6").embedder_fields() == {
+        "recipe": "paper", "min_pixels": 224 * 224, "max_pixels": 256 * 256, "max_query_images": 8,
+        "query_sketches": "all", "num_frames": 6, "video_size": 224, "lora_dropout": 0.05}
+    with pytest.raises(SystemExit, match=r"^error: --recipe 'cpu': must be auto, paper or tiny-cpu$"):
+        train.TrainConfig(recipe="cpu").resolved()
+
+
+def test_chunk_size_minus_one_follows_the_authors_table():
+    import recipes
+    import train
+
+    cfg = train.TrainConfig(backbone=REAL).resolved()
+    assert cfg.chunk_size == -1
+    want = {"video2img/MovingFashion": 2, "asfr/DARN": 4, "t2i/FashionGen": 8, "t2i/Shoes": 32,
+            "sketch2i/QMUL-Shoe-V2": 16, "cir/FashionIQ-Dress": 32, "t2i/SynGen": 8}  # not in the table: 8
+    assert {k: train.step_chunk_size(cfg, k) for k in want} == want
+    assert all(train.step_chunk_size(cfg, k) == v for k, v in recipes.CHUNK_SIZES.items())
+    fixed = train.TrainConfig(backbone=REAL, chunk_size=16).resolved()
+    assert {train.step_chunk_size(fixed, k) for k in want} == {16}
+    # A batch per rank smaller than the table's chunk is one chunk (no GradCache re-run).
+    assert train.fits_one_chunk(32, 16) and train.fits_one_chunk(0, 64) and not train.fits_one_chunk(8, 64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +386,25 @@ def runs(small_root, tmp_path_factory) -> dict:
     r["A3"] = _train_in_process(["--resume", str(r["A"])])
     assert r["A3"][0] == 0, r["A3"][2][-3000:]
     return r
+
+
+def test_config_json_holds_the_resolved_recipe(runs):
+    """config.json and every checkpoint's train config hold numbers (no None) and the recipe's name;
+    a resume reads them back as they are."""
+    import train
+
+    b = runs["B"]
+    saved = json.loads((b / "config.json").read_text())
+    assert saved["recipe"] == "tiny-cpu" and None not in saved.values()
+    assert (saved["steps"], saved["epochs"], saved["chunk_size"], saved["lr_schedule"]) == (8, 0.0, 4, "cosine")
+    assert saved["resolved"]["chunk_sizes"] == {k: 4 for k in saved["resolved"]["train_subsets"]}
+    ckpt = json.loads((b / "last" / train.CONFIG_JSON).read_text())
+    assert ckpt == {k: v for k, v in saved.items() if k != "resolved"}
+    emb = json.loads((b / "last" / "embedder_config.json").read_text())["config"]
+    assert {k: emb[k] for k in ("recipe", *train.EMBEDDER_FIELDS)} == {
+        k: saved[k] for k in ("recipe", *train.EMBEDDER_FIELDS)}
+    cfg, _ = train.parse_config(["--resume", str(b)])
+    assert dataclasses.asdict(cfg) == {**ckpt, "out": str(b)} and cfg.resolved() == cfg
 
 
 def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
@@ -392,7 +493,7 @@ def test_vision_tower_has_its_own_learning_rate(runs, tiny_embedder):
     """The random tiny vision tower trains at lr x vision_lr_scale, everything else at lr."""
     import train
 
-    cfg = train.TrainConfig()
+    cfg = train.TrainConfig().resolved()  # tiny-cpu: lr 1e-3
     groups = plumbing.read_state(runs["B"] / "last")["optimizer"]["param_groups"]
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"adapters", "vision"}

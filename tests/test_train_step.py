@@ -4,19 +4,25 @@ Part 1 (no backbone): a stub embedder whose query/target vectors, calibration st
 regulariser are written out below. The test recomputes the loss of a batch by hand, query by query
 in float64,
 
-    L = (1/B) sum_i -log( sum_{j: key_j == key_i} exp(q_i . t_j / tau) / sum_j exp(q_i . t_j / tau) ) + R,
+    L = (1/B) sum_i -log( sum_{j in P(i)} exp(q_i . t_j / tau) / sum_j exp(q_i . t_j / tau) ) + R,
+    P(i) = {i} ("single") or {j: key_j == key_i} ("multi"),
+    R = sum_c w_c mean_{i in c} r_i,  w_c = |c| / B (per batch) or 1 (per chunk),
 
 and each parameter's gradient by autograd on that hand-written L, and holds train.full_batch_step
-and train.gradcache_step (several chunkings) to both. So the loss is checked against its equation,
-not only one code path against another: dropping R, the temperature or the multi-positive set from
-both paths would fail here.
+(one forward, or split into chunks), train.gradcache_step (several chunkings) and
+train.two_core_step to both. So the loss is checked against its equation, not only one code path
+against another: dropping R, the temperature, the positive sets or the chunk weights of R from
+every path would fail here.
 
-Part 2 (tiny runs): three in-process runs of `train.py` on a synthetic U-FIRE at scale 0.03 (a few
+Part 2 (tiny runs): four in-process runs of `train.py` on a synthetic U-FIRE at scale 0.03 (a few
 seconds each), each with non-default flags, then checks that every flag changed what was computed:
 the temperature the loss received (and the logged loss recomputed from the step's own vectors),
 the calibrator that ran (slerp / normalised lerp / none), the sampler's probabilities against
 their formulas, the learning rate of every step against warm-up + cosine written out here, and
-the run length of `--epochs`.
+the run length of `--epochs`. The fourth run takes the `paper` recipe's training values on the
+tiny backbone (its input values overridden by flags, to stay fast): constant lr, one positive per
+query, GGAS refreshed per epoch from a zero EMA with the renormalised floor, and `--chunk-size -1`
+with a chunk table that gives each sub-dataset its own size.
 """
 from __future__ import annotations
 
@@ -90,8 +96,11 @@ def _batch():
     return train.Batch(subset="stub/Set", queries=xs, images=ys, keys=list(KEYS))
 
 
-def hand_loss(stub: StubEmbedder, batch, tau: float):
-    """(L_nce, R, mean lambda) of the batch, one query at a time, in float64, from the formulas above."""
+def hand_loss(stub: StubEmbedder, batch, tau: float, positives: str = "multi", chunks=None, per_chunk=False):
+    """(L_nce, R, mean lambda) of the batch, one query at a time, in float64, from the formulas above.
+
+    chunks: the (start, end) row ranges R is split by (None: one chunk); per_chunk: w_c = 1, else |c| / B.
+    """
     p = {n: v.double() for n, v in stub.named_parameters()}  # float64 views; autograd reaches the originals
     qs, ts, lams, regs = [], [], [], []
     for x in batch.queries:
@@ -108,9 +117,16 @@ def hand_loss(stub: StubEmbedder, batch, tau: float):
     nce = 0.0
     for i in range(n):
         e = [torch.exp((qs[i] * ts[j]).sum() / tau) for j in range(n)]  # exp(s_ij)
-        positive = sum(e[j] for j in range(n) if batch.keys[j] == batch.keys[i])  # j in P(i)
+        if positives == "single":
+            positive = e[i]  # P(i) = {i}
+        else:
+            positive = sum(e[j] for j in range(n) if batch.keys[j] == batch.keys[i])  # j in P(i)
         nce = nce - torch.log(positive / sum(e))
-    return nce / n, sum(regs) / n, float(sum(lams).detach()) / n
+    reg = 0.0
+    for s, end in chunks or [(0, n)]:
+        weight = 1.0 if per_chunk else (end - s) / n  # w_c
+        reg = reg + weight * sum(regs[s:end]) / (end - s)  # w_c * mean_{i in c} r_i
+    return nce / n, reg, float(sum(lams).detach()) / n
 
 
 def _grads(stub) -> dict:
@@ -119,27 +135,45 @@ def _grads(stub) -> dict:
             for n, p in stub.named_parameters()}
 
 
-def _step_runner(kind: str):
+def _step_runner(kind: str, positives: str = "multi", per_chunk: bool = False):
+    """kind -> step(model, batch, tau): "full" (one forward), "full=c" (the forward in chunks of c),
+    "gradcache=c", or "two_core" (the two towers on two threads)."""
+    import concurrent.futures as cf
+
     import train
 
-    if kind == "full":
-        return lambda m, b, tau: train.full_batch_step(m, b, tau)
-    chunk = int(kind.split("=")[1])
-    return lambda m, b, tau: train.gradcache_step(m, b, tau, chunk_size=chunk)
+    if kind == "two_core":
+        def two_core(m, b, tau):
+            with cf.ThreadPoolExecutor(max_workers=1) as spare:
+                return train.two_core_step(m, b, tau, spare, positives)
+        return two_core
+    name, _, chunk = kind.partition("=")
+    step = train.full_batch_step if name == "full" else train.gradcache_step
+    return lambda m, b, tau: step(m, b, tau, chunk_size=int(chunk or 0), positives=positives,
+                                  reg_per_chunk=per_chunk)
 
 
+def _chunks_of(kind: str, n: int) -> list:
+    """The row ranges a kind's step splits the batch into (what R is split by)."""
+    size = int(kind.partition("=")[2] or 0) or n
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@pytest.mark.parametrize("per_chunk", [False, True])
+@pytest.mark.parametrize("positives", ["multi", "single"])
 @pytest.mark.parametrize("tau", [0.05, 0.5])
-@pytest.mark.parametrize("kind", ["full", "gradcache=3", "gradcache=5", "gradcache=8"])
-def test_step_loss_and_gradients_equal_the_hand_computation(kind, tau):
-    """full_batch_step and gradcache_step (chunks 3+3+2, 5+3, and one chunk) against the equation."""
+@pytest.mark.parametrize("kind", ["full", "full=3", "gradcache=3", "gradcache=5", "gradcache=8", "two_core"])
+def test_step_loss_and_gradients_equal_the_hand_computation(kind, tau, positives, per_chunk):
+    """Every step (chunks 3+3+2, 5+3, and one chunk) against the equation, under both positive sets
+    and both weightings of R."""
     batch = _batch()
     stub = StubEmbedder()
-    nce, reg, lam_mean = hand_loss(stub, batch, tau)
+    nce, reg, lam_mean = hand_loss(stub, batch, tau, positives, _chunks_of(kind, len(KEYS)), per_chunk)
     want = {n: g for n, g in zip(dict(stub.named_parameters()),
                                   torch.autograd.grad(nce + reg, list(stub.parameters())))}
     nce, reg = float(nce.detach()), float(reg.detach())
     stub.zero_grad(set_to_none=True)
-    out = _step_runner(kind)(stub, batch, tau)
+    out = _step_runner(kind, positives, per_chunk)(stub, batch, tau)
     assert out.nce == pytest.approx(nce, rel=1e-5)
     assert out.reg == pytest.approx(reg, rel=1e-5) and reg > 0.05  # R really is in the loss
     assert out.loss == pytest.approx(nce + reg, rel=1e-5)
@@ -149,9 +183,90 @@ def test_step_loss_and_gradients_equal_the_hand_computation(kind, tau):
     for name, g in want.items():
         g = g.float()
         err = float((got[name] - g).norm())
-        assert err <= 1e-4 * float(g.norm()) + 1e-6, f"{kind} tau={tau}: d L / d {name} off by {err:.2e}"
+        assert err <= 1e-4 * float(g.norm()) + 1e-6, f"{kind} tau={tau} {positives}: d L / d {name} off by {err:.2e}"
     # Every parameter gets a gradient, the regulariser's c only through R: a step without R leaves it 0.
     assert all(float(g.norm()) > 0 for g in want.values())
+
+
+def test_single_and_multi_positives_on_a_hand_example():
+    """Three queries, tau = 1; targets 0 and 2 are the same image "a" (the same vector), target 1 is "b".
+        q = (1, 0), (0, 1), (0.6, 0.8);   t = (1, 0), (0, 1), (1, 0)
+        s = q t^T = [[1, 0, 1], [0, 1, 0], [0.6, 0.8, 0.6]]
+    single (P(i) = {i}):  L = [log(2e + 1) - 1  +  log(e + 2) - 1  +  log(2e^0.6 + e^0.8) - 0.6] / 3
+    multi (P(0) = P(2) = {0, 2}):
+                          L = [log(2e + 1) - log(2e)  +  log(e + 2) - 1  +  log(2e^0.6 + e^0.8) - log(2e^0.6)] / 3
+    Under "single" the duplicate is a negative: query 0 cannot reach p > 1/2 however close it gets."""
+    import train
+
+    e = math.e
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # (3, 2)
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # (3, 2)
+    keys = ["img/a.png", "img/b.png", "img/a.png"]
+    single = (math.log(2 * e + 1) - 1 + math.log(e + 2) - 1 + math.log(2 * e ** 0.6 + e ** 0.8) - 0.6) / 3
+    multi = (math.log(2 * e + 1) - math.log(2 * e) + math.log(e + 2) - 1
+             + math.log(2 * e ** 0.6 + e ** 0.8) - math.log(2 * e ** 0.6)) / 3
+    ids = {p: train.target_ids(keys, p, "cpu") for p in train.POSITIVES}
+    assert ids["single"].tolist() == [0, 1, 2]  # every target its own id: labels = arange
+    assert ids["multi"][0] == ids["multi"][2] != ids["multi"][1]
+    assert float(train.info_nce(q, t, ids["single"], 1.0)) == pytest.approx(single, rel=1e-6)
+    assert float(train.info_nce(q, t, ids["multi"], 1.0)) == pytest.approx(multi, rel=1e-6)
+    assert single - multi == pytest.approx((math.log(2) + math.log(2)) / 3, rel=1e-6)  # rows 0 and 2: log 2 each
+    # "single" is exactly the authors' cross-entropy with labels = arange (my_grad_cache.py 48).
+    ce = torch.nn.functional.cross_entropy(q @ t.T, torch.arange(3))
+    assert float(train.info_nce(q, t, ids["single"], 1.0)) == pytest.approx(float(ce), rel=1e-6)
+
+
+def test_reg_per_chunk_gradcache_equals_the_chunked_reference():
+    """Chunks 3+3+2: per chunk (the authors) R = sum of the three chunk means; per batch R = the batch
+    mean. GradCache and the reference full_batch_step split R by the same chunks and give the same
+    loss and gradients under each; the per-chunk R is close to 3x the per-batch one here."""
+    batch = _batch()
+    results = {}
+    for per_chunk in (False, True):
+        for kind in ("full=3", "gradcache=3"):
+            stub = StubEmbedder()
+            out = _step_runner(kind, "single", per_chunk)(stub, batch, 0.1)
+            results[per_chunk, kind] = (out, _grads(stub))
+    for per_chunk in (False, True):
+        (ref, g_ref), (gc, g_gc) = results[per_chunk, "full=3"], results[per_chunk, "gradcache=3"]
+        assert gc.loss == pytest.approx(ref.loss, rel=1e-6) and gc.reg == pytest.approx(ref.reg, rel=1e-6)
+        for name in g_ref:
+            assert float((g_gc[name] - g_ref[name]).norm()) <= 1e-5 * float(g_ref[name].norm()) + 1e-7, name
+    stub = StubEmbedder()
+    with torch.no_grad():
+        _, reg_batch, _ = hand_loss(stub, batch, 0.1, "single", [(0, 3), (3, 6), (6, 8)], False)
+        _, reg_chunks, _ = hand_loss(stub, batch, 0.1, "single", [(0, 3), (3, 6), (6, 8)], True)
+    assert results[False, "gradcache=3"][0].reg == pytest.approx(float(reg_batch), rel=1e-5)
+    assert results[True, "gradcache=3"][0].reg == pytest.approx(float(reg_chunks), rel=1e-5)
+    assert 2.0 < float(reg_chunks) / float(reg_batch) < 4.0  # the weight grows with the chunk count
+    g_batch, g_chunks = results[False, "gradcache=3"][1]["c"], results[True, "gradcache=3"][1]["c"]
+    assert float((g_chunks - g_batch).norm()) > 0.5 * float(g_batch.norm())  # c is reached only through R
+
+
+def test_full_batch_step_refuses_several_forwards_under_ddp():
+    import train
+
+    with pytest.raises(ValueError, match="under DDP use gradcache_step"):
+        train.full_batch_step(StubEmbedder(), _batch(), 0.1, plumbing.DistInfo(rank=0, world=2), chunk_size=3)
+
+
+def test_clip_zero_leaves_gradients_unclipped():
+    """||g|| = sqrt(3^2 + 4^2 + 12^2) = 13: max_norm 0 reports 13 and leaves g alone; max_norm 1 reports
+    13 and scales g by 1/13 (to norm 1, up to torch's 1e-6 in the denominator)."""
+    import train
+
+    def params():
+        a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+        return [a, b]
+
+    free = params()
+    assert train.clip_gradients(free, 0.0) == pytest.approx(13.0)
+    assert free[0].grad.tolist() == [3.0, 4.0] and free[1].grad.tolist() == [12.0]  # untouched
+    clipped = params()
+    assert train.clip_gradients(clipped, 1.0) == pytest.approx(13.0)
+    assert clipped[0].grad.tolist() == pytest.approx([3 / 13, 4 / 13], rel=1e-5)
+    assert clipped[1].grad.tolist() == pytest.approx([12 / 13], rel=1e-5)
 
 
 def test_hand_loss_sees_the_positives_and_the_temperature():
@@ -178,7 +293,15 @@ RUNS = {  # name -> the flags that differ from the defaults
     "linear_size_lr": ["--steps", "4", "--calibrator", "linear", "--sampler", "size", "--lr", "2e-3",
                        "--warmup-ratio", "0.5", "--min-lr-ratio", "0.1"],
     "defaults_epochs": ["--epochs", "0.12"],  # 0.12 x 17 batches per epoch = 2.04 -> ceil: 3 steps
+    # The paper recipe's training values; its input values (224^2 images, 8 frames, dropout) are
+    # overridden by flags so the tiny run stays fast (flags override a recipe). --steps alone: epochs 0.
+    "paper": ["--recipe", "paper", "--steps", "4", "--chunk-size", "-1", "--min-pixels", "4096",
+              "--max-pixels", "4096", "--max-query-images", "4", "--query-sketches", "one", "--num-frames", "4",
+              "--video-size", "64", "--lora-dropout", "0"],
 }
+# The paper run's chunk table: the t2i sub-datasets get chunks of 3 (3 chunks of the batch of 8), the
+# cir ones 5, except SynCIR-Top, left out of the table: the default 8 (one chunk, no GradCache).
+PAPER_CHUNKS = {"t2i": 3, "cir": 5}
 
 
 class Spy:
@@ -186,8 +309,8 @@ class Spy:
     interpolations of the calibrator, while passing each call through unchanged."""
 
     def __init__(self, train_mod, cal_mod, mp: pytest.MonkeyPatch):
-        self.nce_calls, self.counts = [], {"slerp": 0, "lerp_normalized": 0}
-        real_nce = train_mod.info_nce
+        self.nce_calls, self.counts, self.chunk_sizes = [], {"slerp": 0, "lerp_normalized": 0}, []
+        real_nce, real_gradcache = train_mod.info_nce, train_mod.gradcache_step
 
         def info_nce(q, t, ids, temperature):
             value = real_nce(q, t, ids, temperature)
@@ -195,7 +318,12 @@ class Spy:
                                    "temperature": temperature, "value": float(value.detach())})
             return value
 
+        def gradcache_step(*args, **kwargs):  # records the chunk size each GradCache step received
+            self.chunk_sizes.append((args[1].subset, kwargs["chunk_size"]))
+            return real_gradcache(*args, **kwargs)
+
         mp.setattr(train_mod, "info_nce", info_nce)
+        mp.setattr(train_mod, "gradcache_step", gradcache_step)
         for name in self.counts:
             real = getattr(cal_mod, name)
 
@@ -209,15 +337,18 @@ class Spy:
 @pytest.fixture(scope="module")
 def flag_runs(tmp_path_factory) -> dict:
     import calibrator
+    import recipes
     import synthetic
     import train
 
     tmp = tmp_path_factory.mktemp("flag_runs")
     root = synthetic.ensure_synthetic(str(tmp / "synthetic"), seed=0, scale=0.03)
     runs = {"root": root}
+    table = {k: PAPER_CHUNKS[k.split("/")[0]] for k in _train_sizes(root) if k != "cir/SynCIR-Top"}
     for name, flags in RUNS.items():
         out = tmp / name
         with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(recipes, "CHUNK_SIZES", table)
             spy = Spy(train, calibrator, mp)
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -250,11 +381,11 @@ def _nce_by_hand(call: dict, tau: float) -> float:
 
 
 @pytest.mark.parametrize("name,tau", [("hot_off_uniform", 0.5), ("linear_size_lr", 0.07),
-                                      ("defaults_epochs", 0.07)])
+                                      ("defaults_epochs", 0.07), ("paper", 0.07)])
 def test_temperature_reaches_the_loss(flag_runs, name, tau):
     run = flag_runs[name]
     calls = run["spy"].nce_calls
-    assert len(calls) == len(run["steps"])  # one loss per step (no GradCache at --chunk-size 0)
+    assert len(calls) == len(run["steps"])  # one loss per step (GradCache too computes L once)
     for call, step in zip(calls, run["steps"]):
         assert call["temperature"] == tau
         by_hand = _nce_by_hand(call, tau)
@@ -356,7 +487,65 @@ def test_epochs_sets_the_run_length(flag_runs):
     assert res["steps_per_epoch"] == per_epoch
     assert res["total_steps"] == math.ceil(0.12 * per_epoch) == len(run["steps"])
     # plan_steps alone, where rounding would differ from ceil: 1.5 and 0.31 epochs, and --steps when 0.
+    assert (run["config"]["steps"], run["config"]["epochs"]) == (0, 0.12)  # --epochs alone: steps 0
     for epochs in (1.5, 0.31, 1.0):
-        plan = train.plan_steps(sizes, train.TrainConfig(batch_size=8, epochs=epochs, steps=5), plumbing.DistInfo())
-        assert plan.total == math.ceil(epochs * per_epoch), epochs
-    assert train.plan_steps(sizes, train.TrainConfig(batch_size=8, steps=5), plumbing.DistInfo()).total == 5
+        cfg = train.TrainConfig(batch_size=8, epochs=epochs, steps=5).resolved()
+        assert train.plan_steps(sizes, cfg, plumbing.DistInfo()).total == math.ceil(epochs * per_epoch), epochs
+    cfg = train.TrainConfig(batch_size=8, steps=5).resolved()
+    assert train.plan_steps(sizes, cfg, plumbing.DistInfo()).total == 5
+
+
+def test_constant_schedule_keeps_the_lr_fixed():
+    """constant: the warm-up ramp (if any), then the peak lr to the end, whatever min_ratio says."""
+    import train
+
+    assert [train.lr_factor(s, 10, 1, 0.1, "constant") for s in range(12)] == [1.0] * 12
+    assert [train.lr_factor(s, 10, 4, 0.1, "constant") for s in range(6)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert train.lr_factor(7, 10, 4, 0.1, "cosine") == pytest.approx(0.55)  # the cosine still decays
+
+
+def test_paper_recipe_run_uses_the_authors_training_values(flag_runs):
+    """The paper run: what config.json records, and that each value reached what was computed."""
+    import sampler
+
+    run = flag_runs["paper"]
+    cfg, res = run["config"], run["config"]["resolved"]
+    assert cfg["recipe"] == "paper" and (cfg["steps"], cfg["epochs"]) == (4, 0.0) and res["total_steps"] == 4
+    assert {k: cfg[k] for k in ("lr", "weight_decay", "lr_schedule", "warmup_ratio", "grad_clip", "positives",
+                                "reg_per_chunk", "ggas_refresh", "ggas_ema_start", "ggas_floor", "chunk_size")} == {
+        "lr": 1e-4, "weight_decay": 1e-3, "lr_schedule": "constant", "warmup_ratio": 0.0, "grad_clip": 0.0,
+        "positives": "single", "reg_per_chunk": True, "ggas_refresh": "epoch", "ggas_ema_start": "zero",
+        "ggas_floor": "renorm", "chunk_size": -1}
+    # Flags override the recipe: the input values given on the command line, not the paper's.
+    assert (cfg["min_pixels"], cfg["max_pixels"], cfg["num_frames"], cfg["lora_dropout"]) == (4096, 4096, 4, 0.0)
+    # The batch (8, COMMON) beats the recipe's 64; --eval-every 100 beats its 500.
+    assert (cfg["batch_size"], cfg["eval_every"]) == (8, 100)
+    steps = run["steps"]
+    # Constant lr: 1e-4 for every update (no warm-up, no decay).
+    assert [s["lr"] for s in steps] == [1e-4] * 4
+    # One positive per query: every loss got ids 0..7 (labels = arange), duplicates or not.
+    assert all(c["ids"].tolist() == list(range(8)) for c in run["spy"].nce_calls)
+    # --chunk-size -1: each batch's chunk from the (patched) table, 8 for a sub-dataset it lacks.
+    sizes = _train_sizes(flag_runs["root"])
+    want_chunk = {k: 8 if k == "cir/SynCIR-Top" else PAPER_CHUNKS[k.split("/")[0]] for k in sizes}
+    assert res["chunk_sizes"] == want_chunk
+    assert [s["chunk_size"] for s in steps] == [want_chunk[s["subset"]] for s in steps]
+    assert all(chunk == want_chunk[subset] for subset, chunk in run["spy"].chunk_sizes)
+    assert {s["subset"] for s in steps if s["chunk_size"] < 8} <= {subset for subset, _ in run["spy"].chunk_sizes}
+    # GGAS, the authors' way. Warm-up: min(17 steps per epoch, 4 // 4) = 1 uniform step. G_k starts
+    # at 0 and moves by 0.1 g per report; an unreported sub-dataset stays at 0.
+    assert res["ggas_warmup_steps"] == 1
+    g = {k: 0.0 for k in sizes}
+    for s in steps:
+        g[s["subset"]] = 0.9 * g[s["subset"]] + 0.1 * s["token_grad_norm"]
+        assert s["difficulties"] == pytest.approx(g, rel=1e-12, abs=1e-15)
+    # p is computed once, at the end of the warm-up (from step 1's report), then held: the next
+    # refresh is at the start of epoch 2 (step 17). softmax(0.5 log N + G), then the renormalised floor.
+    g1 = {k: 0.0 for k in sizes}
+    g1[steps[0]["subset"]] = 0.1 * steps[0]["token_grad_norm"]
+    logits = [0.5 * math.log(sizes[k]) + g1[k] for k in sizes]
+    z = sum(math.exp(v) for v in logits)
+    want_p = dict(zip(sizes, sampler.renorm_floor([math.exp(v) / z for v in logits], 0.02)))
+    assert all(s["probabilities"] == pytest.approx(want_p, rel=1e-12) for s in steps)
+    assert steps[-1]["difficulties"] != steps[0]["difficulties"]  # the reports went on; p did not follow

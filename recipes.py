@@ -1,0 +1,120 @@
+"""The two named recipes: `paper` (the authors' values, for any real Qwen-VL) and `tiny-cpu` (the
+offline tiny default, measured on a 2-core CPU).
+
+Skip this file on a first read: it is a table of numbers, not a concept. Every value a recipe sets
+is a field of EmbedderConfig (model.py) or TrainConfig (train.py) whose default is None, "the
+recipe's value"; a command-line flag or an explicit field overrides it. `--recipe auto` (the
+default) picks `tiny-cpu` for the tiny backbones and `paper` for everything else, so a run on
+Qwen/Qwen3-VL-4B-Instruct gets the authors' recipe without any flag.
+
+Where each `paper` value comes from (github haokunwen/FashionLens, `code/`), and every departure of
+either recipe from the authors' code with its reason: docs/FIDELITY.md.
+
+Imports nothing from FashionLens, so model.py and train.py can both read it.
+"""
+from __future__ import annotations
+
+# Backbone names that get `tiny-cpu` under --recipe auto (the same names as tiny_backbone.TINY_TYPES).
+TINY_BACKBONES = ("tiny", "tiny-qwen2-vl")
+RECIPE_NAMES = ("paper", "tiny-cpu")
+
+RECIPES: dict[str, dict[str, dict]] = {
+    "paper": {
+        # EmbedderConfig fields (model.py): how queries and images become prompts.
+        "embedder": dict(
+            min_pixels=224 * 224,        # Qwen's processor keeps the aspect ratio inside this pixel budget
+            max_pixels=256 * 256,        # (evaluate.py / test.py collators: 224^2 .. 256^2)
+            max_query_images=8,          # query images per prompt (evaluate.py 54: the first 8)
+            query_sketches="all",        # several sketches of one item go into one prompt together
+            num_frames=8,                # a video query: 8 frames (dataset.py 362, 'nframes': 8)
+            video_size=224,              # each frame resized to 224 x 224 (resized_height / resized_width)
+            lora_dropout=0.05,           # model.py LoraConfig
+        ),
+        # TrainConfig fields (train.py): the optimisation.
+        "train": dict(
+            lr=1e-4,                     # train.py --lr
+            weight_decay=1e-3,           # train.py --weight_decay
+            lr_schedule="constant",      # no scheduler in train.py
+            warmup_ratio=0.0,
+            grad_clip=0.0,               # 0 = no clipping (train.py never clips)
+            batch_size=64,               # train.py --batch_size (per GPU: one GPU = 64)
+            chunk_size=-1,               # -1 = the authors' GradCache chunk size per sub-dataset (CHUNK_SIZES)
+            eval_every=500,              # train.py --eval_steps
+            epochs=5.0,                  # train.py --epochs (used when neither --steps nor --epochs is given)
+            positives="single",          # one positive per query: labels = arange (my_grad_cache.py 48)
+            ggas_refresh="epoch",        # p recomputed at each epoch start (dataset.py set_epoch)
+            ggas_ema_start="zero",       # difficulty EMA starts at 0 (dataset.py 137)
+            ggas_floor="renorm",         # clip at the floor, renormalise once (dataset.py 241-246)
+            reg_per_chunk=True,          # calibrator regulariser added once per GradCache chunk (my_grad_cache.py 260)
+        ),
+    },
+    "tiny-cpu": {
+        "embedder": dict(
+            min_pixels=64 * 64,          # the synthetic images are 64 x 64: 64 patches -> 16 visual tokens
+            max_pixels=64 * 64,
+            max_query_images=4,          # outfits have up to 4 items; longer prompts cost CPU time
+            query_sketches="one",        # one sketch per prompt (a random one at training)
+            num_frames=4,                # 4 frames = 2 temporal patches of the tiny vision tower
+            video_size=64,
+            lora_dropout=0.0,            # dropout masks are a large share of a tiny CPU step
+        ),
+        "train": dict(
+            lr=1e-3,                     # a random tiny model needs a larger step than a pretrained one
+            weight_decay=0.0,
+            lr_schedule="cosine",        # linear warm-up, then cosine down to lr x min_lr_ratio
+            warmup_ratio=0.05,
+            grad_clip=1.0,
+            batch_size=16,
+            chunk_size=16,               # the whole batch in one chunk: GradCache's extra forward is skipped
+            eval_every=200,
+            steps=1400,
+            positives="multi",           # in-batch duplicates of the target (same image / asfr label) are positives
+            ggas_refresh="step",
+            ggas_ema_start="first",      # the first report seeds the EMA, so warm-up ends with real estimates
+            ggas_floor="waterfill",      # the floor holds exactly after renormalising
+            reg_per_chunk=False,         # the regulariser's weight does not depend on the chunk count
+        ),
+    },
+}
+
+# The authors' GradCache chunk size per sub-dataset (train.py 29-48), keyed by our "task/Dataset"
+# names; a sub-dataset not listed (the synthetic ones) uses DEFAULT_CHUNK_SIZE. Long prompts (video,
+# 8-image outfits, asfr's attribute pools) get small chunks, so one chunk's activations fit memory.
+CHUNK_SIZES = {
+    "t2i/FashionGen": 8, "t2i/Shoes": 32,
+    "sketch2i/ClothesV1": 16, "sketch2i/HAIFashion": 16, "sketch2i/QMUL-Shoe-V2": 16,
+    "inshop/DeepFashion": 8, "street2shop/DeepFashion2": 8,
+    "compatibility/FashionVC": 32, "compatibility/Polyvore": 8,
+    "video2img/MovingFashion": 2,
+    "cir/Fashion200K": 8, "cir/FashionIQ-Dress": 32, "cir/FashionIQ-Shirt": 32, "cir/FashionIQ-Toptee": 32,
+    "cir/Shoes": 32, "sketch&text/CSTBIR": 32,
+    "asfr/DARN": 4, "asfr/FashionAI": 4,
+}
+DEFAULT_CHUNK_SIZE = 8
+
+# The authors sample at most this many query images of a training record (dataset.py 12-31: the
+# first number of num_constrains; 0 there = keep all). Only these two sketch datasets are capped.
+TRAIN_QUERY_IMAGE_CAP = {"sketch2i/ClothesV1": 5, "sketch2i/QMUL-Shoe-V2": 5}
+
+
+def recipe_name(recipe: str, backbone: str) -> str:
+    """'auto' -> 'tiny-cpu' for a tiny backbone, 'paper' otherwise; a named recipe is checked."""
+    if recipe == "auto":
+        return "tiny-cpu" if backbone in TINY_BACKBONES else "paper"
+    if recipe not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe {recipe!r}; expected auto, {' or '.join(RECIPE_NAMES)}")
+    return recipe
+
+
+def recipe_values(recipe: str, backbone: str, part: str) -> dict:
+    """The values recipe `recipe` (resolved for `backbone`) gives the fields of `part`
+    ("embedder" or "train"), as a fresh dict."""
+    return dict(RECIPES[recipe_name(recipe, backbone)][part])
+
+
+def chunk_size_for(subset: str, chunk_size: int) -> int:
+    """The GradCache chunk size of one sub-dataset: chunk_size itself when >= 0, else (-1) the
+    authors' table, DEFAULT_CHUNK_SIZE for a sub-dataset the table does not list."""
+    if chunk_size >= 0:
+        return chunk_size
+    return CHUNK_SIZES.get(subset, DEFAULT_CHUNK_SIZE)

@@ -1,0 +1,446 @@
+"""Hub-format Qwen-VL backbones end to end on CPU: the path a user of Qwen/Qwen3-VL-4B-Instruct takes.
+
+hub_layout.write_checkpoint writes small random Qwen3-VL and Qwen2.5-VL models in the hub's own
+folder layout (config.json, model.safetensors, Qwen2Tokenizer files with the chat template,
+preprocessor_config.json, video_preprocessor_config.json), with the real models' vision geometry.
+The tests then drive exactly the code such a user hits: EmbedderConfig(backbone=<folder>) in this
+process, and `train.py --backbone <folder>` / `evaluate.py --ckpt` as subprocesses, typed as a user
+would. What they pin down, per architecture:
+  * a hub folder gets the `paper` recipe without any flag (the run's config.json says so);
+  * a 640x480 photo reaches the vision tower as the patches Qwen's processor computes at the
+    recipe's 224^2..256^2 pixel budget (the issue measured 16 patches here before);
+  * a video query goes through Qwen's video input (pixel_values_videos, video_grid_thw) with 8
+    frames = 4 temporal patches, and no frame through the image input;
+  * the vision tower stays frozen and unsaved, LoRA dropout is 0.05, the folder's own pixel
+    normalisation is used;
+  * save -> load reproduces the embeddings; a checkpoint is refused by another backbone with one
+    clear error (Python API and CLI); evaluate.py prints and writes Recall@K rows for the tasks run.
+No network (conftest sets HF_HUB_OFFLINE) and no torchvision: the stock Qwen-VL processors need it
+for their video half, which is why these tests check what reaches the model, not AutoProcessor.
+Budget: about a minute on 2 shared cores (a 3-step run and a 3-query evaluation per architecture).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import plumbing  # noqa: F401  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
+import pytest
+import torch
+from PIL import Image
+
+import recipes
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHES = ("qwen3_vl", "qwen2_5_vl")
+# A text task, the video task and a multi-image task, on the small synthetic root's smallest galleries.
+TASKS = "t2i/SynShoes,video2img,compatibility"
+SUBSETS = {"t2i/SynShoes", "video2img/SynVideo", "compatibility/SynOutfit"}
+PAPER = recipes.RECIPES["paper"]
+# Flags the runs below override (the rest of the recipe must come through untouched): a 3-step run
+# with a batch of 8 keeps the file within its CPU budget.
+OVERRIDDEN = {"steps", "epochs", "batch_size", "eval_every"}
+# Visual tokens of a 640x480 photo at 224^2..256^2 pixels, worked by hand from Qwen's smart_resize:
+#   Qwen3-VL (16-px patches, 2x2 merge: factor 32): 640x480 is over 256^2, so scale by
+#     sqrt(640*480 / 65536) = 2.165 and floor to multiples of 32 -> 288 x 192 = 55296 px
+#     -> 18 x 12 = 216 patches -> 54 tokens;
+#   Qwen2.5-VL (14-px patches, factor 28): 280 x 196 = 54880 px -> 20 x 14 = 280 patches -> 70 tokens.
+PHOTO_PATCHES = {"qwen3_vl": 216, "qwen2_5_vl": 280}
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc
+
+
+QWEN_MODELS = {"qwen3_vl": "Qwen3VLModel", "qwen2_5_vl": "Qwen2_5_VLModel", "qwen2_vl": "Qwen2VLModel"}
+
+
+def _qwen_model(emb):
+    """The Qwen-VL base model inside the embedder (by class: peft's wrappers forward attribute
+    look-ups such as `visual` to it, but a hook on them would not see the base's own calls)."""
+    return next(m for m in emb.modules() if type(m).__name__ in QWEN_MODELS.values())
+
+
+class _Tap:
+    """Records what reaches the backbone: the vision tower's patch rows per call, and the base
+    model's visual keyword arguments (pixel_values / image_grid_thw / pixel_values_videos /
+    video_grid_thw) per forward."""
+
+    def __init__(self, emb):
+        base = _qwen_model(emb)
+        self.patch_rows: list[int] = []
+        self.calls: list[dict] = []
+        self._hooks = [
+            base.visual.patch_embed.register_forward_hook(
+                lambda mod, args, out: self.patch_rows.append(int(args[0].shape[0]))),
+            base.register_forward_pre_hook(self._record, with_kwargs=True),
+        ]
+
+    def _record(self, mod, args, kwargs):
+        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        self.calls.append({k: kwargs.get(k) for k in keys})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: one hub folder, one in-process embedder and one CLI run per architecture
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=ARCHES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def embedders(hub_backbone):
+    """arch -> FashionLensEmbedder built from the hub folder (the paper recipe), in eval mode."""
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    made = {}
+
+    def get(a: str):
+        if a not in made:
+            torch.manual_seed(0)
+            made[a] = FashionLensEmbedder(EmbedderConfig(backbone=str(hub_backbone(a)), device="cpu")).eval()
+        return made[a]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runs(hub_backbone, small_synthetic_root, tmp_path_factory):
+    """arch -> (run dir, train.py process, evaluate.py process, evaluate JSON path): 3 steps of the
+    paper recipe on the hub folder, then evaluate.py on its best/ checkpoint. Run once per arch."""
+    made = {}
+
+    def get(a: str):
+        if a not in made:
+            out = tmp_path_factory.mktemp(f"run_{a}")
+            train = _run(["train.py", "--backbone", str(hub_backbone(a)), "--data", str(small_synthetic_root),
+                          "--tasks", TASKS, "--steps", "3", "--eval-every", "3", "--batch-size", "8",
+                          "--max-eval-queries", "3", "--no-final-test", "--out", str(out / "run")])
+            ev = None
+            if train.returncode == 0:
+                ev = _run(["evaluate.py", "--ckpt", str(out / "run" / "best"), "--tasks", TASKS, "--ood", "skip",
+                           "--max-queries", "3", "--cache-dir", "", "--out", str(out / "eval.json")])
+            made[a] = (out / "run", train, ev, out / "eval.json")
+        return made[a]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------------
+# The folder itself: what transformers reads from it
+# ------------------------------------------------------------------------------------------------
+
+def test_hub_folder_loads_with_transformers_auto_classes(arch, hub_backbone):
+    """AutoConfig / AutoModel / AutoTokenizer / AutoImageProcessor read the folder; the tokenizer's
+    special tokens are the config's ids; the processor files carry the config's vision geometry."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    folder = hub_backbone(arch)
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
+                 "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json"):
+        assert (folder / name).is_file(), name
+    cfg = AutoConfig.from_pretrained(folder)
+    assert cfg.model_type == arch and cfg.architectures[0].endswith("ForConditionalGeneration")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(tok).__name__ == "Qwen2Tokenizer"  # the class every Qwen-VL hub folder names
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    for token, tid in (("<|image_pad|>", cfg.image_token_id), ("<|video_pad|>", cfg.video_token_id),
+                       ("<|vision_start|>", cfg.vision_start_token_id), ("<|vision_end|>", cfg.vision_end_token_id),
+                       ("<|im_end|>", cfg.text_config.eos_token_id)):
+        assert tok.convert_tokens_to_ids(token) == tid, token
+    # The chat template renders Qwen's ChatML with image and video placeholders, in both files.
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "red"}]}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+            "<|vision_start|><|video_pad|><|vision_end|>red<|im_end|>\n<|im_start|>assistant\n") in text
+    assert json.loads((folder / "chat_template.json").read_text())["chat_template"] == \
+        (folder / "chat_template.jinja").read_text()
+    # Image processor: the folder's geometry and Qwen's normalisation for this family.
+    v = cfg.vision_config
+    ip = AutoImageProcessor.from_pretrained(folder)
+    assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == \
+        (v.patch_size, v.spatial_merge_size, v.temporal_patch_size) == ((16 if arch == "qwen3_vl" else 14), 2, 2)
+    mean = (0.5, 0.5, 0.5) if arch == "qwen3_vl" else (0.48145466, 0.4578275, 0.40821073)
+    assert tuple(ip.image_mean) == pytest.approx(mean)
+    video = json.loads((folder / "video_preprocessor_config.json").read_text())
+    assert (video["patch_size"], video["merge_size"], video["temporal_patch_size"]) == \
+        (v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+    # Weights: AutoModel finds every tensor the file holds (nothing missing, nothing re-initialised).
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(model).__name__ == QWEN_MODELS[arch]
+
+
+def test_qwen_config_respects_the_architecture_constraints():
+    """Each test config satisfies the Qwen pitfalls (they fail at build or forward time otherwise)."""
+    import hub_layout
+
+    for a in hub_layout.ARCHES:
+        cfg = hub_layout.qwen_config(a)
+        t, v = cfg.text_config, cfg.vision_config
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        assert sum(t.rope_parameters["mrope_section"]) == head_dim // 2, a
+        assert (v.out_hidden_size if a != "qwen2_vl" else v.hidden_size) == t.hidden_size, a
+        if a == "qwen3_vl":
+            assert math.isqrt(v.num_position_embeddings) ** 2 == v.num_position_embeddings
+            assert max(v.deepstack_visual_indexes) < v.depth
+            assert len(v.deepstack_visual_indexes) <= t.num_hidden_layers
+    with pytest.raises(ValueError, match="4b"):
+        hub_layout.qwen_config("qwen2_5_vl", "4b")
+    with pytest.raises(ValueError, match="architecture"):
+        hub_layout.qwen_config("llava")
+
+
+def test_qwen3_vl_4b_config_is_the_published_shape():
+    """size "4b" = Qwen3-VL-4B-Instruct's config.json, and builds a 4.44 B-parameter model (on the
+    meta device: no memory). The numbers are the published file's (hub_layout cites its copies)."""
+    from transformers import AutoModelForImageTextToText
+
+    import hub_layout
+
+    cfg = hub_layout.qwen_config("qwen3_vl", "4b")
+    t, v = cfg.text_config, cfg.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim,
+            t.intermediate_size, t.vocab_size) == (2560, 36, 32, 8, 128, 9728, 151936)
+    assert t.rope_parameters["rope_theta"] == 5e6 and t.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert t.rope_parameters["mrope_interleaved"] is True and cfg.tie_word_embeddings is True
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size, v.spatial_merge_size,
+            v.temporal_patch_size, v.out_hidden_size, v.num_position_embeddings) == \
+        (24, 1024, 4096, 16, 16, 2, 2, 2560, 2304)
+    assert list(v.deepstack_visual_indexes) == [5, 11, 17]
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    assert abs(n / 1e9 - 4.44) < 0.01, n
+
+
+# ------------------------------------------------------------------------------------------------
+# In process: what the embedder feeds the backbone
+# ------------------------------------------------------------------------------------------------
+
+def test_embedder_uses_the_paper_recipe_and_the_folders_processor(arch, embedders, hub_backbone):
+    """A hub folder resolves to `paper`: its pixel budget, frames, LoRA dropout 0.05 (in the LoRA
+    layers themselves), a frozen vision tower; the image processor keeps the folder's normalisation."""
+    emb = embedders(arch)
+    c = emb.config
+    for field, value in PAPER["embedder"].items():
+        assert getattr(c, field) == value, field
+    assert c.lora_dropout == 0.05  # the authors' LoraConfig (recipes.py must keep saying so)
+    drops = {m.p for m in emb.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert drops == {0.05}, drops  # every LoRA layer drops at 0.05, nothing else drops
+    assert emb.vision_parameters() == []
+    assert not [n for n, p in _qwen_model(emb).visual.named_parameters() if p.requires_grad]
+    # The base holds the folder's weights (AutoModel.from_pretrained), not a fresh random draw. The
+    # file's key prefixes are the hub's: model.visual.* for Qwen3-VL, the older visual.* for Qwen2.5-VL.
+    from safetensors import safe_open
+
+    base = _qwen_model(emb)
+    with safe_open(str(hub_backbone(arch) / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith(("visual.patch_embed.proj.weight",
+                                                                         "embed_tokens.weight"))}
+    assert len(stored) == 2, list(stored)
+    for key, tensor in stored.items():
+        mine = base.visual.patch_embed.proj.weight if "visual" in key else base.get_input_embeddings().weight
+        assert torch.equal(mine[: tensor.shape[0]].detach().cpu(), tensor), key
+    folder = json.loads((hub_backbone(arch) / "preprocessor_config.json").read_text())
+    assert tuple(emb.image_processor.image_mean) == pytest.approx(tuple(folder["image_mean"]))
+    assert tuple(emb.image_processor.image_std) == pytest.approx(tuple(folder["image_std"]))
+
+
+def test_photo_reaches_the_vision_tower_at_the_recipes_pixel_budget(arch, embedders):
+    """640x480 -> the patches and visual tokens Qwen's smart_resize gives at 224^2..256^2 pixels,
+    aspect ratio kept (not a 64x64 square, which the issue measured as 16 patches)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    emb = embedders(arch)
+    v = _qwen_model(emb).config.vision_config
+    patch, merge = v.patch_size, v.spatial_merge_size
+    lo, hi = PAPER["embedder"]["min_pixels"], PAPER["embedder"]["max_pixels"]
+    h, w = smart_resize(480, 640, factor=patch * merge, min_pixels=lo, max_pixels=hi)
+    assert lo <= h * w <= hi and abs(w / h - 640 / 480) < 0.2  # aspect kept up to the factor rounding
+    patches = (h // patch) * (w // patch)
+    assert patches == PHOTO_PATCHES[arch]  # the processor's rule agrees with the hand computation
+    photo = Image.new("RGB", (640, 480), (180, 40, 40))
+    batch = emb.collate_images([photo])
+    image_token = emb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((batch.input_ids == image_token).sum()) == patches // merge ** 2
+    with _Tap(emb) as tap, torch.no_grad():
+        emb.encode_images([photo])
+    assert tap.patch_rows == [patches]
+    assert tap.calls[-1]["image_grid_thw"].tolist() == [[1, h // patch, w // patch]]
+
+
+def test_video_query_goes_through_the_video_input(arch, embedders, small_synthetic_root):
+    """A video2img query: its 8 frames enter as pixel_values_videos with video_grid_thw t = 8 / 2 = 4,
+    each frame at video_size x video_size; the prompt holds video tokens and no image tokens."""
+    import data
+
+    emb = embedders(arch)
+    c = emb.config
+    assert c.num_frames == 8
+    v = _qwen_model(emb).config.vision_config
+    uf = data.UFire(str(small_synthetic_root))
+    record = uf.records("video2img/SynVideo", "test")[0]
+    query = data.record_to_query(record, max_images=c.max_query_images, num_frames=c.num_frames)
+    assert len(query.frames) == 8 and not query.images
+    batch = emb.collate_queries([query])
+    ids = batch.input_ids
+    video_token = emb.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    image_token = emb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    side = c.video_size // v.patch_size  # patches per frame side (224 / 16 = 14, 224 / 14 = 16)
+    t = c.num_frames // v.temporal_patch_size
+    assert int((ids == image_token).sum()) == 0
+    assert int((ids == video_token).sum()) == t * side * side // v.spatial_merge_size ** 2
+    with _Tap(emb) as tap, torch.no_grad():
+        emb.encode_queries([query])
+    call = tap.calls[-1]
+    assert call["pixel_values"] is None and call["image_grid_thw"] is None
+    assert call["video_grid_thw"].tolist() == [[t, side, side]]
+    assert tuple(call["pixel_values_videos"].shape) == \
+        (t * side * side, 3 * v.temporal_patch_size * v.patch_size ** 2)
+    assert tap.patch_rows == [t * side * side]
+    # The text around the video tokens is the stock processor's: Qwen3-VL opens each temporal patch
+    # with its time, "<1.2 seconds>" (the mean of its frames' times, Qwen3VLProcessor's own rule, here
+    # called on the query's frame times); Qwen2.5-VL has one block for the whole clip.
+    prompt = emb.tokenizer.decode(ids[0][batch.attention_mask[0].bool()])
+    blocks = re.findall(r"(?:<(\d+\.\d) seconds>)?<\|vision_start\|>(?:<\|video_pad\|>)+<\|vision_end\|>", prompt)
+    if arch == "qwen3_vl":
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+        means = Qwen3VLProcessor._calculate_timestamps(None, list(query.frame_times), 1.0, v.temporal_patch_size)
+        assert blocks == [f"{s:.1f}" for s in means], (blocks, query.frame_times)
+    else:
+        assert blocks == [""], prompt
+
+
+def test_save_load_round_trip_reproduces_embeddings(arch, embedders, small_synthetic_root, tmp_path):
+    """Train-like state (LoRA, summary tokens, calibrator all moved off their init) -> save_pretrained
+    -> from_pretrained: the same embeddings for images and for text, multi-image and video queries."""
+    import data
+    from model import FashionLensEmbedder
+
+    emb = embedders(arch)
+    uf = data.UFire(str(small_synthetic_root))
+    c = emb.config
+    queries = [data.record_to_query(uf.records(s, "test")[0], max_images=c.max_query_images,
+                                    num_frames=c.num_frames) for s in sorted(SUBSETS)]
+    images = [Image.new("RGB", (640, 480), (30, 90, 200)), Image.new("RGB", (300, 500), (200, 200, 20))]
+    trainable = [p for p in emb.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in trainable]
+    try:
+        with torch.no_grad():
+            before_q = emb.encode_queries(queries)                     # (3, D) at init
+            gen = torch.Generator().manual_seed(1)
+            for p in trainable:
+                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+            q, t = emb.encode_queries(queries), emb.encode_images(images)  # (3, D), (2, D)
+        assert (q - before_q).abs().max() > 1e-3  # the moved weights matter: the test can fail
+        emb.save_pretrained(tmp_path / "ckpt")
+        loaded = FashionLensEmbedder.from_pretrained(tmp_path / "ckpt", device="cpu").eval()
+        with torch.no_grad():
+            q2, t2 = loaded.encode_queries(queries), loaded.encode_images(images)
+        torch.testing.assert_close(q2, q, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(t2, t, atol=1e-5, rtol=1e-4)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(trainable, saved):
+                p.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocesses: train.py and evaluate.py as a user types them
+# ------------------------------------------------------------------------------------------------
+
+def test_train_cli_runs_the_paper_recipe(arch, runs, hub_backbone):
+    """`train.py --backbone <hub folder>` resolves --recipe auto to paper; config.json holds every
+    recipe value (except the flags given); the checkpoint saves no vision weights, LoRA dropout 0.05,
+    checkpoint format 2."""
+    from safetensors import safe_open
+
+    run, train, _, _ = runs(arch)
+    _ok(train)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["recipe"] == "paper" and cfg["backbone"] == str(hub_backbone(arch))
+    for part in ("train", "embedder"):
+        for field, value in PAPER[part].items():
+            if field not in OVERRIDDEN:
+                assert cfg[field] == value, (part, field, cfg[field], value)
+    assert cfg["steps"] == 3 and cfg["epochs"] == 0 and cfg["batch_size"] == 8
+    assert cfg["lr"] == 1e-4 and cfg["lr_schedule"] == "constant" and cfg["positives"] == "single"
+    best = run / "best"
+    meta = json.loads((best / "embedder_config.json").read_text())
+    assert meta["format"] == 2 and meta["model_type"] == arch
+    for field, value in PAPER["embedder"].items():  # the checkpoint holds the resolved numbers
+        assert meta["config"][field] == value, field
+    assert json.loads((best / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.05
+    for file in (best / "embedder.safetensors", best / "adapter" / "adapter_model.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+        assert keys and not [k for k in keys if "visual" in k], (file, [k for k in keys if "visual" in k][:3])
+    assert not (best / "base").exists()  # a hub backbone is referenced, never copied
+
+
+def test_evaluate_cli_prints_and_writes_recall_rows(arch, runs):
+    """`evaluate.py --ckpt <run>/best`: one row per sub-dataset run, in the printed table and the JSON,
+    with R@K a share of (scored + missing) queries, non-decreasing in K."""
+    _, train, ev, out = runs(arch)
+    _ok(train)
+    _ok(ev)
+    doc = json.loads(out.read_text())
+    rows = {r["subset"]: r for r in doc["rows"]}
+    assert set(rows) == SUBSETS
+    for name, r in rows.items():
+        assert f"| {name} |" in ev.stdout
+        assert r["queries"] == 3 and r["gallery"] >= 50
+        recalls = [r["recall"][str(k)] for k in (1, 5, 10, 50)]
+        assert all(0.0 <= x <= 1.0 for x in recalls) and recalls == sorted(recalls), (name, recalls)
+        for x in recalls:  # hits / (queries + missing) with integer hits
+            hits = x * (r["queries"] + r["missing"])
+            assert abs(hits - round(hits)) < 1e-6, (name, x)
+
+
+def test_checkpoint_refused_by_another_backbone(runs, hub_backbone, tmp_path):
+    """A Qwen3-VL checkpoint asked to run on the Qwen2.5-VL folder: a CheckpointError naming both
+    from the API, and one `error:` line (exit 1, no traceback) from evaluate.py when its config was
+    pointed at the other folder."""
+    from model import CheckpointError, FashionLensEmbedder
+
+    run, train, _, _ = runs("qwen3_vl")
+    _ok(train)
+    other = str(hub_backbone("qwen2_5_vl"))
+    with pytest.raises(CheckpointError) as e:
+        FashionLensEmbedder.from_pretrained(run / "best", backbone=other)
+    assert other in str(e.value) and str(hub_backbone("qwen3_vl")) in str(e.value)
+    # The CLI: a copy of the checkpoint whose config names the other backbone folder.
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "best", moved)
+    meta_file = moved / "embedder_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["backbone"] = other
+    meta_file.write_text(json.dumps(meta))
+    proc = _run(["evaluate.py", "--ckpt", str(moved), "--tasks", "t2i/SynShoes", "--max-queries", "2",
+                 "--cache-dir", "", "--ood", "skip"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "qwen3_vl" in errors[0] and "qwen2_5_vl" in errors[0], errors[0]
