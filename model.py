@@ -106,6 +106,8 @@ from tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, bui
 
 # Architectures the embedder knows how to drive (their get_rope_index and vision tower API).
 SUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Where the summary tokens start (EmbedderConfig.summary_init).
+SUMMARY_INITS = ("im_end", "words")
 # The checkpoint layout and prompts of this version; older formats are refused (from_pretrained).
 CHECKPOINT_FORMAT = 2
 
@@ -133,6 +135,9 @@ class EmbedderConfig:
     lora_r: int = 8                 # LoRA rank (paper: 8)
     lora_alpha: int = 16            # LoRA scale numerator (paper: 16, i.e. scale alpha / r = 2)
     lora_dropout: Optional[float] = None  # dropout on the LoRA input (0 on a tiny CPU model: see recipes.py)
+    # Where the two summary tokens start: "im_end" = both at <|im_end|>'s embedding (the authors), "words"
+    # = <|query|> at " word"'s, <|target|> at " item"'s (tiny-cpu: a random model needs them apart)
+    summary_init: Optional[str] = None
     calibrator: str = "slerp"       # PGSQC mode: slerp (paper) | linear (ablation) | off (identity)
     calibrator_rank: int = 32       # rank r of the calibrator's per-query low-rank map (paper: 32)
     calibrator_hidden: int = 512    # hidden width of the calibrator's hyper-network (paper: 512)
@@ -170,6 +175,7 @@ def resolve_config(config: EmbedderConfig) -> EmbedderConfig:
         (c.num_frames < 1, f"num_frames={c.num_frames}: must be >= 1"),
         (c.video_size < 1, f"video_size={c.video_size}: must be >= 1"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1)"),
+        (c.summary_init not in SUMMARY_INITS, f"summary_init={c.summary_init!r}: expected one of {SUMMARY_INITS}"),
     ) if bad]
     if problems:
         raise EmbedderConfigError("EmbedderConfig: " + "; ".join(problems))
@@ -713,12 +719,17 @@ class FashionLensEmbedder(nn.Module):
                 return get_peft_model(base, lora)
 
     def _add_summary_tokens(self) -> None:
-        """The learnable <|query|> / <|target|> vectors, both initialised from the embedding of
-        <|im_end|>, the token that ends a turn (the authors' model.py 148-155)."""
+        """The learnable <|query|> / <|target|> vectors, initialised from rows of the frozen table:
+        summary_init "im_end" = both from <|im_end|>, the token that ends a turn (the authors'
+        model.py 148-155); "words" = from the words " word" and " item" (tiny-cpu, recipes.py)."""
         emb = self._base().get_input_embeddings().weight  # (V, D) the frozen embedding table
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.query_token = nn.Parameter(emb[im_end].detach().float().clone())   # (D,)
-        self.target_token = nn.Parameter(emb[im_end].detach().float().clone())  # (D,)
+        if self.config.summary_init == "im_end":
+            q_init = t_init = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        else:  # "words": the last BPE piece of each word
+            q_init = self.tokenizer.encode(" word", add_special_tokens=False)[-1]
+            t_init = self.tokenizer.encode(" item", add_special_tokens=False)[-1]
+        self.query_token = nn.Parameter(emb[q_init].detach().float().clone())   # (D,)
+        self.target_token = nn.Parameter(emb[t_init].detach().float().clone())  # (D,)
 
     def _new_calibrator(self):
         """PGSQC for the queries (eq. 3), initialised from seed + 2; None when calibrator="off"."""

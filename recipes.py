@@ -29,6 +29,7 @@ RECIPES: dict[str, dict[str, dict]] = {
             num_frames=8,                # a video query: 8 frames (dataset.py 362, 'nframes': 8)
             video_size=224,              # each frame resized to 224 x 224 (resized_height / resized_width)
             lora_dropout=0.05,           # model.py LoraConfig
+            summary_init="im_end",       # both summary tokens start from <|im_end|>'s embedding (model.py 148-155)
         ),
         # TrainConfig fields (train.py): the optimisation.
         "train": dict(
@@ -57,6 +58,9 @@ RECIPES: dict[str, dict[str, dict]] = {
             num_frames=4,                # 4 frames = 2 temporal patches of the tiny vision tower
             video_size=64,
             lora_dropout=0.0,            # dropout masks are a large share of a tiny CPU step
+            summary_init="words",        # <|query|> from " word", <|target|> from " item": two different
+                                         # starting vectors; from one shared vector the random tiny model
+                                         # lost its sketch rows (docs/RESULTS.md)
         ),
         "train": dict(
             lr=1e-3,                     # a random tiny model needs a larger step than a pretrained one

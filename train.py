@@ -110,7 +110,7 @@ import evaluate
 import recipes
 import sampler
 import synthetic
-from model import EmbedderConfig, FashionLensEmbedder
+from model import SUMMARY_INITS, EmbedderConfig, FashionLensEmbedder
 from prefetch import MODES as LOADER_MODES, Prefetcher
 from plumbing import (STATE_JSON, STATE_TENSORS, DistInfo, append_jsonl, atomic_write, barrier, gather_nograd,
                       gather_with_grad, mean_over_ranks, mix_seed)
@@ -479,6 +479,8 @@ class TrainConfig:
     num_frames: Optional[int] = None  # frames of a video query: paper 8, tiny-cpu 4
     video_size: Optional[int] = None  # each frame resized to this square: paper 224, tiny-cpu 64
     lora_dropout: Optional[float] = None  # paper 0.05 (the authors); tiny-cpu 0: masks are a large share of a CPU step
+    summary_init: Optional[str] = None  # summary tokens start at "im_end" (paper: the authors) | "words" (tiny-cpu:
+    #                                    " word" / " item"; one shared start cost the random model its sketch rows)
     eval_every: Optional[int] = None  # validate (sum of val Recall@1) + checkpoint every N steps: paper 500,
     #                                  tiny-cpu 200
     max_eval_queries: int = 0  # validation queries per sub-dataset (evenly spaced); 0 = all
@@ -575,6 +577,7 @@ class TrainConfig:
             "num_frames": (c.num_frames >= 1, "must be >= 1"),
             "video_size": (c.video_size >= 1, "must be >= 1"),
             "lora_dropout": (0 <= c.lora_dropout < 1, "must lie in [0, 1)"),
+            "summary_init": (c.summary_init in SUMMARY_INITS, one_of(SUMMARY_INITS)),
             "eval_every": (c.eval_every >= 1, "must be >= 1 (steps between validations)"),
             "max_eval_queries": (c.max_eval_queries >= 0, "must be >= 0 (0 = all)"),
             "eval_batch_size": (c.eval_batch_size >= 1, "must be >= 1"),
@@ -1173,6 +1176,7 @@ FLAG_HELP = {  # --help text per TrainConfig field (the field comments above say
     "ggas_floor": "renorm: clip at the floor and renormalise once | waterfill: the floor holds exactly",
     "min_pixels": "least pixels per image (aspect ratio kept)", "max_pixels": "most pixels per image",
     "max_query_images": "query images per prompt (0 = all)", "query_sketches": "one | all sketches per prompt",
+    "summary_init": "where the summary tokens start: im_end (the authors) | words",
     "num_frames": "frames of a video query", "video_size": "side of a video frame (pixels)",
     "lora_dropout": "LoRA dropout",
     "eval_batch_size": "batch size of validation/test encoding",
@@ -1190,6 +1194,7 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"calibrator": ["slerp", "linear", "off"], "sampler": list(sampler.STRATEGIES),
                "loader": list(LOADER_MODES), "two_cores": ["auto", "off"], "recipe": ["auto", *recipes.RECIPE_NAMES],
                "lr_schedule": list(LR_SCHEDULES), "positives": list(POSITIVES), "query_sketches": list(QUERY_SKETCHES),
+               "summary_init": list(SUMMARY_INITS),
                "ggas_refresh": list(sampler.REFRESH_MODES), "ggas_ema_start": list(sampler.EMA_STARTS),
                "ggas_floor": list(sampler.FLOORS)}
     by_recipe = {r: dataclasses.asdict(TrainConfig(recipe=r).resolved()) for r in recipes.RECIPE_NAMES}

@@ -173,15 +173,30 @@ def test_prompt_matches_chat_template(tiny_embedder, n_images, n_frames):
     assert ids.count(emb.query_token_id) == 1 and ids[-1] == emb.query_token_id
 
 
-def test_summary_tokens_start_from_im_end(tiny_embedder):
-    """Both summary tokens start as the embedding of <|im_end|> (the authors' model.py 148-155)."""
-    emb = tiny_embedder
+@pytest.mark.parametrize("init", ["im_end", "words"])
+def test_summary_tokens_start_where_summary_init_says(init):
+    """summary_init "im_end": both summary tokens start as the embedding of <|im_end|> (the authors'
+    model.py 148-155, the `paper` recipe); "words": <|query|> at " word", <|target|> at " item"
+    (tiny-cpu), two different vectors."""
+    from model import EmbedderConfig, FashionLensEmbedder
+    emb = FashionLensEmbedder(EmbedderConfig(summary_init=init, device="cpu"))
     table = emb._base().get_input_embeddings().weight                    # (V, D)
     im_end = emb.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert torch.equal(emb.query_token.detach(), table[im_end].float())
-    assert torch.equal(emb.target_token.detach(), table[im_end].float())
-    word = emb.tokenizer.encode(" word", add_special_tokens=False)[-1]  # the old initialisation differs
-    assert not torch.equal(table[word], table[im_end])
+    word = emb.tokenizer.encode(" word", add_special_tokens=False)[-1]
+    item = emb.tokenizer.encode(" item", add_special_tokens=False)[-1]
+    want = (im_end, im_end) if init == "im_end" else (word, item)
+    assert torch.equal(emb.query_token.detach(), table[want[0]].float())
+    assert torch.equal(emb.target_token.detach(), table[want[1]].float())
+    assert not torch.equal(table[word], table[im_end]) and not torch.equal(table[word], table[item])
+
+
+def test_recipes_choose_the_summary_init():
+    """The tiny default keeps its two word starts; a real backbone gets the authors' <|im_end|>."""
+    import recipes
+    from model import EmbedderConfig, resolve_config
+    assert resolve_config(EmbedderConfig()).summary_init == "words"
+    assert resolve_config(EmbedderConfig(recipe="paper")).summary_init == "im_end"
+    assert recipes.RECIPES["paper"]["embedder"]["summary_init"] == "im_end"
 
 
 @pytest.fixture(scope="module")

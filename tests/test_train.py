@@ -260,7 +260,7 @@ def test_every_recipe_value_is_a_train_config_field_defaulting_to_the_recipe():
         for key in _recipe(name):
             assert key in defaults and defaults[key] is None, (name, key)  # None = "the recipe's value"
     assert set(train.EMBEDDER_FIELDS) == {"min_pixels", "max_pixels", "max_query_images", "query_sketches",
-                                          "num_frames", "video_size", "lora_dropout"}
+                                          "num_frames", "video_size", "lora_dropout", "summary_init"}
 
 
 @pytest.mark.parametrize("backbone,recipe", [("tiny", "tiny-cpu"), ("tiny-qwen2-vl", "tiny-cpu"),
@@ -308,7 +308,7 @@ def test_flags_override_the_recipe_and_steps_clear_its_epochs(no_model, tmp_path
     # The embedder receives the resolved input values and the recipe's name.
     assert parsed("--backbone", REAL, "--num-frames", "6").embedder_fields() == {
         "recipe": "paper", "min_pixels": 224 * 224, "max_pixels": 256 * 256, "max_query_images": 8,
-        "query_sketches": "all", "num_frames": 6, "video_size": 224, "lora_dropout": 0.05}
+        "query_sketches": "all", "num_frames": 6, "video_size": 224, "lora_dropout": 0.05, "summary_init": "im_end"}
     with pytest.raises(SystemExit, match=r"^error: --recipe 'cpu': must be auto, paper or tiny-cpu$"):
         train.TrainConfig(recipe="cpu").resolved()
 
