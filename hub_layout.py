@@ -51,7 +51,7 @@ SIZES = ("test", "4b")
 TOKEN_IDS = {name: QWEN_SPECIALS.index(tok) for name, tok in (
     ("pad", "<|endoftext|>"), ("eos", "<|im_end|>"), ("vision_start", "<|vision_start|>"),
     ("vision_end", "<|vision_end|>"), ("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
-# Embedding rows of a "test" model: more than the tokenizer's 1428 tokens, so the two summary tokens
+# Embedding rows of a "test" model: more than the tokenizer's 1440 tokens, so the two summary tokens
 # model.py adds fit without resizing, as they do in the real 151936-row table (151665 tokens).
 TEST_VOCAB = 1536
 
@@ -107,8 +107,8 @@ VIDEO_PROCESSOR_TYPE = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen2_5_vl": "Qwen
 
 # The Qwen-VL chat format (ChatML with image / video placeholders), covering what a retrieval prompt
 # uses: system / user / assistant turns, string or list content, image, video and text parts, and the
-# generation prompt. Like the hub templates (and unlike tiny_backbone.CHAT_TEMPLATE, which leaves a
-# final assistant turn open for the summary token), every turn is closed by <|im_end|>. Qwen2-VL and
+# generation prompt. Like the hub templates (and tiny_backbone.CHAT_TEMPLATE), every turn is closed
+# by <|im_end|>. Qwen2-VL and
 # Qwen2.5-VL add "You are a helpful assistant." when the conversation has no system turn; Qwen3-VL
 # does not. Tool calls and reasoning blocks of the hub templates are left out.
 _CHAT_TEMPLATE = (
