@@ -267,6 +267,26 @@ def test_embedder_uses_the_paper_recipe_and_the_folders_processor(arch, embedder
     assert tuple(emb.image_processor.image_std) == pytest.approx(tuple(folder["image_std"]))
 
 
+def test_prompts_are_what_the_folders_chat_template_renders(arch, embedders):
+    """The prompts model.py writes equal the folder's own chat template (what AutoTokenizer loads from
+    a hub folder) applied to the authors' message lists, up to the summary token; and under `paper`
+    both summary tokens start at <|im_end|>'s embedding (the authors' model.py 148-155)."""
+    from test_model import _authors_query_messages, _authors_target_messages  # the authors' messages
+
+    emb = embedders(arch)
+    for n_images, video in ((0, False), (2, False), (1, True)):
+        rendered = emb.tokenizer.apply_chat_template(_authors_query_messages("Find this.", n_images, video),
+                                                     tokenize=False)
+        assert rendered == emb.render_query("Find this.", n_images, 8 if video else 0) + "<|im_end|>\n"
+    rendered = emb.tokenizer.apply_chat_template(_authors_target_messages(), tokenize=False)
+    assert rendered == emb.render_target() + "<|im_end|>\n"
+    assert emb.config.summary_init == "im_end"
+    table = _qwen_model(emb).get_input_embeddings().weight                # (V, D)
+    im_end = emb.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for token in (emb.query_token, emb.target_token):
+        assert torch.equal(token.detach().cpu(), table[im_end].detach().float().cpu())
+
+
 def test_photo_reaches_the_vision_tower_at_the_recipes_pixel_budget(arch, embedders):
     """640x480 -> the patches and visual tokens Qwen's smart_resize gives at 224^2..256^2 pixels,
     aspect ratio kept (not a 64x64 square, which the issue measured as 16 patches)."""
