@@ -68,6 +68,8 @@ TASK_WORDS = ("t2i", "sketch2i", "street2shop", "inshop", "video2img",
               "sketch&text", "cir", "compatibility", "asfr")
 # The 2 manually curated out-of-distribution tasks (folder names under evaluation_only_tasks/).
 OOD_TASKS = ("Image(s)+Text 2 Compatible Item", "Street+Modification Text 2 Shop")
+# How a query's several sketches of one item go into prompts: "one" per prompt | "all" in one prompt.
+SKETCH_MODES = ("one", "all")
 
 
 class UFireError(FashionLensError, ValueError):
@@ -433,8 +435,8 @@ def record_to_query(record: Record, image_size: Optional[int] = None, max_images
     image_size None keeps the images at their native size (the model resizes them); a number gives
     load_image's size x size square.
     """
-    if sketches not in ("one", "all"):
-        raise ValueError(f"sketches={sketches!r}: expected 'one' or 'all'")
+    if sketches not in SKETCH_MODES:
+        raise ValueError(f"sketches={sketches!r}: expected one of {SKETCH_MODES}")
     spec = TASKS[base_task(record.task)]
     paths = list(record.query_image)
     if sketches == "one" and spec.pick_one_query and len(paths) > 1:  # alternatives: one per prompt
@@ -701,8 +703,8 @@ class TrainView:
 
     def __init__(self, ufire: UFire, subsets: list[str], image_size: Optional[int] = None, max_images: int = 4,
                  num_frames: int = 4, sketches: str = "one", image_caps: Optional[dict] = None):
-        if sketches not in ("one", "all"):
-            raise ValueError(f"sketches={sketches!r}: expected 'one' or 'all'")
+        if sketches not in SKETCH_MODES:
+            raise ValueError(f"sketches={sketches!r}: expected one of {SKETCH_MODES}")
         self.ufire, self.image_size = ufire, image_size  # None: native size (the model resizes)
         self.max_images, self.num_frames, self.sketches = max_images, num_frames, sketches
         self.image_caps = dict(image_caps or {})  # subset -> at most this many query images (0 / absent: no cap)

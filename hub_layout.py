@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_backbone import QWEN_SPECIALS, build_tiny_tokenizer
+from tiny_backbone import CHAT_TEMPLATE, QWEN_SPECIALS, build_tiny_tokenizer
 
 ARCHES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 SIZES = ("test", "4b")
@@ -114,16 +114,7 @@ VIDEO_PROCESSOR_TYPE = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen2_5_vl": "Qwen
 _CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' and DEFAULT_SYSTEM %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+) + CHAT_TEMPLATE  # the turns themselves: tiny_backbone's Qwen-VL template
 
 
 def chat_template(arch: str) -> str:

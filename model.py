@@ -171,7 +171,7 @@ def resolve_config(config: EmbedderConfig) -> EmbedderConfig:
         (c.min_pixels < 1 or c.max_pixels < c.min_pixels,
          f"min_pixels={c.min_pixels}, max_pixels={c.max_pixels}: need 1 <= min_pixels <= max_pixels"),
         (c.max_query_images < 0, f"max_query_images={c.max_query_images}: must be >= 0 (0 = all)"),
-        (c.query_sketches not in ("one", "all"), f"query_sketches={c.query_sketches!r}: expected 'one' or 'all'"),
+        (c.query_sketches not in data.SKETCH_MODES, f"query_sketches={c.query_sketches!r}: expected one of {data.SKETCH_MODES}"),
         (c.num_frames < 1, f"num_frames={c.num_frames}: must be >= 1"),
         (c.video_size < 1, f"video_size={c.video_size}: must be >= 1"),
         (not 0 <= c.lora_dropout < 1, f"lora_dropout={c.lora_dropout}: must be in [0, 1)"),

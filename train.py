@@ -573,7 +573,7 @@ class TrainConfig:
             "min_pixels": (c.min_pixels >= 1, "must be >= 1"),
             "max_pixels": (c.max_pixels >= c.min_pixels, f"must be >= --min-pixels ({c.min_pixels})"),
             "max_query_images": (c.max_query_images >= 0, "must be >= 0 (0 = all)"),
-            "query_sketches": (c.query_sketches in QUERY_SKETCHES, one_of(QUERY_SKETCHES)),
+            "query_sketches": (c.query_sketches in data.SKETCH_MODES, one_of(data.SKETCH_MODES)),
             "num_frames": (c.num_frames >= 1, "must be >= 1"),
             "video_size": (c.video_size >= 1, "must be >= 1"),
             "lora_dropout": (0 <= c.lora_dropout < 1, "must lie in [0, 1)"),
@@ -595,7 +595,6 @@ class TrainConfig:
 
 # The input fields TrainConfig passes to EmbedderConfig (the recipes' "embedder" part).
 EMBEDDER_FIELDS = tuple(recipes.RECIPES["paper"]["embedder"])
-QUERY_SKETCHES = ("one", "all")  # several sketches of one item: one per prompt | all in one prompt
 
 
 # Fields a resumed run may change: they do not touch the optimisation trajectory.
@@ -1193,7 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Defaults: see TrainConfig in train.py (printed at start).")
     choices = {"calibrator": ["slerp", "linear", "off"], "sampler": list(sampler.STRATEGIES),
                "loader": list(LOADER_MODES), "two_cores": ["auto", "off"], "recipe": ["auto", *recipes.RECIPE_NAMES],
-               "lr_schedule": list(LR_SCHEDULES), "positives": list(POSITIVES), "query_sketches": list(QUERY_SKETCHES),
+               "lr_schedule": list(LR_SCHEDULES), "positives": list(POSITIVES), "query_sketches": list(data.SKETCH_MODES),
                "summary_init": list(SUMMARY_INITS),
                "ggas_refresh": list(sampler.REFRESH_MODES), "ggas_ema_start": list(sampler.EMA_STARTS),
                "ggas_floor": list(sampler.FLOORS)}
