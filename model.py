@@ -539,7 +539,8 @@ class FashionLensEmbedder(nn.Module):
         """Embed queries and/or gallery images with gradients.
 
         Returns a dict with, when queries are given: 'q' (B, D) calibrated unit queries,
-        'q_raw' (B, D) uncalibrated unit queries, 'lam' (B,) calibration strengths; when images are
+        'q_raw' (B, D) uncalibrated unit queries, 'lam' (B,) calibration strengths, 'angle' (B,) the
+        arc each query travelled, lambda * omega in radians (detached, for the log); when images are
         given: 't' (G, D) unit targets; always 'reg' (scalar calibrator regulariser, 0 when off or
         no queries). All float32.
         """
@@ -553,9 +554,11 @@ class FashionLensEmbedder(nn.Module):
             if self.calibrator is not None:
                 cal = self.calibrator(h)                             # eq. 3: q = PGSQC(h_q)
                 out["q"], out["lam"], reg = cal.query, cal.lam, cal.reg  # (B, D), (B,), ()
+                out["angle"] = (cal.lam * cal.omega).detach()        # (B,) arc travelled: lambda * omega
             else:
                 out["q"] = out["q_raw"]                              # (B, D) eq. 3 when off: q = q_raw
                 out["lam"] = torch.zeros(h.shape[0], device=h.device)  # (B,)
+                out["angle"] = torch.zeros(h.shape[0], device=h.device)  # (B,) no move
         if images is not None and len(images):
             if not isinstance(images, ModelInputs):
                 images = self.collate_images(images)

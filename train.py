@@ -191,6 +191,7 @@ class StepOut:
     nce: float  # L_nce
     reg: float  # R_cal, averaged over ranks
     lam: float  # mean calibrator strength lambda over this rank's queries
+    angle: float = 0.0  # mean arc lambda * omega (radians) the calibrator moved this rank's queries
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -226,13 +227,14 @@ def full_batch_step(model, batch: Batch, temperature: float, di: DistInfo = Dist
     if di.enabled and len(parts) > 1:
         raise ValueError("full_batch_step splits its forward into chunks only in one process; "
                          "under DDP use gradcache_step")
-    qs, ts, lams, reg = [], [], [], 0.0
+    qs, ts, lams, angles, reg = [], [], [], [], 0.0
     for s, e in parts:
         queries, images = _rows(batch, s, e)
         out = model(queries=queries, images=images)
         qs.append(out["q"].float())  # (c, D)
         ts.append(out["t"].float())  # (c, D)
         lams.append(out["lam"].detach().float())  # (c,)
+        angles.append(out["angle"].float())  # (c,)
         reg = reg + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk)  # () R_cal += w_c r_c
     q = gather_with_grad(torch.cat(qs), di)  # (W*b, D) every rank's queries
     t = gather_with_grad(torch.cat(ts), di)  # (W*b, D) every rank's targets: cross-device negatives
@@ -243,7 +245,8 @@ def full_batch_step(model, batch: Batch, temperature: float, di: DistInfo = Dist
     _check_finite(loss_value)
     # Each rank adds its own R_cal; DDP averages ranks, which turns them into the global mean.
     (nce + reg).backward()
-    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()))
+    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()),
+                   angle=float(torch.cat(angles).mean()))
 
 
 class RngState:
@@ -302,7 +305,7 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
     device = str(getattr(module, "device", di.device))
 
     # (a) representations without a graph.
-    states, qs, ts, lams, reg = [], [], [], [], torch.zeros((), device=device)
+    states, qs, ts, lams, angles, reg = [], [], [], [], [], torch.zeros((), device=device)
     with torch.no_grad():
         for s, e in parts:
             states.append(RngState(device))  # dropout masks of this chunk are drawn from here
@@ -311,6 +314,7 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
             qs.append(out["q"].float())  # (c, D)
             ts.append(out["t"].float())  # (c, D)
             lams.append(out["lam"].float())  # (c,)
+            angles.append(out["angle"].float())  # (c,)
             reg = reg + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk)  # () R_cal += w_c r_c
     end_state = RngState(device)  # after pass (a): where the reference path would leave the RNG
 
@@ -338,7 +342,8 @@ def gradcache_step(model, batch: Batch, temperature: float, di: DistInfo = DistI
                          + out["reg"].float() * _reg_weight(e - s, n, reg_per_chunk))  # w_c r_c
             surrogate.backward()
     end_state.restore()  # the re-runs drew the same numbers; make the end state explicit
-    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()))
+    return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg_mean), lam=float(torch.cat(lams).mean()),
+                   angle=float(torch.cat(angles).mean()))
 
 
 def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor, positives: str = "multi") -> StepOut:
@@ -375,7 +380,7 @@ def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor, p
     torch.autograd.backward(outputs, grads)
     target_bwd.result()
     return StepOut(loss=loss_value, nce=float(nce.detach()), reg=float(reg.detach()),
-                   lam=float(out_q["lam"].detach().float().mean()))
+                   lam=float(out_q["lam"].detach().float().mean()), angle=float(out_q["angle"].float().mean()))
 
 
 def token_grad_norm(embedder) -> float:
@@ -958,7 +963,8 @@ def train_step(run: Run) -> tuple[StepOut, str]:
         append_jsonl(run.log_path, {
             "step": run.step, "loss": so.loss, "nce": so.nce, "reg": so.reg, "lr": lr, "subset": subset,
             "chunk_size": chunk,
-            "grad_norm": gnorm, "token_grad_norm": tok, "lam_mean": so.lam, "prefetched": prefetched,
+            "grad_norm": gnorm, "token_grad_norm": tok, "lam_mean": so.lam,
+            "angle_deg": math.degrees(so.angle), "prefetched": prefetched,
             "probabilities": run.task_sampler.probabilities(),
             "difficulties": {k: float(v) for k, v in run.task_sampler.difficulties().items()},
             "time": run.elapsed0 + now - run.t_start, "step_seconds": now - run.t_prev})

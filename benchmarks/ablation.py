@@ -95,9 +95,8 @@ CLAIMS = [
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
 ]
 KS = (1, 10)
-# Per-run budget: 200 steps at batch 16 (the default train.py run has 1400), so that the 15 runs of the
-# table fit in under an hour on 2 CPU cores; a run prints its own wall time at the end.
-DEFAULT_STEPS = 200
+# Per-run budget: by default the default job's own (the tiny-cpu recipe: 1400 steps, validation
+# every 200), so every variant gets exactly the compute `python train.py --tasks all` gets.
 QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
 
 
@@ -305,9 +304,12 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     out.mkdir(parents=True)
 
     cal, samp = VARIANTS[variant]
+    # --jobs > 1 runs one training per core: each keeps to its one thread (two_cores off; the
+    # result is the same, tests/test_fast_paths.py).
     cfg = train.TrainConfig(tasks=args.tasks, data=str(ufire.root), out=str(out), steps=args.steps,
                             calibrator=cal, sampler=samp, seed=seed, eval_every=args.eval_every,
-                            max_eval_queries=args.max_eval_queries, final_test=False, device=args.device)
+                            max_eval_queries=args.max_eval_queries, final_test=False, device=args.device,
+                            two_cores="off" if args.jobs > 1 else "auto")
     t0 = time.time()
     # train.py prints its resolved config, a progress bar and one line per validation: keep that
     # in the run's folder so the benchmark's own output stays one line per run.
@@ -320,13 +322,20 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     best = FashionLensEmbedder.from_pretrained(str(out / "best"), device=device)
     subsets = evaluate.select_subsets(ufire, "test", args.tasks, "include" if args.ood else "skip")
     res = evaluate.evaluate(best, ufire, subsets, split="test", ks=KS, batch_size=64, cache_dir=None,
-                            progress=False)
+                            progress=False, keep_per_query=True)
+    # Per test query, the 0-based rank of its first positive (-1: not in the top max(KS)), in the
+    # test file's order: the paired bootstrap resamples these (the same queries for every variant).
+    ranks = {r.subset: [] for r in res.rows}
+    for pq in res.per_query:
+        ranks[pq["subset"]].append(pq["first_hit_rank"])
     t_total = time.time() - t0
     doc = {"variant": variant, "seed": seed, "settings": settings,
            "train_config": dataclasses.asdict(cfg),
            "best": summary.get("best"), "overall": {str(k): v for k, v in res.overall.items()},
            "task_means": {t: {str(k): v for k, v in m.items()} for t, m in res.task_means.items()},
-           "rows": [{"subset": r.subset, "recall": {str(k): v for k, v in r.recall.items()}} for r in res.rows],
+           "rows": [{"subset": r.subset, "task": r.task, "gallery": r.gallery, "missing": r.missing,
+                     "chance10": r.chance10, "recall": {str(k): v for k, v in r.recall.items()},
+                     "ranks": ranks[r.subset]} for r in res.rows],
            "seconds": t_total, "train_seconds": t_train, "eval_seconds": t_total - t_train}
     plumbing.atomic_write(done, json.dumps(doc, indent=1))  # written last: its presence means "finished"
     del best
@@ -339,6 +348,33 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
 # ================================================================================================
 
 
+def run_workers(order: list, args, argv: list) -> int:
+    """--jobs N: train the runs in N child processes at once, one CPU thread each.
+
+    Each child is this script with the same flags plus `--only` (its round-robin share of `order`);
+    it writes each finished run's ablation_run.json, which the parent then reuses to make the table.
+    Returns the first non-zero exit status of a child (0 when all finished).
+    """
+    import subprocess
+
+    shares = [order[i::args.jobs] for i in range(args.jobs)]
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = []
+    for i, share in enumerate(s for s in shares if s):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1",
+               "--only", ",".join(f"{v}-s{s}" for v, s in share)]
+        log = open(Path(args.runs) / f"worker{i}.txt", "a")  # the children's per-run lines
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        print(f"worker {i}: {len(share)} runs ({', '.join(f'{v}-s{s}' for v, s in share)}); "
+              f"log {Path(args.runs) / f'worker{i}.txt'}", flush=True)
+    codes = []
+    for p, log in procs:
+        codes.append(p.wait())
+        log.close()
+    return next((c for c in codes if c), 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="Defaults are in each flag's help; see the module docstring for the method.")
@@ -347,10 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "~5 min; proves the pipeline runs, says nothing about the claims")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     ap.add_argument("--steps", type=int, default=None,
-                    help=f"optimizer steps per run (default {DEFAULT_STEPS}; --quick: {QUICK_STEPS})")
+                    help=f"optimizer steps per run (default: the default job's, 1400; --quick: {QUICK_STEPS})")
     ap.add_argument("--eval-every", type=int, default=None,
-                    help="validate + keep best every N steps (default: steps/2, i.e. two validations; "
+                    help="validate + keep best every N steps (default: the default job's, 200; "
                          "--quick: once, at the end)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="trainings at a time, one CPU thread each (default 1; 2 on a 2-core machine "
+                         "halves the wall time)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a --jobs worker's share: v-s,v-s
     ap.add_argument("--max-eval-queries", type=int, default=None,
                     help="validation queries per sub-dataset during training (default 0 = all; --quick: 10)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
@@ -381,11 +421,14 @@ def parse_args(argv=None):
     if not seeds:
         raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     for flag, value, least in (("--steps", args.steps, 1), ("--eval-every", args.eval_every, 1),
-                               ("--max-eval-queries", args.max_eval_queries, 0)):
+                               ("--max-eval-queries", args.max_eval_queries, 0), ("--jobs", args.jobs, 1)):
         if value is not None and value < least:  # None: the default below
             raise SystemExit(f"error: {flag} {value}: must be >= {least}")
-    args.steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    args.eval_every = args.eval_every or (args.steps if args.quick else max(1, math.ceil(args.steps / 2)))
+    import recipes  # the default job's budget (standard library only: --help stays fast)
+
+    tiny = recipes.RECIPES["tiny-cpu"]["train"]
+    args.steps = args.steps or (QUICK_STEPS if args.quick else tiny["steps"])
+    args.eval_every = args.eval_every or (args.steps if args.quick else min(tiny["eval_every"], args.steps))
     args.runs = args.runs or ("runs/ablation-quick" if args.quick else "runs/ablation")
     args.out = args.out or ("runs/ablation-quick/ablation_results.json" if args.quick
                             else "benchmarks/ablation_results.json")
@@ -425,21 +468,30 @@ def _main(argv=None) -> int:
     print(machine_line(info), flush=True)
 
     t0, runs = time.time(), []
-    total = len(variants) * len(seeds)
-    for s in seeds:  # seed-major: an interrupted run still has every variant at the first seeds
-        for v in variants:
-            try:
-                r = run_one(v, s, args, ufire)
-            except KeyboardInterrupt:  # finished runs stay on disk and are reused by the same command
-                print(f"stopped by Ctrl-C in run {v}-s{s}; {len(runs)} finished runs are kept in {args.runs}: "
-                      f"the same command continues (it reuses them)", file=sys.stderr, flush=True)
-                return 130
-            runs.append(r)
-            tag = "reused" if r.get("reused") else f"{r['seconds']:.0f}s (train {r['train_seconds']:.0f}s)"
-            print(f"[{len(runs)}/{total}] {v:<13} seed {s}: test R@1 {100 * r['overall']['1']:.1f}  "
-                  f"R@10 {100 * r['overall']['10']:.1f}  best val step {r['best']['step']}  [{tag}]  "
-                  f"elapsed {(time.time() - t0) / 60:.1f} min", flush=True)
+    order = [(v, s) for s in seeds for v in variants]  # seed-major: an interrupted benchmark still
+    #                                                    has every variant at the first seeds
+    if args.only is not None:  # a --jobs worker: train its share, the parent makes the table
+        order = [(v, int(s)) for v, s in (x.rsplit("-s", 1) for x in args.only.split(","))]
+    elif args.jobs > 1:
+        code = run_workers(order, args, argv if argv is not None else sys.argv[1:])
+        if code:
+            return code
+    total = len(order)
+    for v, s in order:
+        try:
+            r = run_one(v, s, args, ufire)
+        except KeyboardInterrupt:  # finished runs stay on disk and are reused by the same command
+            print(f"stopped by Ctrl-C in run {v}-s{s}; {len(runs)} finished runs are kept in {args.runs}: "
+                  f"the same command continues (it reuses them)", file=sys.stderr, flush=True)
+            return 130
+        runs.append(r)
+        tag = "reused" if r.get("reused") else f"{r['seconds']:.0f}s (train {r['train_seconds']:.0f}s)"
+        print(f"[{len(runs)}/{total}] {v:<13} seed {s}: test R@1 {100 * r['overall']['1']:.1f}  "
+              f"R@10 {100 * r['overall']['10']:.1f}  best val step {r['best']['step']}  [{tag}]  "
+              f"elapsed {(time.time() - t0) / 60:.1f} min", flush=True)
 
+    if args.only is not None:
+        return 0
     agg = aggregate(runs, variants, seeds)
     checks = verdicts(agg, "R@1") + verdicts(agg, "R@10")
     verdict_r1 = overall_verdict([c for c in checks if c["metric"] == "R@1"])

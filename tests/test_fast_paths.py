@@ -342,6 +342,7 @@ def test_two_core_step_equals_full_batch_step(lora_emb, view, subset, indices):
     assert abs(fast.loss - ref.loss) <= 1e-6 * abs(ref.loss)
     assert fast.nce == pytest.approx(ref.nce, rel=1e-6) and fast.reg == pytest.approx(ref.reg, rel=1e-6)
     assert fast.lam == pytest.approx(ref.lam, rel=1e-6) and ref.reg > 0  # the calibrator's R is in L
+    assert fast.angle == pytest.approx(ref.angle, rel=1e-5) and ref.angle > 0  # lambda * omega, both paths
     n_trainable = sum(p.requires_grad for p in emb.parameters())
     assert len(g_ref) >= n_trainable - 2 and any("calibrator" in n for n in g_ref)
     _assert_close_grads(g_fast, g_ref, 1e-5, f"two_core_step on {subset}")

@@ -418,7 +418,7 @@ def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
     assert json.loads((b / "config.json").read_text())["resolved"]["cpu_threads"] == want
     steps = _steps(b)
     assert [s["step"] for s in steps] == list(range(1, 9))
-    for key in ("loss", "lr", "subset", "probabilities", "difficulties", "lam_mean", "time"):
+    for key in ("loss", "lr", "subset", "probabilities", "difficulties", "lam_mean", "angle_deg", "time"):
         assert all(key in s for s in steps), key
     assert all(math.isfinite(s["loss"]) for s in steps)
     assert abs(sum(steps[-1]["probabilities"].values()) - 1) < 1e-6

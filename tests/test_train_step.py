@@ -76,6 +76,7 @@ class StubEmbedder(torch.nn.Module):
             out["q"] = F.normalize(x @ self.w_q.T + lam[:, None] * self.u, dim=-1)  # (B, D)
             out["q_raw"] = F.normalize(x @ self.w_q.T, dim=-1)  # (B, D)
             out["lam"] = lam  # (B,)
+            out["angle"] = (0.5 * lam).detach()  # (B,) lambda * omega with a pretend omega of 0.5 rad
             reg = REG_WEIGHT * ((x @ self.c) ** 2).mean()  # ()
         if images is not None and len(images):
             out["t"] = F.normalize(torch.stack(list(images)) @ self.w_t.T, dim=-1)  # (B, D)
@@ -178,6 +179,7 @@ def test_step_loss_and_gradients_equal_the_hand_computation(kind, tau, positives
     assert out.reg == pytest.approx(reg, rel=1e-5) and reg > 0.05  # R really is in the loss
     assert out.loss == pytest.approx(nce + reg, rel=1e-5)
     assert out.lam == pytest.approx(lam_mean, rel=1e-5)
+    assert out.angle == pytest.approx(0.5 * lam_mean, rel=1e-5)  # the stub's omega is 0.5 rad
     got = _grads(stub)
     assert set(got) == set(want)
     for name, g in want.items():
