@@ -5,47 +5,50 @@ What it measures
 FashionLens (Wen et al., 2026) adds two mechanisms to a plain contrastive MLLM retriever: PGSQC
 (calibrator.py: slerp of each query toward a proposal) and GGAS (sampler.py: task sampling by
 gradient-guided difficulty x data size). The paper's ablations remove each one. This script trains,
-at a reduced budget and with the same recipe otherwise (the `tiny-cpu` recipe, recipes.py), five
-variants, each with several seeds (a seed sets the tiny base's init, the sampler and the data draws):
+at the default job's budget (`python train.py --tasks all`: the `tiny-cpu` recipe, 1400 steps) and
+with the same recipe otherwise, five variants, each with several seeds (a seed sets the tiny base's
+init, the sampler and the data draws):
 
     variant        --calibrator  --sampler   what it removes
-    full           slerp         ggas        nothing (the method)
+    full           slerp         ggas        nothing (the method; seed 0 is the default job)
     cal-off        off           ggas        PGSQC
     cal-linear     linear        ggas        the sphere: linear interpolation instead of slerp
     samp-uniform   slerp         uniform     GGAS (every sub-dataset equally likely)
     samp-size      slerp         size        GGAS' gradient term (size prior only)
 
 Each run is evaluated on the test split (all 13 sub-datasets; `--ood` adds the two OOD tasks)
-with evaluate.evaluate, and the table reports, over seeds,
+with evaluate.evaluate, keeping each test query's rank of its first positive. The tables report
+the overall and per-task Recall@1 / @10 as mean ± std over seeds, and, for each variant, what the
+piece it removes was worth:
 
-    mean  = (1/S) sum_s R_s,      std = sqrt( (1/(S-1)) sum_s (R_s - mean)^2 )   (sample std)
+    D = (1/S) sum_s [R_full,s - R_variant,s]      the paired difference (same seed = same init)
 
-of the overall mean Recall@1 and Recall@10 (mean over task words of the mean over each task's
-sub-datasets: evaluate.summarise) and of each task's Recall@1/@10.
-
-The verdict then checks the paper's claims, each as "A beats B" on the seed means:
+with a 95 % interval from a two-level bootstrap (seeds, then the test queries within each seed,
+the same queries for both variants: `paired_bootstrap`). The paper's claims (taken from a
+secondary summary of the paper; its own tables were not available) are each "A beats B":
     GGAS helps (full > samp-uniform), PGSQC helps (full > cal-off), removing GGAS costs more than
     removing PGSQC (cal-off > samp-uniform), slerp beats linear (full > cal-linear),
     and, for information, GGAS' gradient term helps (full > samp-size).
-A difference smaller than the pooled seed std  sqrt((std_A^2 + std_B^2) / 2)  is reported as
-"within noise", not as support or contradiction; "A>B in n/S seeds" counts paired seeds (the
-same seed gives both variants the same initial weights). With one seed nothing can be decided.
+A claim "holds" when the interval of A - B lies above 0, is "contradicted" when it lies below,
+and is "within noise" otherwise. With one seed nothing is decided.
 
 Run it
 ------
-    python benchmarks/ablation.py                     # 5 variants x seeds 0,1,2: the table (< 60 min, 2 cores)
+    python benchmarks/ablation.py --jobs 2            # 5 variants x seeds 0,1,2 at 1400 steps: ~2 h on 2 cores
     python benchmarks/ablation.py --quick             # SMOKE TEST (~5 min): 5 variants x 1 seed, few steps
-    python benchmarks/ablation.py --steps 300 --seeds 0,1,2,3,4 --ood --out benchmarks/long.json
+    python benchmarks/ablation.py --seeds 0,1,2,3,4 --ood --out benchmarks/long.json
     python benchmarks/ablation.py --variants full,cal-off --seeds 0 --steps 5 --tasks t2i   # seconds
 
 Each run trains in-process through train.train into runs/ablation/<variant>-s<seed> (git-ignored;
---quick uses runs/ablation-quick) and leaves its test numbers there (ablation_run.json); a rerun
-with the same settings reuses finished runs, so an interrupted benchmark continues where it stopped
-(`--fresh` retrains all). Results: the markdown tables and verdict on stdout, everything in
-benchmarks/ablation_results.json (--quick: runs/ablation-quick/ablation_results.json).
+--quick uses runs/ablation-quick) and leaves its test numbers there (ablation_run.json, with the
+per-query ranks); a rerun with the same settings reuses finished runs, so an interrupted benchmark
+continues where it stopped (`--fresh` retrains all). `--jobs 2` trains two runs at a time, one
+thread each (the fastest use of two cores for the tiny model). Results: the markdown tables and
+verdict on stdout, everything but the per-query ranks in benchmarks/ablation_results.json
+(--quick: runs/ablation-quick/ablation_results.json).
 
-Numbers are Recall in percent. At this budget the tiny random-init model is far from converged,
-so these are differences between recipes at equal compute, not the paper's absolute numbers.
+Numbers are Recall in percent on the synthetic U-FIRE: differences between recipes at equal
+compute on a tiny random-init model, not the paper's absolute numbers.
 
 Shape legend: S seeds, V variants, T task words.
 """
@@ -86,7 +89,8 @@ DESCRIPTIONS = {
     "samp-uniform": "sampler uniform (no GGAS)",
     "samp-size": "sampler size-prior only",
 }
-# The paper's claims as (winner, loser, statement); `required` ones decide "ordering matches".
+# The paper's claims as (A, B, statement, required): "A beats B"; `required` ones decide "ordering
+# matches". They come from a secondary summary of the paper: its own tables were not available.
 CLAIMS = [
     ("full", "samp-uniform", "GGAS helps: full > sampler uniform", True),
     ("full", "cal-off", "PGSQC helps: full > calibrator off", True),
@@ -95,13 +99,15 @@ CLAIMS = [
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
 ]
 KS = (1, 10)
+N_BOOT = 2000  # bootstrap replicates: the 2.5 / 97.5 % quantiles move by < 0.1 point beyond this
 # Per-run budget: by default the default job's own (the tiny-cpu recipe: 1400 steps, validation
 # every 200), so every variant gets exactly the compute `python train.py --tasks all` gets.
 QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
 
 
 # ================================================================================================
-# Statistics and the verdict (pure functions: tests/test_benchmarks.py runs them on made-up numbers)
+# Statistics: the paired bootstrap over test queries (pure functions: tests/test_benchmarks.py
+# runs them on made-up rankings whose answers are known)
 # ================================================================================================
 
 
@@ -124,36 +130,106 @@ def fmt_ms(m: float, s: float) -> str:
     return f"{100 * m:.1f}" if math.isnan(s) else f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
-def compare(a: list, b: list) -> dict:
-    """Is variant A better than B? a, b: per-seed scores in the same seed order (paired).
+def paired_bootstrap(runs_a: list, runs_b: list, ks=KS, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """The difference A - B in Recall@K, per task word and overall, with a 95 % interval.
 
-    Returns diff (mean_A - mean_B), noise (pooled seed std), wins (seeds where A > B), n, and a
-    verdict: "holds" (diff > noise), "contradicted" (diff < -noise), "within noise" (|diff| <= noise),
-    or "untestable (1 seed)" when the std is unknown.
+    runs_a[i] and runs_b[i] are the test results of two variants trained with the same seed (the
+    same initial weights and data order up to what the variant changes); each has `rows`, one per
+    sub-dataset, with `ranks` (the 0-based rank of each test query's first positive, -1 beyond
+    max K, in the same query order for both) and `missing` (queries whose positives are not in the
+    gallery: misses for both). Per seed s and sub-dataset j with n queries and m missing:
+
+        d_q      = 1[rank_A(q) < K] - 1[rank_B(q) < K]              per query, in {-1, 0, 1}
+        D_sj     = sum_q d_q / (n + m)                               = R_A@K - R_B@K of the sub-dataset
+        D_s,task = mean over the task's sub-datasets of D_sj;  D_s = mean over tasks of D_s,task
+        D        = (1/S) sum_s D_s                                   the reported difference
+
+    A replicate is a two-level bootstrap: it draws S seeds with replacement (how much D depends on
+    the training seed) and, within each, redraws each sub-dataset's n queries with replacement
+    (how much it depends on which test queries exist; the same draw for A and B, so the pairing
+    removes the queries' own difficulty from the noise), then recomputes D. The interval is the
+    2.5 and 97.5 % quantiles of n_boot replicates. With one seed only the queries are redrawn.
+    Returns {"overall": {K: stat}, "tasks": {task: {K: stat}}} with
+    stat = {"diff", "lo", "hi", "per_seed": [D_s ...]}.
     """
-    ma, sa = mean_std(a)
-    mb, sb = mean_std(b)
-    diff = ma - mb  # mean_A - mean_B
-    n = min(len(a), len(b))
-    wins = sum(1 for x, y in zip(a, b) if x > y)  # paired: same seed = same initial weights
-    if n < 2 or math.isnan(sa) or math.isnan(sb):
-        return {"diff": diff, "noise": float("nan"), "wins": wins, "n": n, "verdict": "untestable (1 seed)"}
-    noise = math.sqrt((sa ** 2 + sb ** 2) / 2)  # pooled std of one seed's score
-    if abs(diff) <= noise:
-        verdict = "within noise"
-    else:
-        verdict = "holds" if diff > 0 else "contradicted"
-    return {"diff": diff, "noise": noise, "wins": wins, "n": n, "verdict": verdict}
+    import numpy as np
+
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise ValueError(f"paired_bootstrap needs the same seeds for both variants, got {len(runs_a)} "
+                         f"and {len(runs_b)} runs")
+    rng = np.random.default_rng(seed)
+    point = {}  # (s, task) -> {K: [D_sj ...]}
+    reps = {}  # (s, task) -> {K: [(n_boot,) replicates of D_sj ...]}
+    tasks: list[str] = []
+    for s, (ra, rb) in enumerate(zip(runs_a, runs_b)):
+        rows_b = {r["subset"]: r for r in rb["rows"]}
+        for row in ra["rows"]:
+            if row["task"] == "ood" or not row.get("ranks"):
+                continue  # OOD tasks are not in "overall"; an empty triplet file has no Recall
+            if "ranks" not in rows_b.get(row["subset"], {}):
+                raise ValueError(f"paired_bootstrap: {row['subset']!r} has no per-query ranks in both runs "
+                                 f"(results written before ranks were kept: rerun with --fresh)")
+            a = np.asarray(row["ranks"])  # (n,)
+            b = np.asarray(rows_b[row["subset"]]["ranks"])  # (n,)
+            if a.shape != b.shape:
+                raise ValueError(f"paired_bootstrap: {row['subset']!r} has {len(a)} and {len(b)} queries")
+            n, denom = len(a), len(a) + row["missing"]
+            counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # (n_boot, n) draws per query
+            if row["task"] not in tasks:
+                tasks.append(row["task"])
+            for k in ks:
+                d = ((a >= 0) & (a < k)).astype(float) - ((b >= 0) & (b < k)).astype(float)  # (n,) d_q
+                point.setdefault((s, row["task"]), {}).setdefault(k, []).append(d.sum() / denom)  # D_sj
+                reps.setdefault((s, row["task"]), {}).setdefault(k, []).append(counts @ d / denom)  # (n_boot,)
+    seeds = range(len(runs_a))
+
+    n_seeds = len(runs_a)
+    seed_draw = rng.integers(0, n_seeds, size=(n_boot, n_seeds))  # (n_boot, S) seeds of each replicate
+    cols = np.arange(n_boot)[:, None]  # (n_boot, 1)
+
+    def stat(per_seed_point, per_seed_reps) -> dict:
+        rep = np.stack(per_seed_reps)[seed_draw, cols].mean(axis=1)  # (S, n_boot) -> (n_boot,) D
+        lo, hi = np.quantile(rep, [0.025, 0.975])
+        return {"diff": float(np.mean(per_seed_point)), "lo": float(lo), "hi": float(hi),
+                "per_seed": [float(x) for x in per_seed_point]}
+
+    out = {"overall": {}, "tasks": {t: {} for t in sorted(tasks)}}
+    for k in ks:
+        task_point = {t: [float(np.mean(point[s, t][k])) for s in seeds] for t in tasks}  # D_s,task
+        task_reps = {t: [np.mean(reps[s, t][k], axis=0) for s in seeds] for t in tasks}  # (n_boot,) each
+        for t in tasks:
+            out["tasks"][t][k] = stat(task_point[t], task_reps[t])
+        overall_point = [float(np.mean([task_point[t][s] for t in tasks])) for s in seeds]  # D_s
+        overall_reps = [np.mean([task_reps[t][s] for t in tasks], axis=0) for s in seeds]  # (n_boot,) each
+        out["overall"][k] = stat(overall_point, overall_reps)
+    return out
 
 
-def verdicts(scores: dict, metric: str) -> list[dict]:
-    """Check every claim on `metric` ("R@1" or "R@10"); scores[variant][metric] = per-seed list."""
+def verdict(st: dict) -> str:
+    """'holds' (A > B: the whole 95 % interval above 0), 'contradicted' (below 0), else 'within noise'."""
+    if st["lo"] > 0:
+        return "holds"
+    if st["hi"] < 0:
+        return "contradicted"
+    return "within noise"
+
+
+def check_claims(runs_by_variant: dict, ks=KS) -> list[dict]:
+    """Every claim whose two variants were run, on overall Recall@K for each K."""
     out = []
     for a, b, text, required in CLAIMS:
-        if a not in scores or b not in scores:
+        if a not in runs_by_variant or b not in runs_by_variant:
             continue
-        c = compare(scores[a][metric], scores[b][metric])
-        out.append({"claim": text, "a": a, "b": b, "metric": metric, "required": required, **c})
+        boot = paired_bootstrap(runs_by_variant[a], runs_by_variant[b], ks)
+        for k in ks:
+            st = boot["overall"][k]
+            if len(st["per_seed"]) < 2:
+                v = "untestable (1 seed)"
+            else:
+                v = verdict(st)
+            wins = sum(1 for d in st["per_seed"] if d > 0)
+            out.append({"claim": text, "a": a, "b": b, "metric": f"R@{k}", "required": required,
+                        "wins": wins, "n": len(st["per_seed"]), "verdict": v, **st})
     return out
 
 
@@ -163,12 +239,12 @@ def overall_verdict(checks: list[dict]) -> str:
     if not req:
         return "no claim could be checked (a variant is missing)"
     if any(c["verdict"].startswith("untestable") for c in req):
-        return "cannot tell: one seed gives no std (this is a smoke test, not a result)"
+        return "cannot tell: one seed gives no spread between seeds (this is a smoke test, not a result)"
     held = [c for c in req if c["verdict"] == "holds"]
     contra = [c for c in req if c["verdict"] == "contradicted"]
     noise = [c for c in req if c["verdict"] == "within noise"]
     if len(held) == len(req):
-        return "MATCHES the paper: every claimed ordering holds by more than one seed std"
+        return "MATCHES the paper: every claimed ordering holds (95 % interval above 0)"
     parts = []
     if held:
         parts.append(f"{len(held)}/{len(req)} hold")
@@ -204,15 +280,11 @@ def aggregate(runs: list[dict], variants: list[str], seeds: list[int]) -> dict:
 
 
 def summary_table(agg: dict) -> str:
-    """Variant | overall R@1 | overall R@10 | delta vs full (R@10) | seeds."""
-    lines = ["| variant | overall R@1 | overall R@10 | Δ R@10 vs full | seeds |", "|---|---|---|---|---|"]
-    full10 = mean_std(agg["full"]["R@10"])[0] if "full" in agg else float("nan")
+    """Variant | overall R@1 | overall R@10 (mean ± std over seeds) | seeds."""
+    lines = ["| variant | overall R@1 | overall R@10 | seeds |", "|---|---|---|---|"]
     for v, e in agg.items():
-        m1, s1 = mean_std(e["R@1"])
-        m10, s10 = mean_std(e["R@10"])
-        delta = "" if v == "full" or math.isnan(full10) else f"{100 * (m10 - full10):+.1f}"
-        lines.append(f"| {DESCRIPTIONS.get(v, v)} (`{v}`) | {fmt_ms(m1, s1)} | {fmt_ms(m10, s10)} | {delta} | "
-                     f"{len(e['R@1'])} |")
+        lines.append(f"| {DESCRIPTIONS.get(v, v)} (`{v}`) | {fmt_ms(*mean_std(e['R@1']))} | "
+                     f"{fmt_ms(*mean_std(e['R@10']))} | {len(e['R@1'])} |")
     return "\n".join(lines)
 
 
@@ -227,12 +299,31 @@ def task_table(agg: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def fmt_ci(st: dict) -> str:
+    """'+1.2 [-0.4, +2.9]' in points."""
+    return f"{100 * st['diff']:+.1f} [{100 * st['lo']:+.1f}, {100 * st['hi']:+.1f}]"
+
+
+def delta_table(deltas: dict, k: int) -> str:
+    """Rows: task words and overall; columns: what each variant removes; cells: full - variant in
+    Recall@k with its 95 % interval; the mechanism helps where the whole interval is above 0."""
+    vs = list(deltas)
+    tasks = sorted({t for d in deltas.values() for t in d["tasks"]})
+    lines = [f"| R@{k}: full − variant | " + " | ".join(f"`{v}`" for v in vs) + " |", "|---" * (len(vs) + 1) + "|"]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(fmt_ci(deltas[v]["tasks"][t][k]) for v in vs) + " |")
+    lines.append("| **overall** | " + " | ".join(f"**{fmt_ci(deltas[v]['overall'][k])}**" for v in vs) + " |")
+    lines.append("| seeds with full > variant | " + " | ".join(
+        f"{sum(d > 0 for d in deltas[v]['overall'][k]['per_seed'])}/{len(deltas[v]['overall'][k]['per_seed'])}"
+        for v in vs) + " |")
+    return "\n".join(lines)
+
+
 def verdict_table(checks: list[dict]) -> str:
-    lines = ["| claim | metric | Δ (A − B) | pooled std | A > B in seeds | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["| claim | metric | Δ (A − B) [95 % interval] | per seed | verdict |", "|---|---|---|---|---|"]
     for c in checks:
-        noise = "n/a" if math.isnan(c["noise"]) else f"{100 * c['noise']:.1f}"
-        lines.append(f"| {c['claim']} | {c['metric']} | {100 * c['diff']:+.1f} | {noise} | "
-                     f"{c['wins']}/{c['n']} | {c['verdict']} |")
+        seeds = " / ".join(f"{100 * d:+.1f}" for d in c["per_seed"])
+        lines.append(f"| {c['claim']} | {c['metric']} | {fmt_ci(c)} | {seeds} | {c['verdict']} |")
     return "\n".join(lines)
 
 
@@ -286,15 +377,44 @@ def run_settings(variant: str, seed: int, args) -> dict:
 
 def run_one(variant: str, seed: int, args, ufire) -> dict:
     """Train one variant/seed (or reuse a finished run with the same settings); return its test numbers."""
+    import train
+
+    cal, samp = VARIANTS[variant]
+    out = Path(args.runs) / f"{variant}-s{seed}"
+    # --jobs > 1 runs one training per core: each keeps to its one thread (two_cores off; the
+    # result is the same, tests/test_fast_paths.py).
+    cfg = train.TrainConfig(tasks=args.tasks, data=str(ufire.root), out=str(out), steps=args.steps,
+                            calibrator=cal, sampler=samp, seed=seed, eval_every=args.eval_every,
+                            max_eval_queries=args.max_eval_queries, final_test=False, device=args.device,
+                            two_cores="off" if args.jobs > 1 else "auto")
+    test = evaluate_subsets(ufire, args.tasks, args.ood)
+    return train_and_test(cfg, run_settings(variant, seed, args), test, ufire, args.fresh,
+                          {"variant": variant, "seed": seed})
+
+
+def evaluate_subsets(ufire, tasks: str, ood: bool) -> list:
+    """The test sub-datasets of --tasks (plus the OOD tasks with --ood)."""
+    import evaluate
+
+    return evaluate.select_subsets(ufire, "test", tasks, "include" if ood else "skip")
+
+
+def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, tags: dict) -> dict:
+    """Train `cfg` into cfg.out and test its best/ checkpoint on `test_subsets`; return the numbers.
+
+    A folder holding ablation_run.json with the same `settings` is a finished run: it is reused
+    (unless `fresh`). The result keeps, per sub-dataset, each test query's first-positive rank, for
+    `paired_bootstrap`. `tags` (e.g. variant and seed) are copied into the result.
+    Shared with benchmarks/controlled.py.
+    """
     import evaluate
     import plumbing
     import train
     from model import FashionLensEmbedder
 
-    settings = run_settings(variant, seed, args)
-    out = Path(args.runs) / f"{variant}-s{seed}"
+    out = Path(cfg.out)
     done = out / "ablation_run.json"
-    if done.is_file() and not args.fresh:
+    if done.is_file() and not fresh:
         prev = json.loads(done.read_text())
         if prev.get("settings") == settings:
             prev["reused"] = True
@@ -302,14 +422,6 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     if out.exists():  # an unfinished or differently configured run of ours: start it over
         shutil.rmtree(out)
     out.mkdir(parents=True)
-
-    cal, samp = VARIANTS[variant]
-    # --jobs > 1 runs one training per core: each keeps to its one thread (two_cores off; the
-    # result is the same, tests/test_fast_paths.py).
-    cfg = train.TrainConfig(tasks=args.tasks, data=str(ufire.root), out=str(out), steps=args.steps,
-                            calibrator=cal, sampler=samp, seed=seed, eval_every=args.eval_every,
-                            max_eval_queries=args.max_eval_queries, final_test=False, device=args.device,
-                            two_cores="off" if args.jobs > 1 else "auto")
     t0 = time.time()
     # train.py prints its resolved config, a progress bar and one line per validation: keep that
     # in the run's folder so the benchmark's own output stays one line per run.
@@ -320,8 +432,7 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
 
     device = None if cfg.device == "auto" else cfg.device  # None: the checkpoint's own setting
     best = FashionLensEmbedder.from_pretrained(str(out / "best"), device=device)
-    subsets = evaluate.select_subsets(ufire, "test", args.tasks, "include" if args.ood else "skip")
-    res = evaluate.evaluate(best, ufire, subsets, split="test", ks=KS, batch_size=64, cache_dir=None,
+    res = evaluate.evaluate(best, ufire, test_subsets, split="test", ks=KS, batch_size=64, cache_dir=None,
                             progress=False, keep_per_query=True)
     # Per test query, the 0-based rank of its first positive (-1: not in the top max(KS)), in the
     # test file's order: the paired bootstrap resamples these (the same queries for every variant).
@@ -329,7 +440,7 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     for pq in res.per_query:
         ranks[pq["subset"]].append(pq["first_hit_rank"])
     t_total = time.time() - t0
-    doc = {"variant": variant, "seed": seed, "settings": settings,
+    doc = {**tags, "settings": settings,
            "train_config": dataclasses.asdict(cfg),
            "best": summary.get("best"), "overall": {str(k): v for k, v in res.overall.items()},
            "task_means": {t: {str(k): v for k, v in m.items()} for t, m in res.task_means.items()},
@@ -343,36 +454,35 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     return doc
 
 
-# ================================================================================================
-# Command line
-# ================================================================================================
+def run_workers(ids: list, runs: str, jobs: int, script: Path, argv: list) -> int:
+    """Train the runs named by `ids` in `jobs` child processes at once, one CPU thread each.
 
-
-def run_workers(order: list, args, argv: list) -> int:
-    """--jobs N: train the runs in N child processes at once, one CPU thread each.
-
-    Each child is this script with the same flags plus `--only` (its round-robin share of `order`);
-    it writes each finished run's ablation_run.json, which the parent then reuses to make the table.
+    Each child is `script` with the same flags plus `--only` (its round-robin share of `ids`); it
+    writes each finished run's ablation_run.json, which the parent then reuses to make the table.
     Returns the first non-zero exit status of a child (0 when all finished).
     """
     import subprocess
 
-    shares = [order[i::args.jobs] for i in range(args.jobs)]
-    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    shares = [ids[i::jobs] for i in range(jobs)]
+    Path(runs).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
     for i, share in enumerate(s for s in shares if s):
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1",
-               "--only", ",".join(f"{v}-s{s}" for v, s in share)]
-        log = open(Path(args.runs) / f"worker{i}.txt", "a")  # the children's per-run lines
+        cmd = [sys.executable, str(script), *argv, "--jobs", "1", "--only", ",".join(share)]
+        log = open(Path(runs) / f"worker{i}.txt", "a")  # the children's per-run lines
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        print(f"worker {i}: {len(share)} runs ({', '.join(f'{v}-s{s}' for v, s in share)}); "
-              f"log {Path(args.runs) / f'worker{i}.txt'}", flush=True)
+        print(f"worker {i}: {len(share)} runs ({', '.join(share)}); log {Path(runs) / f'worker{i}.txt'}",
+              flush=True)
     codes = []
     for p, log in procs:
         codes.append(p.wait())
         log.close()
     return next((c for c in codes if c), 0)
+
+
+# ================================================================================================
+# Command line
+# ================================================================================================
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -473,7 +583,8 @@ def _main(argv=None) -> int:
     if args.only is not None:  # a --jobs worker: train its share, the parent makes the table
         order = [(v, int(s)) for v, s in (x.rsplit("-s", 1) for x in args.only.split(","))]
     elif args.jobs > 1:
-        code = run_workers(order, args, argv if argv is not None else sys.argv[1:])
+        code = run_workers([f"{v}-s{s}" for v, s in order], args.runs, args.jobs, Path(__file__).resolve(),
+                           argv if argv is not None else sys.argv[1:])
         if code:
             return code
     total = len(order)
@@ -493,7 +604,11 @@ def _main(argv=None) -> int:
     if args.only is not None:
         return 0
     agg = aggregate(runs, variants, seeds)
-    checks = verdicts(agg, "R@1") + verdicts(agg, "R@10")
+    by_variant = {v: [r for s in seeds for r in runs if r["variant"] == v and r["seed"] == s] for v in variants}
+    # full - variant per task and overall: what the removed piece was worth (paired by seed)
+    deltas = {v: paired_bootstrap(by_variant["full"], by_variant[v]) for v in variants
+              if v != "full" and "full" in by_variant}
+    checks = check_claims(by_variant)
     verdict_r1 = overall_verdict([c for c in checks if c["metric"] == "R@1"])
     verdict_r10 = overall_verdict([c for c in checks if c["metric"] == "R@10"])
     wall = time.time() - t0
@@ -504,7 +619,12 @@ def _main(argv=None) -> int:
     for m in ("R@1", "R@10"):
         print(f"\nPer task, {m}:\n")
         print(task_table(agg, m))
-    print("\nThe paper's claims (Δ in points; 'within noise' = |Δ| ≤ pooled seed std):\n")
+    for k in KS:
+        print(f"\nWhat each removed piece was worth: full − variant, Recall@{k} in points, mean over seeds "
+              f"[95 % paired bootstrap interval over test queries, {N_BOOT} replicates]:\n")
+        print(delta_table(deltas, k))
+    print("\nThe paper's claims (from a secondary summary of the paper; its tables were not available). "
+          "'holds' / 'contradicted': the 95 % interval of Δ lies above / below 0:\n")
     print(verdict_table(checks))
     print(f"\nVerdict on overall R@1: {verdict_r1}.")
     print(f"Verdict on overall R@10: {verdict_r10}.")
@@ -521,9 +641,12 @@ def _main(argv=None) -> int:
            "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
            "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
                          for v, e in agg.items()},
-           "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
-           "runs": [{k: r[k] for k in ("variant", "seed", "overall", "task_means", "rows", "best", "seconds",
-                                       "train_seconds", "eval_seconds")} for r in runs],
+           "deltas_vs_full": deltas, "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
+           # per-query ranks stay in each run's ablation_run.json (runs/, not committed): 20k numbers
+           "runs": [{**{k: r[k] for k in ("variant", "seed", "overall", "task_means", "best", "seconds",
+                                          "train_seconds", "eval_seconds")},
+                     "rows": [{k: v for k, v in row.items() if k != "ranks"} for row in r["rows"]]}
+                    for r in runs],
            "wall_seconds": wall}
     out = plumbing.atomic_write(args.out, json.dumps(doc, indent=1, default=float))
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Checks of the benchmark scripts' bookkeeping, and of the paper-scale benchmark at a tiny size.
 
-benchmarks/ablation.py turns per-seed Recall numbers into mean ± std tables and a verdict on the
-paper's claims; benchmarks/speed.py turns measurements into ratio tables. Both are tested here on
+benchmarks/ablation.py turns per-query rankings into paired bootstrap intervals and a verdict on
+the paper's claims; benchmarks/speed.py turns measurements into ratio tables. Both are tested here on
 hand-made numbers whose answers we know. The expensive parts (training, encoding) are exercised by
 running the scripts themselves (`python benchmarks/ablation.py --quick`).
 benchmarks/paper_scale.py: its FLOP count on the published 4B config and against the modules of a
@@ -43,48 +43,78 @@ def test_mean_std_is_the_sample_std():
     assert ablation.fmt_ms(m, s) == "20.0 ± 10.0" and ablation.fmt_ms(m1, s1) == "40.0"
 
 
-@pytest.mark.parametrize("a, b, verdict", [
-    ([0.50, 0.52, 0.51], [0.40, 0.41, 0.42], "holds"),  # 10 points apart, std ~1 point
-    ([0.40, 0.41, 0.42], [0.50, 0.52, 0.51], "contradicted"),
-    ([0.50, 0.40, 0.45], [0.46, 0.44, 0.47], "within noise"),  # 0.3 points apart, std ~5 points
-    ([0.5], [0.4], "untestable (1 seed)"),
+def _run(ranks: dict, missing: int = 0) -> dict:
+    """A made-up test result: {subset: [first-positive rank per query]} -> rows as run_one writes them."""
+    return {"rows": [{"subset": sub, "task": sub.split("/")[0], "missing": missing, "ranks": list(r)}
+                     for sub, r in ranks.items()]}
+
+
+def _hits(n_hit: int, n: int = 40) -> list:
+    """n queries, the first n_hit found at rank 0, the rest beyond the top 10 (-1)."""
+    return [0] * n_hit + [-1] * (n - n_hit)
+
+
+def test_bootstrap_difference_is_the_difference_of_the_tables_numbers():
+    import random
+
+    rng = random.Random(0)
+    subs = ("t2i/A", "t2i/B", "cir/C")
+    runs = {v: [_run({s: [rng.choice([-1, 0, 3, 7, 12]) for _ in range(30)] for s in subs}, missing=5)
+                for _ in range(2)] for v in ("x", "y")}
+
+    def overall(run, k):  # evaluate.summarise by hand: mean over tasks of the mean over sub-datasets
+        rec = {r["subset"]: sum(0 <= q < k for q in r["ranks"]) / (len(r["ranks"]) + r["missing"])
+               for r in run["rows"]}
+        return ((rec["t2i/A"] + rec["t2i/B"]) / 2 + rec["cir/C"]) / 2
+
+    boot = ablation.paired_bootstrap(runs["x"], runs["y"], n_boot=500)
+    for k in (1, 10):
+        want = [overall(a, k) - overall(b, k) for a, b in zip(runs["x"], runs["y"])]
+        st = boot["overall"][k]
+        assert st["per_seed"] == pytest.approx(want)
+        assert st["diff"] == pytest.approx(sum(want) / 2)
+        assert st["lo"] <= st["diff"] <= st["hi"] and st["hi"] - st["lo"] > 0
+    same = ablation.paired_bootstrap(runs["x"], runs["x"], n_boot=200)["overall"][10]
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: a variant against itself has no noise
+
+
+@pytest.mark.parametrize("a_hits, b_hits, verdict", [
+    ([30, 31, 29], [10, 11, 12], "holds"),  # 50 points apart on 40 queries, in every seed
+    ([10, 11, 12], [30, 31, 29], "contradicted"),
+    ([20, 20, 20], [20, 20, 21], "within noise"),  # one query apart
+    ([30, 10, 30], [10, 30, 10], "within noise"),  # each seed clear-cut, but the seeds disagree
 ])
-def test_compare_verdicts(a, b, verdict):
-    c = ablation.compare(a, b)
-    assert c["verdict"] == verdict
-    assert c["diff"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b))
+def test_verdicts_from_the_interval(a_hits, b_hits, verdict):
+    a = [_run({"t2i/A": _hits(h)}) for h in a_hits]
+    b = [_run({"t2i/A": _hits(h)}) for h in b_hits]
+    st = ablation.paired_bootstrap(a, b, n_boot=1000)["overall"][1]
+    assert ablation.verdict(st) == verdict
 
 
-def test_compare_counts_paired_wins():
-    c = ablation.compare([0.5, 0.3, 0.6], [0.4, 0.4, 0.5])
-    assert (c["wins"], c["n"]) == (2, 3)
+def test_claims_and_overall_verdict_on_the_papers_ordering():
+    def runs_for(hits: dict) -> dict:
+        return {v: [_run({"t2i/A": _hits(h + d)}) for d in (-1, 0, 1)] for v, h in hits.items()}
 
-
-def _scores(means: dict, spread: float) -> dict:
-    """Three seeds per variant at mean +- spread, for both metrics."""
-    return {v: {"R@1": [m - spread, m, m + spread], "R@10": [m - spread, m, m + spread]} for v, m in means.items()}
-
-
-def test_overall_verdict_on_the_papers_ordering():
-    paper = {"full": 0.60, "cal-off": 0.50, "cal-linear": 0.55, "samp-uniform": 0.40, "samp-size": 0.58}
-    checks = ablation.verdicts(_scores(paper, 0.01), "R@1")
+    paper = {"full": 30, "cal-off": 20, "cal-linear": 25, "samp-uniform": 10, "samp-size": 28}
+    checks = ablation.check_claims(runs_for(paper), ks=(1,))
     assert all(c["verdict"] == "holds" for c in checks if c["required"])
     assert ablation.overall_verdict(checks).startswith("MATCHES")
-
+    text = ablation.verdict_table(checks)
+    assert "| PGSQC helps: full > calibrator off | R@1 | +25.0 [" in text  # 30 vs 20 of 40 queries
     # PGSQC matters more than GGAS here: that claim is contradicted, and the verdict says so.
-    swapped = dict(paper, **{"cal-off": 0.40, "samp-uniform": 0.50})
-    checks = ablation.verdicts(_scores(swapped, 0.01), "R@1")
-    bad = [c for c in checks if c["verdict"] == "contradicted"]
-    assert [(c["a"], c["b"]) for c in bad] == [("cal-off", "samp-uniform")]
+    swapped = dict(paper, **{"cal-off": 10, "samp-uniform": 20})
+    checks = ablation.check_claims(runs_for(swapped), ks=(1,))
+    assert [(c["a"], c["b"]) for c in checks if c["verdict"] == "contradicted"] == [("cal-off", "samp-uniform")]
     assert ablation.overall_verdict(checks).startswith("does NOT match")
+    one_seed = {v: r[:1] for v, r in runs_for(paper).items()}
+    assert ablation.overall_verdict(ablation.check_claims(one_seed, ks=(1,))).startswith("cannot tell")
 
-    # Same means but seeds 20 points apart: nothing can be claimed.
-    checks = ablation.verdicts(_scores(paper, 0.20), "R@1")
-    assert all(c["verdict"] == "within noise" for c in checks)
-    assert ablation.overall_verdict(checks).startswith("does not clearly match")
 
-    one_seed = {v: {"R@1": [m], "R@10": [m]} for v, m in paper.items()}
-    assert ablation.overall_verdict(ablation.verdicts(one_seed, "R@1")).startswith("cannot tell")
+def test_bootstrap_refuses_results_without_ranks():
+    a = [_run({"t2i/A": _hits(3)})]
+    b = [{"rows": [{"subset": "t2i/A", "task": "t2i", "missing": 0}]}]
+    with pytest.raises(ValueError, match="--fresh"):
+        ablation.paired_bootstrap(a, b)
 
 
 def test_tables_from_runs():
@@ -96,12 +126,14 @@ def test_tables_from_runs():
                          "task_means": {"t2i": {"1": x / 2, "10": x}, "cir": {"1": x / 4, "10": x / 2}}})
     agg = ablation.aggregate(runs, ["full", "cal-off"], [0, 1])
     assert agg["full"]["R@10"] == pytest.approx([0.5, 0.52])
-    summary = ablation.summary_table(agg)
-    assert "| 51.0 ± 1.4 |" in summary  # mean 0.51, std 0.0141 of R@10 for full
-    assert "-10.0" in summary  # cal-off's R@10 delta vs full
+    assert "| 51.0 ± 1.4 | 2 |" in ablation.summary_table(agg)  # mean 0.51, std 0.0141 of R@10 for full
     table = ablation.task_table(agg, "R@10")
     assert table.splitlines()[0] == "| task (R@10) | `full` | `cal-off` |"
     assert "| t2i | 51.0 ± 1.4 | 41.0 ± 1.4 |" in table
+    deltas = {"cal-off": ablation.paired_bootstrap([_run({"t2i/A": _hits(30)})] * 2,
+                                                   [_run({"t2i/A": _hits(20)})] * 2, n_boot=200)}
+    text = ablation.delta_table(deltas, 10)
+    assert "| **overall** | **+25.0 [" in text and "| seeds with full > variant | 2/2 |" in text
 
 
 def test_speed_report_ratios():
