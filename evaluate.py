@@ -563,7 +563,7 @@ def write_cache(cache_dir: Path, key: str, emb: np.ndarray) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _training_data_root(ckpt: Path) -> Optional[str]:
+def training_data_root(ckpt: Path) -> Optional[str]:
     """The data root a checkpoint was trained on, from the run's saved configuration, if any."""
     for cand in (ckpt / "train_config.json", ckpt.parent / "config.json"):
         if cand.is_file():
@@ -617,7 +617,7 @@ def _cli(argv) -> int:
     if args.self_check:
         return _self_check()
     ckpt = Path(args.ckpt)
-    root = args.data or _training_data_root(ckpt) or "data/synthetic"
+    root = args.data or training_data_root(ckpt) or "data/synthetic"
     if root == "synthetic":  # a run trained on `--data synthetic`: generate it if this clone lacks it
         import synthetic  # the generator is needed only here: keep it off every other path
 
@@ -627,7 +627,7 @@ def _cli(argv) -> int:
     from model import CONFIG_FILE, FashionLensEmbedder  # model imports transformers: keep it off the metric path
 
     if args.device is None:  # the device saved in the checkpoint (where it was trained) must exist here
-        saved = _saved_device(ckpt / CONFIG_FILE)
+        saved = saved_device(ckpt / CONFIG_FILE)
         if saved:
             plumbing.check_device(f"{ckpt / CONFIG_FILE} (field 'device'; override it with --device cpu)", saved)
     kw = {"device": args.device} if args.device else {}
@@ -719,7 +719,7 @@ def parse_ks(text: str) -> tuple:
     return tuple(sorted(ks))
 
 
-def _saved_device(cfg_file: Path) -> Optional[str]:
+def saved_device(cfg_file: Path) -> Optional[str]:
     """The device field of a checkpoint's config, or None if it cannot be read (from_pretrained
     then reports the file)."""
     try:

@@ -142,8 +142,8 @@ def steps_received(result: dict) -> dict:
     """{sub-dataset: optimizer steps it was drawn for} from the run's log.jsonl."""
     import diagnostics
 
-    log = Path(result["train_config"]["out"]) / "log.jsonl"
-    return diagnostics.steps_per_subset(diagnostics.read_log(log))
+    steps, _ = diagnostics.read_log(Path(result["train_config"]["out"]) / "log.jsonl")
+    return diagnostics.steps_received(steps, [row["subset"] for row in result["rows"]])
 
 
 def recall_of(arm_runs: list, k: int) -> dict:
@@ -310,26 +310,37 @@ def _main(argv=None) -> int:
 
 
 def mechanism(exp: str, by_arm: dict, seeds: list, args, results: dict) -> dict:
-    """What the mechanism itself did in the arm that has it (printed and returned)."""
+    """What the mechanism itself did in the arm that has it (printed and returned; diagnostics.py)."""
     import diagnostics
 
+    subsets = list(EXPERIMENTS[exp]["subsets"])
     if exp == "pgsqc":  # the calibrator's moves on the test queries of each slerp model
         per_seed = []
+        print("\nPGSQC's moves on the test queries (slerp arm): mean lambda (init 0.047), mean arc "
+              "lambda*omega, Rbar (1 = all queries of a sub-dataset moved the same way), and the cosine "
+              "between sub-datasets' mean move directions\n")
         for s in seeds:
             run_dir = Path(args.runs) / run_names(exp, "slerp", s)[0]
-            per_seed.append(diagnostics.calibration_summary(run_dir, split="test"))
-        print("\nPGSQC's moves on the test queries (slerp arm; per seed):\n")
-        for s, m in zip(seeds, per_seed):
-            print(f"seed {s}: " + diagnostics.format_calibration_brief(m))
+            held = diagnostics.held_out_directions(run_dir, "best", "test", 0, subsets)
+            st, cos = held["stats"], held["cosines"]
+            pairs = {f"{a} | {b}": cos["cos"][i][j] for i, a in enumerate(cos["names"])
+                     for j, b in enumerate(cos["names"]) if i < j}
+            per_seed.append({"stats": {k: {f: v[f] for f in ("lam_mean", "angle_deg_mean", "rbar")}
+                                       for k, v in st.items()}, "cosines": pairs})
+            print(f"seed {s}: " + "; ".join(f"{k} λ {v['lam_mean']:.3f}, arc {v['angle_deg_mean']:.2f}°, "
+                                             f"Rbar {v['rbar']:.2f}" for k, v in st.items()))
+            print("        cos " + "; ".join(f"{p} {c:+.2f}" for p, c in pairs.items()))
         return {"calibration": per_seed}
-    # ggas: the sampler's difficulty G_k and probability p_k at the end of each ggas run
+    # ggas: the sampler's difficulty G_k and probability p_k at the last step of each ggas run
     ends = []
+    print("\nGGAS at the last step (ggas arm): difficulty G_k / probability p_k of the next draw\n")
     for s in seeds:
         run_dir = Path(args.runs) / run_names(exp, "ggas", s)[0]
-        ends.append(diagnostics.sampler_end_state(diagnostics.read_log(run_dir / "log.jsonl")))
-    print("\nGGAS at the last step (ggas arm; per seed): difficulty G_k / probability p_k\n")
-    for s, e in zip(seeds, ends):
-        print(f"seed {s}: " + ", ".join(f"{k} {v['difficulty']:.2f}/{100 * v['probability']:.0f}%" for k, v in e.items()))
+        steps, _ = diagnostics.read_log(run_dir / "log.jsonl")
+        last = diagnostics.sampler_over_training(steps, [(1, steps[-1]["step"])], {}, subsets)
+        ends.append({k: {"difficulty": last["G_end"][k][0], "probability": last["p_end"][k][0]} for k in subsets})
+        print(f"seed {s}: " + ", ".join(f"{k} {v['difficulty']:.2f} / {100 * v['probability']:.0f} %"
+                                        for k, v in ends[-1].items()))
     return {"sampler_end": ends}
 
 

@@ -102,8 +102,8 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
                 rec = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DiagnosticsError(f"{path}, line {lineno}: not JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "step" not in rec:
-                raise DiagnosticsError(f"{path}, line {lineno}: expected an object with a 'step' field")
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise DiagnosticsError(f"{path}, line {lineno}: expected an object with an integer 'step'")
             if rec.get("event") == "val":
                 vals[int(rec["step"])] = rec
             elif rec.get("event") is None:
@@ -120,11 +120,14 @@ def read_config(run_dir: Path) -> dict:
     """RUN_DIR/config.json (train.py's resolved configuration) as a dict."""
     path = Path(run_dir) / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DiagnosticsError(f"{path}: missing (train.py writes it when a run starts)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise DiagnosticsError(f"{path}: unreadable ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("resolved", {}), dict):
+        raise DiagnosticsError(f"{path}: expected train.py's object with a 'resolved' object in it")
+    return config
 
 
 # ================================================================================================
@@ -186,6 +189,12 @@ def calibrator_over_training(steps: list[dict], windows: list[tuple[int, int]],
     return out
 
 
+def steps_received(steps: list[dict], subsets: Sequence[str], until: Optional[int] = None) -> dict:
+    """{name: optimizer steps drawn on it} (up to and including step `until`; None = all logged steps)."""
+    return {k: sum(1 for s in steps if s["subset"] == k and (until is None or s["step"] <= until))
+            for k in subsets}
+
+
 def sampler_over_training(steps: list[dict], windows: list[tuple[int, int]], sizes: dict,
                           subsets: Sequence[str]) -> dict:
     """Part 3: what GGAS drew, against the size prior and the uniform choice.
@@ -202,7 +211,7 @@ def sampler_over_training(steps: list[dict], windows: list[tuple[int, int]], siz
            "uniform": 1.0 / len(subsets) if subsets else None,
            "drawn_share": {k: [] for k in subsets}, "p_end": {k: [] for k in subsets},
            "G_end": {k: [] for k in subsets},
-           "total_steps": {k: sum(1 for s in steps if s["subset"] == k) for k in subsets}}
+           "total_steps": steps_received(steps, subsets)}
     for w in windows:
         mine = _in_window(steps, w)
         last = mine[-1] if mine else {}  # the window's last logged step (lines are sorted by step)
@@ -226,8 +235,9 @@ def recall_vs_steps(steps: list[dict], vals: list[dict], subsets: Sequence[str])
            "r1": {k: [] for k in names}, "r10": {k: [] for k in names}}
     for v in vals:
         rec = v.get("recall") or {}  # {name: {"1": r1, "10": r10}}
+        got = steps_received(steps, names, until=v["step"])
         for k in names:
-            out["received"][k].append(sum(1 for s in steps if s["subset"] == k and s["step"] <= v["step"]))
+            out["received"][k].append(got[k])
             out["r1"][k].append((rec.get(k) or {}).get("1"))
             out["r10"][k].append((rec.get(k) or {}).get("10"))
     return out
@@ -352,7 +362,8 @@ def direction_tables(held: dict) -> str:
     rows = [[k, s["queries"], s["moved"], _fmt(s["lam_mean"], "lam"), _fmt(s["angle_deg_mean"], "deg"),
              _fmt(s["move_norm_mean"], "g"), _fmt(s["rbar"], "g"), _fmt(s["rbar_random"], "g")]
             for k, s in st.items()]
-    out = [f"Checkpoint {held['checkpoint']}, {held['split']} split"
+    at = f" (step {held['checkpoint_step']})" if held.get("checkpoint_step") is not None else ""
+    out = [f"Checkpoint {held['checkpoint']}{at}, {held['split']} split"
            + (f", at most {held['max_queries']} queries per sub-dataset" if held["max_queries"] else "")
            + f"; calibrator {held['calibrator']}. Rbar: 1 = every query moved the same way; "
              "'random' is the Rbar of as many random directions (1/sqrt(moved)).\n",
@@ -360,9 +371,9 @@ def direction_tables(held: dict) -> str:
                            "Rbar", "Rbar random"], rows)]
     cos = held["cosines"]
     idx = {k: i + 1 for i, k in enumerate(cos["names"])}  # short column labels keep the matrix narrow
+    matrix = [[f"{idx[k]} {k}", *[_fmt(c, "cos") for c in row]] for k, row in zip(cos["names"], cos["cos"])]
     out += ["\nCosine between the sub-datasets' mean move directions (columns numbered as the rows):\n",
-            markdown_table(["sub-dataset", *map(str, idx.values())],
-                           [[f"{idx[k]} {k}", *[_fmt(c, "cos") for c in row]] for k, row in zip(cos["names"], cos["cos"])])]
+            markdown_table(["sub-dataset", *map(str, idx.values())], matrix)]
     if held["pairs"]:
         out += ["\nasfr (colour ignored) against t2i / cir (colour needed):\n",
                 markdown_table(["pair", "cos"], [[f"cos({p['a']}, {p['b']})", _fmt(p["cos"], "cos")]
@@ -381,8 +392,9 @@ def checkpoint_folder(run_dir: Path, ckpt: str) -> Path:
     inside = Path(run_dir) / ckpt  # "best" / "last": a folder of the run
     path = inside if inside.is_dir() or ckpt in ("best", "last") else Path(ckpt)
     if not path.is_dir():
-        raise DiagnosticsError(f"{path}: no such checkpoint folder (train.py writes best/ at the first "
-                               f"validation and last/ at every one)")
+        where = f"{inside}" if path == inside else f"neither {inside} nor {path}"
+        raise DiagnosticsError(f"--ckpt {ckpt}: {where}: no such checkpoint folder (train.py writes best/ "
+                               f"at the first validation and last/ at every one)")
     return path
 
 
@@ -434,7 +446,7 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
         mode = None  # from_pretrained below names what is wrong with the file
     if mode == "off":
         return {"skipped": f"the checkpoint {folder} was trained with calibrator 'off': no query moves"}
-    root = evaluate._training_data_root(folder)  # the run's data root, as evaluate.py finds it
+    root = evaluate.training_data_root(folder)  # the run's data root, as evaluate.py finds it
     if root is None:
         raise DiagnosticsError(f"{folder}: neither train_config.json in it nor {folder.parent / 'config.json'} "
                                f"names the data root the run was trained on")
@@ -446,7 +458,7 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
     if not names:
         raise DiagnosticsError(f"{root}: none of the run's sub-datasets ({', '.join(subsets)}) has "
                                f"a {split} split")
-    saved = evaluate._saved_device(folder / CONFIG_FILE)  # a cuda-trained checkpoint on a CPU machine
+    saved = evaluate.saved_device(folder / CONFIG_FILE)  # a cuda-trained checkpoint on a CPU machine
     if saved:
         plumbing.check_device(f"{folder / CONFIG_FILE} (field 'device')", saved)
     embedder = FashionLensEmbedder.from_pretrained(str(folder))
@@ -457,7 +469,12 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
         enc = encode_moves(embedder, view.records)  # (B, D) x2, (B,) x2
         stats[name] = direction_stats(enc["q_raw"], enc["q"], enc["lam"], enc["angle"])
     cosines = direction_cosines(stats)
-    return {"checkpoint": str(folder), "data": str(root), "split": split, "max_queries": max_queries,
+    try:  # which validation made best/ (train.py saves it in metrics.json); last/ has none
+        ckpt_step = json.loads((folder / "metrics.json").read_text())["val"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ckpt_step = None
+    return {"checkpoint": str(folder), "checkpoint_step": ckpt_step, "data": str(root), "split": split,
+            "max_queries": max_queries,
             "calibrator": embedder.config.calibrator, "stats": stats, "cosines": cosines,
             "pairs": colour_pairs(cosines)}
 

@@ -21,6 +21,22 @@ if str(REPO) not in sys.path:
 # plumbing sets OMP_WAIT_POLICY=PASSIVE before torch loads (idle OpenMP threads busy-spin otherwise,
 # which crawls on 2 cores shared with a notebook kernel or a torchrun child); import it first.
 import plumbing  # noqa: E402,F401
+BENCH = REPO / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import each other (controlled.py -> ablation.py)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there (paper_scale's configs)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # Nothing in the test suite may touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -9,29 +9,15 @@ built model, and the whole measurement at `--size test` on a CPU (a few seconds)
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark  # noqa: E402
 
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # speed.py imports its machine header from ablation.py
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there (paper_scale's configs)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ablation = _load("ablation")
-speed = _load("speed")
-paper_scale = _load("paper_scale")
+ablation = load_benchmark("ablation")
+speed = load_benchmark("speed")
+paper_scale = load_benchmark("paper_scale")
 
 
 def test_mean_std_is_the_sample_std():
@@ -300,3 +286,30 @@ def test_paper_scale_refuses_bad_flags(capsys):
     assert "--size 4b --device cpu" in capsys.readouterr().err
     assert paper_scale.main(["--size", "test", "--device", "cpu", "--chunks", "8,x"]) == 1
     assert capsys.readouterr().err.startswith("error: --chunks '8,x'")
+
+
+controlled = load_benchmark("controlled")
+
+
+def test_controlled_run_names_round_trip():
+    for exp, spec in controlled.EXPERIMENTS.items():
+        for arm, over in spec["arms"].items():
+            names = controlled.run_names(exp, arm, 3)
+            parsed = [controlled.parse_name(n) for n in names]
+            assert all(p[:2] == (exp, arm) and p[3] == 3 for p in parsed)
+            # a 'separate' arm is one run per sub-dataset, a shared arm one run on all of them
+            assert [p[2] for p in parsed] == (list(spec["subsets"]) if over.get("separate") else [None])
+
+
+def test_controlled_tables_from_runs():
+    def run(r1: dict, drawn: dict) -> dict:
+        return {"rows": [{"subset": s, "recall": {"1": v, "10": v}} for s, v in r1.items()], "steps_by_subset": drawn}
+
+    by_arm = {"ggas": [run({"t2i/A": 0.5, "sketch2i/B": 0.1}, {"t2i/A": 30, "sketch2i/B": 10}),
+                       run({"t2i/A": 0.7, "sketch2i/B": 0.3}, {"t2i/A": 20, "sketch2i/B": 20})],
+              "uniform": [run({"t2i/A": 0.4, "sketch2i/B": 0.2}, {"t2i/A": 20, "sketch2i/B": 20})] * 2}
+    assert controlled.recall_of(by_arm["ggas"], 1) == pytest.approx({"t2i/A": 0.6, "sketch2i/B": 0.2, "mean": 0.4})
+    table = controlled.recall_table(by_arm, 1)
+    assert "| sketch2i/B | 20.0 | 20.0 |" in table and "| **mean** | 40.0 | 30.0 |" in table
+    shares = controlled.share_table(by_arm)
+    assert "| t2i/A | 62.5 | 50.0 |" in shares  # (30/40 + 20/40) / 2 for ggas

@@ -8,29 +8,17 @@ One end-to-end test trains a 4-step run on the small synthetic U-FIRE and runs t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark  # noqa: E402
 
-
-def _load(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-diag = _load("diagnostics")
+diag = load_benchmark("diagnostics")
 A, B = "asfr/SynAttr", "t2i/SynGen"  # sorted order: A first
 
 
@@ -169,7 +157,7 @@ def test_bad_input_is_one_error_line_naming_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"data": str(tmp_path), "resolved": {
         "total_steps": 1, "train_subsets": {A: 10}}}))
     rc, _, err = _cli([str(tmp_path), "--ckpt", "best"])  # the model part needs a checkpoint
-    assert rc == 1 and f"{tmp_path / 'best'}: no such checkpoint folder" in err
+    assert rc == 1 and f"--ckpt best: {tmp_path / 'best'}: no such checkpoint folder" in err
 
 
 def test_cli_on_a_tiny_real_run(small_synthetic_root, tmp_path):
@@ -200,3 +188,16 @@ def test_cli_on_a_tiny_real_run(small_synthetic_root, tmp_path):
     assert sum(doc["sampler_over_training"]["total_steps"].values()) == 4
     assert doc["recall_vs_steps"]["val_steps"] == [2, 4]
     assert set(doc["calibrator_over_training"]["lam"]) == {*trained, "all"}
+
+
+def test_initial_lambda_is_the_calibrators():
+    """diagnostics.py keeps lambda's start as a constant (so --help needs no torch): the same one."""
+    from calibrator import CalibratorConfig, SphericalQueryCalibrator
+
+    import torch
+
+    cal = SphericalQueryCalibrator.from_config(CalibratorConfig(dim=8, rank=2, hidden=4))
+    assert diag.INIT_LOGIT == CalibratorConfig(dim=8).init_logit
+    with torch.no_grad():
+        lam = cal(torch.randn(3, 8)).lam  # (3,) lambda of a fresh calibrator
+    assert lam.tolist() == pytest.approx([diag.INIT_LAMBDA] * 3, rel=1e-4)  # init_std 1e-6 nudges the logit

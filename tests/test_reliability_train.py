@@ -480,16 +480,21 @@ def test_config_contradicting_its_weights_or_processor_is_refused(where, field, 
 
 @pytest.mark.parametrize("script,flag,value", [
     ("ablation", "--seeds", "a"), ("ablation", "--steps", "0"), ("ablation", "--eval-every", "-1"),
-    ("ablation", "--variants", "nope"), ("ablation", "--device", "cuda:x"),
+    ("ablation", "--variants", "nope"), ("ablation", "--device", "cuda:x"), ("ablation", "--jobs", "0"),
+    ("controlled", "--experiments", "nope"), ("controlled", "--seeds", "a"), ("controlled", "--steps", "0"),
+    ("controlled", "--jobs", "0"), ("controlled", "--device", "cuda:x"),
     ("speed", "--batches", "a"), ("speed", "--chunk", "0"), ("speed", "--search", "10"), ("speed", "--k", "0"),
     ("speed", "--n-images", "0"),
 ])
 def test_benchmark_flags_are_one_error_line(script, flag, value, tmp_path):
     out = tmp_path / "results.json"
     args = [f"benchmarks/{script}.py", "--out", str(out)]
-    args += (["--runs", str(tmp_path / "runs"), "--variants", "full", "--seeds", "0", "--steps", "1",
-              "--tasks", "t2i"] if script == "ablation" else ["--no-memory", "--no-wall", "--n-queries", "8",
-                                                              "--n-images", "8", "--search", "8,64", "--k", "5"])
+    args += {"ablation": ["--runs", str(tmp_path / "runs"), "--variants", "full", "--seeds", "0", "--steps", "1",
+                          "--tasks", "t2i"],
+             "controlled": ["--runs", str(tmp_path / "runs"), "--experiments", "pgsqc", "--seeds", "0",
+                            "--steps", "1"],
+             "speed": ["--no-memory", "--no-wall", "--n-queries", "8", "--n-images", "8", "--search", "8,64",
+                       "--k", "5"]}[script]
     proc = _run([*args, flag, value], timeout=120)  # the flag last: it overrides the short defaults above
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert _one_error_line(proc.stderr).startswith(f"error: {flag} ")
