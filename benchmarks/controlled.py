@@ -132,18 +132,17 @@ def train_run(name: str, args, ufire) -> dict:
                                    {"experiment": exp, "arm": arm, "seed": seed, "name": name})
 
 
-def merged(results: list) -> dict:
-    """One arm at one seed: the rows of its run(s) (a 'separate' arm has one run per sub-dataset)."""
-    return {"rows": [row for r in results for row in r["rows"]],
-            "steps_by_subset": {k: v for r in results for k, v in steps_received(r).items()}}
-
-
-def steps_received(result: dict) -> dict:
-    """{sub-dataset: optimizer steps it was drawn for} from the run's log.jsonl."""
+def merged(names: list, results: dict, runs: str) -> dict:
+    """One arm at one seed: the rows of its run(s) (a 'separate' arm has one run per sub-dataset),
+    and the steps each sub-dataset was drawn for, from each run's log.jsonl."""
     import diagnostics
 
-    steps, _ = diagnostics.read_log(Path(result["train_config"]["out"]) / "log.jsonl")
-    return diagnostics.steps_received(steps, [row["subset"] for row in result["rows"]])
+    rows, drawn = [], {}
+    for n in names:
+        rows += results[n]["rows"]
+        steps, _ = diagnostics.read_log(Path(runs) / n / "log.jsonl")
+        drawn.update(diagnostics.steps_received(steps, [row["subset"] for row in results[n]["rows"]]))
+    return {"rows": rows, "steps_by_subset": drawn}
 
 
 def recall_of(arm_runs: list, k: int) -> dict:
@@ -281,7 +280,7 @@ def _main(argv=None) -> int:
            "seeds": seeds, "experiments": {}}
     for e in exps:
         spec = EXPERIMENTS[e]
-        by_arm = {a: [merged([results[n] for n in run_names(e, a, s)]) for s in seeds] for a in spec["arms"]}
+        by_arm = {a: [merged(run_names(e, a, s), results, args.runs) for s in seeds] for a in spec["arms"]}
         comps = []
         for a, b, question in spec["comparisons"]:
             boot = ablation.paired_bootstrap(by_arm[a], by_arm[b])
@@ -295,7 +294,7 @@ def _main(argv=None) -> int:
             print(recall_table(by_arm, k) + "\n")
         print(comparison_table(comps) + "\n")
         print(share_table(by_arm))
-        mech = mechanism(e, by_arm, seeds, args, results) if not args.quick else {}
+        mech = mechanism(e, seeds, args.runs) if not args.quick else {}
         doc["experiments"][e] = {
             "subsets": list(spec["subsets"]), "steps": args.steps or spec["steps"], "arms": spec["arms"],
             "recall": {a: {f"R@{k}": recall_of(by_arm[a], k) for k in ablation.KS} for a in by_arm},
@@ -309,7 +308,7 @@ def _main(argv=None) -> int:
     return 0
 
 
-def mechanism(exp: str, by_arm: dict, seeds: list, args, results: dict) -> dict:
+def mechanism(exp: str, seeds: list, runs: str) -> dict:
     """What the mechanism itself did in the arm that has it (printed and returned; diagnostics.py)."""
     import diagnostics
 
@@ -320,7 +319,7 @@ def mechanism(exp: str, by_arm: dict, seeds: list, args, results: dict) -> dict:
               "lambda*omega, Rbar (1 = all queries of a sub-dataset moved the same way), and the cosine "
               "between sub-datasets' mean move directions\n")
         for s in seeds:
-            run_dir = Path(args.runs) / run_names(exp, "slerp", s)[0]
+            run_dir = Path(runs) / run_names(exp, "slerp", s)[0]
             held = diagnostics.held_out_directions(run_dir, "best", "test", 0, subsets)
             st, cos = held["stats"], held["cosines"]
             pairs = {f"{a} | {b}": cos["cos"][i][j] for i, a in enumerate(cos["names"])
@@ -335,7 +334,7 @@ def mechanism(exp: str, by_arm: dict, seeds: list, args, results: dict) -> dict:
     ends = []
     print("\nGGAS at the last step (ggas arm): difficulty G_k / probability p_k of the next draw\n")
     for s in seeds:
-        run_dir = Path(args.runs) / run_names(exp, "ggas", s)[0]
+        run_dir = Path(runs) / run_names(exp, "ggas", s)[0]
         steps, _ = diagnostics.read_log(run_dir / "log.jsonl")
         last = diagnostics.sampler_over_training(steps, [(1, steps[-1]["step"])], {}, subsets)
         ends.append({k: {"difficulty": last["G_end"][k][0], "probability": last["p_end"][k][0]} for k in subsets})
