@@ -468,7 +468,8 @@ def run_workers(ids: list, runs: str, jobs: int, script: Path, argv: list) -> in
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
     for i, share in enumerate(s for s in shares if s):
-        cmd = [sys.executable, str(script), *argv, "--jobs", "1", "--only", ",".join(share)]
+        # The same flags (so the same --jobs: each child keeps to one thread) plus its share.
+        cmd = [sys.executable, str(script), *argv, "--only", ",".join(share)]
         log = open(Path(runs) / f"worker{i}.txt", "a")  # the children's per-run lines
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         print(f"worker {i}: {len(share)} runs ({', '.join(share)}); log {Path(runs) / f'worker{i}.txt'}",

@@ -10,10 +10,11 @@ built model, and the whole measurement at `--size test` on a CPU (a few seconds)
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
-from conftest import load_benchmark  # noqa: E402
+from conftest import BENCH, load_benchmark  # noqa: E402
 
 ablation = load_benchmark("ablation")
 speed = load_benchmark("speed")
@@ -313,3 +314,28 @@ def test_controlled_tables_from_runs():
     assert "| sketch2i/B | 20.0 | 20.0 |" in table and "| **mean** | 40.0 | 30.0 |" in table
     shares = controlled.share_table(by_arm)
     assert "| t2i/A | 62.5 | 50.0 |" in shares  # (30/40 + 20/40) / 2 for ggas
+
+
+def test_ablation_end_to_end_with_two_workers(tmp_path):
+    """Two variants x two seeds of 2 steps, trained by two worker processes: every run keeps its
+    per-query ranks, and the paired bootstrap in the table is computed from them."""
+    import json
+    import subprocess
+
+    runs, out = tmp_path / "runs", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--variants", "full,cal-off", "--seeds", "0,1",
+                           "--steps", "2", "--tasks", "t2i", "--jobs", "2", "--runs", str(runs), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in runs.glob("worker*.txt")) == ["worker0.txt", "worker1.txt"]
+    for name in ("full-s0", "cal-off-s0", "full-s1", "cal-off-s1"):
+        run = json.loads((runs / name / "ablation_run.json").read_text())
+        for row in run["rows"]:  # one rank per test query, and Recall@10 recomputed from them
+            hits = sum(0 <= r < 10 for r in row["ranks"])
+            assert row["recall"]["10"] == pytest.approx(hits / (len(row["ranks"]) + row["missing"]))
+    doc = json.loads(out.read_text())
+    delta = doc["deltas_vs_full"]["cal-off"]["overall"]["10"]
+    per_seed = [doc["runs"][i]["overall"]["10"] - doc["runs"][i + 1]["overall"]["10"] for i in (0, 2)]  # full - cal-off
+    assert delta["per_seed"] == pytest.approx(per_seed)
+    assert delta["lo"] <= delta["diff"] <= delta["hi"]
+    assert "What each removed piece was worth" in proc.stdout and "[reused]" in proc.stdout
