@@ -454,6 +454,20 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
     return doc
 
 
+def prepare(args):
+    """What a benchmark checks before it trains anything (--device exists, --runs and --out are
+    writable), then the synthetic U-FIRE it trains on (generated on first use). Shared with
+    benchmarks/controlled.py."""
+    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
+    import data
+    import synthetic
+
+    plumbing.check_device("--device", args.device)
+    plumbing.check_writable("--runs", args.runs)
+    plumbing.check_writable("--out", args.out, folder=False)
+    return data.UFire(synthetic.ensure_synthetic("data/synthetic"))
+
+
 def run_workers(ids: list, runs: str, jobs: int, script: Path, argv: list) -> int:
     """Train the runs named by `ids` in `jobs` child processes at once, one CPU thread each.
 
@@ -562,15 +576,10 @@ def _main(argv=None) -> int:
     os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
     args, seeds, variants = parse_args(argv)
 
-    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
-    import data
-    import synthetic
-    import train  # noqa: F401  (imports torch; one import of transformers for all runs happens below)
+    ufire = prepare(args)
+    import plumbing
+    import train  # imports torch; one import of transformers for all runs happens below
 
-    plumbing.check_device("--device", args.device)
-    plumbing.check_writable("--runs", args.runs)
-    plumbing.check_writable("--out", args.out, folder=False)
-    ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
     train.select_subsets(ufire, "train", args.tasks)  # an unknown task word fails now, not after a run
     info = machine_info()
     kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"

@@ -245,14 +245,8 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
     args, seeds, exps = parse_args(argv)
-    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
-    import data
-    import synthetic
-
-    plumbing.check_device("--device", args.device)
-    plumbing.check_writable("--runs", args.runs)
-    plumbing.check_writable("--out", args.out, folder=False)
-    ufire = data.UFire(synthetic.ensure_synthetic("data/synthetic"))
+    ufire = ablation.prepare(args)
+    import plumbing
     names = [n for e in exps for s in seeds for a in EXPERIMENTS[e]["arms"] for n in run_names(e, a, s)]
     if args.only is not None:  # a --jobs worker: train its share, the parent makes the tables
         names = args.only.split(",")
