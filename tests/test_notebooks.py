@@ -1,8 +1,9 @@
 """Execute every notebook in notebooks/ top to bottom (nbclient) and fail on any cell error.
 
 The notebooks are the students' walkthrough: each must run on a CPU with no downloads,
-importing the project's modules. They run in reading order, because 03 trains the shared demo
-checkpoint runs/notebook-demo (reused by 04-06) when it does not exist yet. Executed copies are
+importing the project's modules. They run in reading order: 03-06 show the run notebooks/shared_run.py
+picks (the default run runs/fashionlens-tiny when it is complete, else the 40-step demo runs/notebook-demo,
+which 03 trains when it does not exist yet and 04-06 reuse). Executed copies are
 written to a temporary folder; the committed notebooks (with their saved outputs) are not touched.
 No timing assertion (flaky on a loaded machine): a generous per-cell timeout instead.
 
