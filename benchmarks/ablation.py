@@ -362,14 +362,19 @@ def machine_line(info: dict) -> str:
 # ================================================================================================
 
 
-def run_settings(variant: str, seed: int, args) -> dict:
-    """Everything that defines one run's result (a finished run is reused only if these match)."""
+def train_defaults() -> dict:
+    """The default job's resolved TrainConfig (the tiny-cpu recipe), minus where a run reads and writes.
+    It is part of every run's settings, so a run trained before a default changed is redone."""
     import train
 
+    return {k: v for k, v in dataclasses.asdict(train.TrainConfig().resolved()).items()
+            if k not in ("out", "data", "device")}
+
+
+def run_settings(variant: str, seed: int, args) -> dict:
+    """Everything that defines one run's result (a finished run is reused only if these match)."""
     cal, samp = VARIANTS[variant]
-    # The tiny-cpu recipe's values (resolved) are part of the settings: a run trained before they changed is redone.
-    defaults = {k: v for k, v in dataclasses.asdict(train.TrainConfig().resolved()).items()
-                if k not in ("out", "data", "device")}
+    defaults = train_defaults()
     return {"variant": variant, "seed": seed, "calibrator": cal, "sampler": samp, "steps": args.steps,
             "eval_every": args.eval_every, "tasks": args.tasks, "ood": bool(args.ood),
             "max_eval_queries": args.max_eval_queries, "train_defaults": defaults}

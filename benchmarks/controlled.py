@@ -52,7 +52,6 @@ Everything else is the default job's recipe (`tiny-cpu`, recipes.py). Shape lege
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -125,9 +124,8 @@ def train_run(name: str, args, ufire) -> dict:
     cfg = train.TrainConfig(tasks=",".join(subsets), data=str(ufire.root), out=str(Path(args.runs) / name),
                             steps=steps, seed=seed, eval_every=steps, max_eval_queries=0, final_test=False,
                             device=args.device, two_cores="off" if args.jobs > 1 else "auto", **overrides)
-    defaults = {k: v for k, v in dataclasses.asdict(train.TrainConfig().resolved()).items()
-                if k not in ("out", "data", "device")}
-    settings = {"name": name, "steps": steps, "subsets": subsets, "overrides": overrides, "train_defaults": defaults}
+    settings = {"name": name, "steps": steps, "subsets": subsets, "overrides": overrides,
+                "train_defaults": ablation.train_defaults()}
     return ablation.train_and_test(cfg, settings, subsets, ufire, args.fresh,
                                    {"experiment": exp, "arm": arm, "seed": seed, "name": name})
 
