@@ -6,7 +6,7 @@ FashionLens (Wen et al., 2026) adds two mechanisms to a plain contrastive MLLM r
 (calibrator.py: slerp of each query toward a proposal) and GGAS (sampler.py: task sampling by
 gradient-guided difficulty x data size). The paper's ablations remove each one. This script trains,
 at the default job's budget (`python train.py --tasks all`: the `tiny-cpu` recipe, 1400 steps) and
-with the same recipe otherwise, five variants, each with several seeds (a seed sets the tiny base's
+with the same recipe otherwise, six variants, each with several seeds (a seed sets the tiny base's
 init, the sampler and the data draws):
 
     variant        --calibrator  --sampler   what it removes
@@ -15,6 +15,7 @@ init, the sampler and the data draws):
     cal-linear     linear        ggas        the sphere: linear interpolation instead of slerp
     samp-uniform   slerp         uniform     GGAS (every sub-dataset equally likely)
     samp-size      slerp         size        GGAS' gradient term (size prior only)
+    baseline       off           uniform     both: the plain contrastive retriever the method builds on
 
 Each run is evaluated on the test split (all 13 sub-datasets; `--ood` adds the two OOD tasks)
 with evaluate.evaluate, keeping each test query's rank of its first positive. The tables report
@@ -28,14 +29,15 @@ the same queries for both variants: `paired_bootstrap`). The paper's claims (tak
 secondary summary of the paper; its own tables were not available) are each "A beats B":
     GGAS helps (full > samp-uniform), PGSQC helps (full > cal-off), removing GGAS costs more than
     removing PGSQC (cal-off > samp-uniform), slerp beats linear (full > cal-linear),
-    and, for information, GGAS' gradient term helps (full > samp-size).
+    and, for information, GGAS' gradient term helps (full > samp-size) and both ideas together
+    help (full > baseline).
 A claim "holds" when the interval of A - B lies above 0, is "contradicted" when it lies below,
 and is "within noise" otherwise. With one seed nothing is decided.
 
 Run it
 ------
-    python benchmarks/ablation.py --jobs 2            # 5 variants x seeds 0,1,2 at 1400 steps: ~2 h on 2 cores
-    python benchmarks/ablation.py --quick             # SMOKE TEST (~5 min): 5 variants x 1 seed, few steps
+    python benchmarks/ablation.py --jobs 2            # 6 variants x seeds 0,1,2 at 1400 steps: ~2.5 h on 2 cores
+    python benchmarks/ablation.py --quick             # SMOKE TEST (~6 min): 6 variants x 1 seed, few steps
     python benchmarks/ablation.py --seeds 0,1,2,3,4 --ood --out benchmarks/long.json
     python benchmarks/ablation.py --variants full,cal-off --seeds 0 --steps 5 --tasks t2i   # seconds
 
@@ -81,6 +83,7 @@ VARIANTS = {
     "cal-linear": ("linear", "ggas"),
     "samp-uniform": ("slerp", "uniform"),
     "samp-size": ("slerp", "size"),
+    "baseline": ("off", "uniform"),
 }
 DESCRIPTIONS = {
     "full": "full model (slerp PGSQC + GGAS)",
@@ -88,6 +91,7 @@ DESCRIPTIONS = {
     "cal-linear": "linear instead of slerp",
     "samp-uniform": "sampler uniform (no GGAS)",
     "samp-size": "sampler size-prior only",
+    "baseline": "baseline: neither idea (calibrator off, sampler uniform)",
 }
 # The paper's claims as (A, B, statement, required): "A beats B"; `required` ones decide "ordering
 # matches". They come from a secondary summary of the paper: its own tables were not available.
@@ -97,12 +101,13 @@ CLAIMS = [
     ("cal-off", "samp-uniform", "removing GGAS costs more than removing PGSQC: cal-off > samp-uniform", True),
     ("full", "cal-linear", "slerp beats linear: full > cal-linear", True),
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
+    ("full", "baseline", "(info) both ideas together help: full > baseline", False),
 ]
 KS = (1, 10)
 N_BOOT = 2000  # bootstrap replicates: the 2.5 / 97.5 % quantiles move by < 0.1 point beyond this
 # Per-run budget: by default the default job's own (the tiny-cpu recipe: 1400 steps, validation
 # every 200), so every variant gets exactly the compute `python train.py --tasks all` gets.
-QUICK_STEPS = 10  # --quick: 5 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
+QUICK_STEPS = 10  # --quick: 6 runs of ~1 min (mostly the test evaluation); a smoke test, not a result
 
 
 # ================================================================================================
