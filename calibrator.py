@@ -30,7 +30,10 @@ Equations (per query; all vectors are rows)
     lambda   = sigmoid(l)                                           strength in (0, 1)
     omega    = arccos(q . q_hat)                                    angle between them
     slerp(q, q_hat; lambda) = sin((1-lambda) omega)/sin(omega) q + sin(lambda omega)/sin(omega) q_hat
-    L_fro    = mean_batch ||A||_F + mean_batch ||B||_F              keeps the proposal small
+    L_fro    = mean_batch ||A||_F + mean_batch ||B||_F              weight decay on the factors (at 1e-4
+                                                                    it does not keep q_hat near q: the
+                                                                    proposal may open to ~90 deg; the
+                                                                    small lambda keeps the output near q)
     L_orth   = mean_batch ||A^T A - I_r||_F                         keeps A's r columns orthonormal,
                                                                     i.e. the r-dim subspace well used
     reg      = fro_weight * L_fro + orth_weight * L_orth            (1e-4 and 1e-2 by default)
@@ -181,7 +184,7 @@ class CalibratorConfig:
     rank: int = 32  # r = 32: rank of the per-query factors A (D x r), B (r x D); the paper's value
     hidden: int = 512  # H = 512: hyper-network width; small next to D, the output layer dominates cost
     mode: str = "slerp"  # "slerp" (the method) | "linear" (ablation) | "off" (identity, no parameters)
-    fro_weight: float = 1e-4  # weight of L_fro: a gentle pull keeping the proposal a small edit of q
+    fro_weight: float = 1e-4  # weight of L_fro: a gentle decay of A and B (too weak to hold q_hat near q: lambda does)
     orth_weight: float = 1e-2  # weight of L_orth: keeps A's columns orthonormal so all r directions are used
     init_logit: float = -3.0  # lambda bias at init: sigmoid(-3) = 0.047, so training starts near identity
     init_std: float = 1e-6  # std of the output layer's weights: A, B ~ 0 so q_hat = q at init

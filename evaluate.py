@@ -306,11 +306,15 @@ def format_table(result: EvalResult) -> str:
         lines.append(f"| {name} | {r.gallery} | {r.queries} | {r.missing} | "
                      + " | ".join(pct(r.recall[k]) for k in ks) + f" | {pct(r.chance10)} |")
     for t, m in result.task_means.items():
-        lines.append(f"| **{t}** (task mean) | | | | " + " | ".join(pct(m[k]) for k in ks) + " | |")
+        if t != "ood":  # the OOD mean goes below overall: it is reported, never averaged in
+            lines.append(f"| **{t}** (task mean) | | | | " + " | ".join(pct(m[k]) for k in ks) + " | |")
     if result.overall:
         over = f"; the {len(empty)} row(s) without queries left out" if empty else ""
-        lines.append(f"| **overall** (mean of task means{over}) | | | | "
+        lines.append(f"| **overall** (mean of the task means above{over}) | | | | "
                      + " | ".join(pct(result.overall[k]) for k in ks) + " | |")
+    if "ood" in result.task_means:
+        lines.append("| **ood** (task mean; out of distribution, not in overall) | | | | "
+                     + " | ".join(pct(result.task_means["ood"][k]) for k in ks) + " | |")
     lines.append(f"\nR@K = {RECALL_DEFINITION}" + (f"; {SAMPLED_NOTE}" if result.max_queries else "") + ".")
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ Equations (K sub-datasets, sizes N_k, reported gradient norms g_k)
       "waterfill": p_k = max(m, c * p_k), sum_k p_k = 1   c found so the floor holds exactly
       "renorm":    p_k = max(m, p_k) / sum_j max(m, p_j)  the authors' one pass (dataset.py 241-246);
                                                          a clipped p_k may end a little below m
-During the warm-up (the authors: the first epoch) p is uniform, which also gives every
+`ggas_probabilities` computes these equations; `TaskBatchSampler` keeps the G_k, the warm-up and the
+draws.  During the warm-up (the authors: the first epoch) p is uniform, which also gives every
 sub-dataset a first difficulty estimate.  The authors draw that uniform choice with
 random.randint over the K sub-datasets (dataset.py, __iter__): the same distribution as our
 inverse-CDF draw on p_k = 1/K, from another random stream.
@@ -95,6 +96,23 @@ def _mix(*values: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         z ^= z >> 31
     return z >> 1  # torch.Generator.manual_seed takes up to 2**63 - 1 safely
+
+
+def ggas_probabilities(sizes: List[int], difficulties: Optional[List[float]], lam: float, temperature: float,
+                       min_prob: float, floor: str = "waterfill") -> List[float]:
+    """The GGAS equations as one function: p over K sub-datasets from their sizes N_k and
+    difficulties G_k (None: the size prior alone, the "size" strategy).  No warm-up, no state: the
+    sampler below decides when to call it and with which G_k."""
+    log_s = [lam * math.log(n) for n in sizes]  # (K,) lam * log N_k: the size prior
+    if difficulties is not None:
+        log_s = [ls + gk / temperature for ls, gk in zip(log_s, difficulties)]  # (K,) + G_k / T
+    top = max(log_s)
+    e = [math.exp(v - top) for v in log_s]  # (K,) softmax numerators, shifted for stability
+    z = sum(e)
+    p = [v / z for v in e]  # (K,) p = softmax(log s)
+    if floor == "renorm":
+        return renorm_floor(p, min_prob)  # p_k = max(m, p_k) / sum_j max(m, p_j)
+    return floor_probabilities(p, min_prob)  # p_k >= min(min_prob, 1/K) exactly, sum 1
 
 
 def renorm_floor(p: List[float], min_prob: float) -> List[float]:
@@ -266,17 +284,8 @@ class TaskBatchSampler:
         k = len(self.names)
         if self.strategy == "uniform" or (self.strategy == "ggas" and self.in_warmup()):
             return [1.0 / k] * k  # uniform strategy, or GGAS warm-up
-        log_s = [self.lam * math.log(n) for n in self.sizes]  # lam * log N_k  (size prior)
-        if self.strategy == "ggas":
-            g = self._effective_difficulties()
-            log_s = [ls + gk / self.temperature for ls, gk in zip(log_s, g)]  # + G_k / T
-        top = max(log_s)
-        e = [math.exp(v - top) for v in log_s]  # softmax, shifted for stability
-        z = sum(e)
-        p = [v / z for v in e]  # p = softmax(log s)
-        if self.floor == "renorm":
-            return renorm_floor(p, self.min_prob)  # p_k = max(m, p_k) / sum_j max(m, p_j)
-        return floor_probabilities(p, self.min_prob)  # p_k >= min(min_prob, 1/K) exactly, sum 1
+        g = self._effective_difficulties() if self.strategy == "ggas" else None  # "size": no G_k term
+        return ggas_probabilities(self.sizes, g, self.lam, self.temperature, self.min_prob, self.floor)
 
     def _refresh_due(self) -> bool:
         """Is p recomputed before the draw at self.step?  At a refresh boundary (every step, every

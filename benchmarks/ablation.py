@@ -103,6 +103,9 @@ CLAIMS = [
     ("full", "samp-size", "(info) GGAS' gradient term helps: full > size prior only", False),
     ("full", "baseline", "(info) both ideas together help: full > baseline", False),
 ]
+# The progression notebook 07 walks, one idea at a time: (A, B, label), each step reported as A − B
+# with the same paired bootstrap. baseline -> + GGAS (cal-off) -> + PGSQC (full, the method).
+PROGRESSION = [("cal-off", "baseline", "+ GGAS"), ("full", "cal-off", "+ PGSQC")]
 KS = (1, 10)
 N_BOOT = 2000  # bootstrap replicates: the 2.5 / 97.5 % quantiles move by < 0.1 point beyond this
 # Per-run budget: by default the default job's own (the tiny-cpu recipe: 1400 steps, validation
@@ -309,16 +312,17 @@ def fmt_ci(st: dict) -> str:
     return f"{100 * st['diff']:+.1f} [{100 * st['lo']:+.1f}, {100 * st['hi']:+.1f}]"
 
 
-def delta_table(deltas: dict, k: int) -> str:
-    """Rows: task words and overall; columns: what each variant removes; cells: full - variant in
-    Recall@k with its 95 % interval; the mechanism helps where the whole interval is above 0."""
+def delta_table(deltas: dict, k: int, head: str = "full − variant", win: str = "full > variant") -> str:
+    """Rows: task words and overall; columns: the compared pairs (by default what each variant removes:
+    full - variant); cells: A - B in Recall@k with its 95 % interval; A helps where the whole interval
+    is above 0."""
     vs = list(deltas)
     tasks = sorted({t for d in deltas.values() for t in d["tasks"]})
-    lines = [f"| R@{k}: full − variant | " + " | ".join(f"`{v}`" for v in vs) + " |", "|---" * (len(vs) + 1) + "|"]
+    lines = [f"| R@{k}: {head} | " + " | ".join(f"`{v}`" for v in vs) + " |", "|---" * (len(vs) + 1) + "|"]
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(fmt_ci(deltas[v]["tasks"][t][k]) for v in vs) + " |")
     lines.append("| **overall** | " + " | ".join(f"**{fmt_ci(deltas[v]['overall'][k])}**" for v in vs) + " |")
-    lines.append("| seeds with full > variant | " + " | ".join(
+    lines.append(f"| seeds with {win} | " + " | ".join(
         f"{sum(d > 0 for d in deltas[v]['overall'][k]['per_seed'])}/{len(deltas[v]['overall'][k]['per_seed'])}"
         for v in vs) + " |")
     return "\n".join(lines)
@@ -628,6 +632,9 @@ def _main(argv=None) -> int:
     # full - variant per task and overall: what the removed piece was worth (paired by seed)
     deltas = {v: paired_bootstrap(by_variant["full"], by_variant[v]) for v in variants
               if v != "full" and "full" in by_variant}
+    # the progression: each step adds one idea to the previous variant (A - B, paired by seed)
+    steps = {label: {"a": a, "b": b, **paired_bootstrap(by_variant[a], by_variant[b])}
+             for a, b, label in PROGRESSION if a in by_variant and b in by_variant}
     checks = check_claims(by_variant)
     verdict_r1 = overall_verdict([c for c in checks if c["metric"] == "R@1"])
     verdict_r10 = overall_verdict([c for c in checks if c["metric"] == "R@10"])
@@ -639,10 +646,15 @@ def _main(argv=None) -> int:
     for m in ("R@1", "R@10"):
         print(f"\nPer task, {m}:\n")
         print(task_table(agg, m))
-    for k in KS:
+    for k in KS if deltas else ():
         print(f"\nWhat each removed piece was worth: full − variant, Recall@{k} in points, mean over seeds "
               f"[95 % paired bootstrap interval over test queries, {N_BOOT} replicates]:\n")
         print(delta_table(deltas, k))
+    for k in KS if steps else ():
+        print(f"\nThe progression, one idea at a time (A − B, Recall@{k} in points "
+              f"[95 % paired bootstrap interval]): " + ", ".join(f"{l} = {d['a']} − {d['b']}" for l, d in steps.items())
+              + "\n")
+        print(delta_table(steps, k, head="A − B", win="A > B"))
     print("\nThe paper's claims (from a secondary summary of the paper; its tables were not available). "
           "'holds' / 'contradicted': the 95 % interval of Δ lies above / below 0:\n")
     print(verdict_table(checks))
@@ -661,7 +673,7 @@ def _main(argv=None) -> int:
            "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
            "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
                          for v, e in agg.items()},
-           "deltas_vs_full": deltas, "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
+           "deltas_vs_full": deltas, "progression": steps, "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
            # per-query ranks stay in each run's ablation_run.json (runs/, not committed): 20k numbers
            "runs": [{**{k: r[k] for k in ("variant", "seed", "overall", "task_means", "best", "seconds",
                                           "train_seconds", "eval_seconds")},

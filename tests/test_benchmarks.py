@@ -338,4 +338,7 @@ def test_ablation_end_to_end_with_two_workers(tmp_path):
     per_seed = [doc["runs"][i]["overall"]["10"] - doc["runs"][i + 1]["overall"]["10"] for i in (0, 2)]  # full - cal-off
     assert delta["per_seed"] == pytest.approx(per_seed)
     assert delta["lo"] <= delta["diff"] <= delta["hi"]
+    # the progression's "+ PGSQC" step is the same comparison (full - cal-off); "+ GGAS" needs the baseline
+    assert doc["progression"]["+ PGSQC"]["overall"] == doc["deltas_vs_full"]["cal-off"]["overall"]
+    assert "+ GGAS" not in doc["progression"]
     assert "What each removed piece was worth" in proc.stdout and "[reused]" in proc.stdout

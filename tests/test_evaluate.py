@@ -80,8 +80,12 @@ def test_summary_numbers_on_hand_made_rows():
     empty = ev.EvalResult(rows=rows + [_row("t2i/Empty", undefined[1], undefined[10])], ks=(1, 10))
     assert empty.sum_recall(1) == pytest.approx(2.1)
     assert ev.summarise([_row("ood/Y", 0.1, 0.3)], (1, 10))[1] == {}  # OOD alone: no overall mean
-    assert "| **overall** (mean of task means) | | | | 65.0 | 90.0 | |" in ev.format_table(res)
+    assert "| **overall** (mean of the task means above) | | | | 65.0 | 90.0 | |" in ev.format_table(res)
     assert "| **cir** (task mean) | | | | 40.0 | 80.0 | |" in ev.format_table(res)
+    # the rows above overall are exactly the ones it averages: the OOD mean comes after it, labelled
+    lines = ev.format_table(res).splitlines()
+    at = {w: next(i for i, x in enumerate(lines) if x.startswith(f"| **{w}**")) for w in ("cir", "t2i", "overall", "ood")}
+    assert at["cir"] < at["t2i"] < at["overall"] < at["ood"] and "not in overall" in lines[at["ood"]]
     # The table says what R@K divides by; so does the JSON.
     assert ev.format_table(res).endswith("R@K = " + ev.RECALL_DEFINITION + ".")
     assert res.to_dict()["recall"] == ev.RECALL_DEFINITION and res.to_dict()["max_queries"] == 0

@@ -399,3 +399,15 @@ def test_switches_are_checked_and_part_of_the_saved_state():
         TaskBatchSampler(SIZES, batch_size=8, floor="renorm").load_state_dict(old)
     cfg = SamplerConfig(batch_size=8, warmup_steps=5, refresh="epoch", ema_start="zero", floor="renorm")
     assert TaskBatchSampler.from_config(SIZES, cfg).config == cfg
+
+
+def test_ggas_probabilities_by_hand():
+    """The score on numbers small enough to check by hand: N = (100, 400), lam 0.5 gives size
+    scores 10 and 20; a difficulty log 2 (T = 1) doubles the first; the two floors differ as described."""
+    from sampler import ggas_probabilities
+
+    assert ggas_probabilities([100, 400], None, 0.5, 1.0, 0.0) == pytest.approx([1 / 3, 2 / 3])
+    assert ggas_probabilities([100, 400], [math.log(2), 0.0], 0.5, 1.0, 0.0) == pytest.approx([0.5, 0.5])
+    assert ggas_probabilities([100, 400], None, 0.5, 1.0, 0.4) == pytest.approx([0.4, 0.6])  # water-filling: exact
+    # the authors' one-pass floor: (0.4, 2/3) / (0.4 + 2/3): the raised entry ends below 0.4
+    assert ggas_probabilities([100, 400], None, 0.5, 1.0, 0.4, floor="renorm") == pytest.approx([0.375, 0.625])
