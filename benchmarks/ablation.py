@@ -673,7 +673,8 @@ def _main(argv=None) -> int:
            "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
            "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
                          for v, e in agg.items()},
-           "deltas_vs_full": deltas, "progression": steps, "claims": checks, "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
+           "deltas_vs_full": deltas, "progression": steps, "claims": checks,
+           "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
            # per-query ranks stay in each run's ablation_run.json (runs/, not committed): 20k numbers
            "runs": [{**{k: r[k] for k in ("variant", "seed", "overall", "task_means", "best", "seconds",
                                           "train_seconds", "eval_seconds")},
