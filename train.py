@@ -384,7 +384,11 @@ def two_core_step(model, batch: Batch, temperature: float, spare: cf.Executor, p
 
 
 def token_grad_norm(embedder) -> float:
-    """||grad|| over the learnable query/target token embeddings: GGAS' difficulty signal."""
+    """||grad|| over the learnable query/target token embeddings: GGAS' difficulty signal.
+
+    It is the gradient of the whole loss, so besides InfoNCE's (p - y) terms, which fade as a
+    sub-dataset is fitted (notebook 04 derives it), it holds the calibrator regulariser's share, which
+    does not."""
     grads = [p.grad.detach().float().norm() for p in embedder.token_parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
