@@ -29,7 +29,7 @@ Run it
     python data.py                                   # tour: counts per task, one example record
     python data.py check --root ../shared/ufire      # exit 1 when anything is missing or unreadable
     python data.py check --root R --quick            # only test that the files exist (no decoding)
-    python synthetic.py --out data/synthetic         # (re)write the synthetic U-FIRE
+    python -m support.synthetic --out data/synthetic         # (re)write the synthetic U-FIRE
 
 The synthetic U-FIRE, as the rest of the code sees it: 13 sub-datasets named "task/Syn...", all 9
 task words + both OOD tasks; 64x64 RGB PNGs; a video is ONE animated GIF (8 frames, 100 ms each) in
@@ -57,7 +57,7 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from errors import FashionLensError, run_cli
+from support.errors import FashionLensError, UFireError, run_cli
 
 # --------------------------------------------------------------------------------------------
 # Task registry
@@ -70,10 +70,6 @@ TASK_WORDS = ("t2i", "sketch2i", "street2shop", "inshop", "video2img",
 OOD_TASKS = ("Image(s)+Text 2 Compatible Item", "Street+Modification Text 2 Shop")
 # How a query's several sketches of one item go into prompts: "one" per prompt | "all" in one prompt.
 SKETCH_MODES = ("one", "all")
-
-
-class UFireError(FashionLensError, ValueError):
-    """Bad input: the message always names the file and the record id/index."""
 
 
 @dataclass(frozen=True)
@@ -559,6 +555,34 @@ class UFire:
         """OOD tasks present under evaluation_only_tasks/, named "ood/<Task name>"."""
         return [f"ood/{n}" for n in self._ood]
 
+    def select(self, split: str, tasks: str = "all", ood: str = "skip") -> list[str]:
+        """The sub-datasets a run uses: "all", or comma-separated task words / "task/dataset" names.
+
+        ood: "include" adds the evaluation-only tasks (test split only), "only" keeps just them,
+        "skip" leaves them out. An unknown name, or nothing left to use, is a UFireError.
+        """
+        known = self.subsets(split)
+        picked: list[str] = []
+        if ood != "only":
+            if tasks in ("all", "", None):
+                picked = list(known)
+            else:
+                for t in (x.strip() for x in tasks.split(",") if x.strip()):
+                    if "/" in t:
+                        if t not in known:
+                            raise UFireError(f"sub-dataset {t!r} is not in the {split} split of "
+                                             f"{self.root}; known: {', '.join(known)}")
+                        picked.append(t)
+                    else:
+                        base_task(t)  # raises a clear error for an unknown task word
+                        picked += [s for s in known if s.split("/")[0] == t]
+        if ood in ("include", "only") and split == "test":
+            picked += list(self.ood_subsets())
+        if not picked:
+            raise UFireError(f"nothing to evaluate in the {split} split of {self.root} "
+                             f"(tasks={tasks!r}, ood={ood!r})")
+        return picked
+
     def triplet_file(self, subset: str, split: str) -> str:
         """The triplet file of one sub-dataset and split (an OOD task has only its test file)."""
         if subset.startswith("ood/"):
@@ -855,7 +879,7 @@ def _open_all(paths: list, videos: set, progress: bool) -> dict:
 
 def _tour() -> None:
     """Counts per sub-dataset of the synthetic U-FIRE (written on first use) and one record."""
-    from synthetic import SyntheticError, ensure_synthetic  # support code, needed only here
+    from support.synthetic import SyntheticError, ensure_synthetic  # support code, needed only here
 
     try:
         root = ensure_synthetic("data/synthetic")

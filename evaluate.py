@@ -68,6 +68,8 @@ Shape legend: B queries, G gallery images, D embedding size, K retrieved per que
 """
 from __future__ import annotations
 
+from support import plumbing  # noqa: I001  first: it sets OMP_WAIT_POLICY before numpy and torch load
+
 import argparse
 import dataclasses
 import hashlib
@@ -81,13 +83,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import plumbing  # before numpy and torch: importing it sets OpenMP's wait policy, which must precede them
 
 import numpy as np
 import torch
 
 import data
-from errors import FashionLensError, run_cli
+from support.errors import EvalError, FashionLensError, run_cli
 
 DEFAULT_KS = (1, 5, 10, 50)
 
@@ -580,33 +581,6 @@ def training_data_root(ckpt: Path) -> Optional[str]:
     return None
 
 
-def select_subsets(ufire, split: str, tasks: str, ood: str) -> list[str]:
-    """Sub-datasets to evaluate: "all" or comma-separated task words / "task/dataset" names.
-
-    ood: "include" adds the evaluation-only tasks (test split only), "only" evaluates just them,
-    "skip" leaves them out. An unknown name, or nothing to evaluate, is a data.UFireError.
-    """
-    known = ufire.subsets(split)
-    picked: list[str] = []
-    if ood != "only":
-        if tasks in ("all", "", None):
-            picked = list(known)
-        else:
-            for t in (x.strip() for x in tasks.split(",") if x.strip()):
-                if "/" in t:
-                    if t not in known:
-                        raise data.UFireError(f"sub-dataset {t!r} is not in the {split} split of "
-                                              f"{ufire.root}; known: {', '.join(known)}")
-                    picked.append(t)
-                else:
-                    data.base_task(t)  # raises a clear error for an unknown task word
-                    picked += [s for s in known if s.split("/")[0] == t]
-    if ood in ("include", "only") and split == "test":
-        picked += list(ufire.ood_subsets())
-    if not picked:
-        raise data.UFireError(f"nothing to evaluate in the {split} split of {ufire.root} "
-                              f"(tasks={tasks!r}, ood={ood!r})")
-    return picked
 
 
 def main(argv=None) -> int:
@@ -623,11 +597,11 @@ def _cli(argv) -> int:
     ckpt = Path(args.ckpt)
     root = args.data or training_data_root(ckpt) or "data/synthetic"
     if root == "synthetic":  # a run trained on `--data synthetic`: generate it if this clone lacks it
-        import synthetic  # the generator is needed only here: keep it off every other path
+        from support import synthetic  # the generator is needed only here: keep it off every other path
 
         root = synthetic.ensure_synthetic("data/synthetic")
     ufire = data.UFire(root)
-    subsets = select_subsets(ufire, args.split, args.tasks, args.ood)  # unknown tasks fail before loading
+    subsets = ufire.select(args.split, args.tasks, args.ood)  # unknown tasks fail before loading
     from model import CONFIG_FILE, FashionLensEmbedder  # model imports transformers: keep it off the metric path
 
     if args.device is None:  # the device saved in the checkpoint (where it was trained) must exist here
@@ -659,10 +633,6 @@ def _cli(argv) -> int:
                               "".join(json.dumps(r, allow_nan=False) + "\n" for r in res.per_query))
         print(f"wrote {out} and {out.with_suffix('.per_query.jsonl')}")
     return 0
-
-
-class EvalError(FashionLensError, ValueError):
-    """A bad evaluate.py flag, or embeddings no number can be computed from (names the flag or file)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,10 +98,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-import plumbing
-import recipes
-from errors import FashionLensError
-from tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
+from support import plumbing
+from support import recipes
+from support.errors import BackboneError, CheckpointError, EmbedderConfigError, FashionLensError
+from support.tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
                            processor_class, tiny_backbone_config, vision_geometry)
 
 # Architectures the embedder knows how to drive (their get_rope_index and vision tower API).
@@ -147,10 +147,6 @@ class EmbedderConfig:
     # auto: train a random tiny vision tower in full, freeze a pretrained one; "true"/"false" force it
     train_vision: str = "auto"
     tiny_vocab_size: int = 1536     # BPE vocabulary of the offline tokenizer (its fashion corpus is small)
-
-
-class EmbedderConfigError(FashionLensError, ValueError):
-    """An EmbedderConfig value no embedder can use (the message names the field)."""
 
 
 def resolve_config(config: EmbedderConfig) -> EmbedderConfig:
@@ -988,14 +984,6 @@ class FashionLensEmbedder(nn.Module):
 # The checkpoint folder's layout (names other tools, e.g. plain peft, can open directly).
 CONFIG_FILE, WEIGHTS_FILE = "embedder_config.json", "embedder.safetensors"
 ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
-
-
-class CheckpointError(FashionLensError, ValueError):
-    """A checkpoint folder is incomplete or belongs to another backbone (the message names the path)."""
-
-
-class BackboneError(FashionLensError, ValueError):
-    """A real backbone that cannot be loaded offline: not found locally, or its folder is incomplete."""
 
 
 # ================================================================================================

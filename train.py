@@ -80,7 +80,7 @@ G gallery, r rank, T tasks (sub-datasets), W world size (processes).
 """
 from __future__ import annotations
 
-import plumbing  # noqa: I001  first: it sets OMP_WAIT_POLICY before torch loads (see plumbing.py)
+from support import plumbing  # noqa: I001  first: it sets OMP_WAIT_POLICY before torch loads (see plumbing.py)
 
 import argparse
 import concurrent.futures as cf
@@ -105,16 +105,16 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 import data
-from errors import FashionLensError, run_cli
+from support.errors import FashionLensError, NonFiniteLoss, TrainingError, run_cli
 import evaluate
-import recipes
+from support import recipes
 import sampler
-import synthetic
+from support import synthetic
 from model import SUMMARY_INITS, EmbedderConfig, FashionLensEmbedder
-from prefetch import MODES as LOADER_MODES, Prefetcher
-from plumbing import (STATE_JSON, STATE_TENSORS, DistInfo, append_jsonl, atomic_write, barrier, gather_nograd,
+from support.prefetch import MODES as LOADER_MODES, Prefetcher
+from support.plumbing import (STATE_JSON, STATE_TENSORS, DistInfo, append_jsonl, atomic_write, barrier, gather_nograd,
                       gather_with_grad, mean_over_ranks, mix_seed)
-from tiny_backbone import TINY_TYPES
+from support.tiny_backbone import TINY_TYPES
 
 # ================================================================================================
 # The loss
@@ -192,10 +192,6 @@ class StepOut:
     reg: float  # R_cal, averaged over ranks
     lam: float  # mean calibrator strength lambda over this rank's queries
     angle: float = 0.0  # mean arc lambda * omega (radians) the calibrator moved this rank's queries
-
-
-class NonFiniteLoss(FloatingPointError):
-    """Raised inside a step; the training loop turns it into a TrainingError naming step and task."""
 
 
 def _check_finite(x: float) -> None:
@@ -614,10 +610,6 @@ HIDDEN_FLAGS = {"find_unused_parameters"}
 CONFIG_JSON = "train_config.json"  # the run's TrainConfig, saved in every checkpoint
 
 
-class TrainingError(FashionLensError, RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where and what is left."""
-
-
 # ================================================================================================
 # Data for a step
 # ================================================================================================
@@ -648,9 +640,6 @@ def prepare_batch(view, embedder, seed: int, request: tuple) -> Batch:
     return batch
 
 
-def select_subsets(ufire, split: str, tasks: str) -> list[str]:
-    """Sub-datasets of `split` for --tasks (same rules as evaluate.py: task words or task/dataset)."""
-    return evaluate.select_subsets(ufire, split, tasks, "skip")
 
 
 def resolve_data_root(spec: str, di: DistInfo) -> str:
@@ -727,8 +716,8 @@ def setup(cfg: TrainConfig, resume: Optional[str]) -> Run:
     out = Path(cfg.resolved_out())
     cfg.data = resolve_data_root(cfg.data, di)  # config.json and checkpoints record the resolved root
     ufire = data.UFire(cfg.data)
-    train_subsets = select_subsets(ufire, "train", cfg.tasks)
-    val_subsets = select_subsets(ufire, "val", cfg.tasks)
+    train_subsets = ufire.select("train", cfg.tasks)
+    val_subsets = ufire.select("val", cfg.tasks)
     check_not_empty(ufire, "train", train_subsets, di.world)  # reads the records now (cached for the view)
     check_not_empty(ufire, "val", val_subsets, 1)
 
@@ -1145,7 +1134,7 @@ def check_ranks_agree(module, di: DistInfo) -> None:
 def final_test(cfg: TrainConfig, out: Path, ufire, device: str) -> dict:
     """Reload best/ from disk (also proving it loads) and print the test Recall@K table."""
     best = FashionLensEmbedder.from_pretrained(str(out / "best"), device=device)
-    subsets = select_subsets(ufire, "test", cfg.tasks)
+    subsets = ufire.select("test", cfg.tasks)
     res = evaluate.evaluate(best, ufire, subsets, split="test", ks=(1, 5, 10, 50),
                             batch_size=cfg.eval_batch_size, cache_dir=None, progress=sys.stderr.isatty())
     print(f"\nTest Recall@K of {out / 'best'} (data: {cfg.data})")

@@ -74,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from errors import run_cli  # noqa: E402  (standard library only: --help stays fast)
+from support.errors import run_cli  # noqa: E402  (standard library only: --help stays fast)
 
 # variant name -> (calibrator, sampler); "full" is the method, the rest remove one piece each.
 VARIANTS = {
@@ -408,9 +408,7 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
 
 def evaluate_subsets(ufire, tasks: str, ood: bool) -> list:
     """The test sub-datasets of --tasks (plus the OOD tasks with --ood)."""
-    import evaluate
-
-    return evaluate.select_subsets(ufire, "test", tasks, "include" if ood else "skip")
+    return ufire.select("test", tasks, "include" if ood else "skip")
 
 
 def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, tags: dict) -> dict:
@@ -422,7 +420,7 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
     Shared with benchmarks/controlled.py.
     """
     import evaluate
-    import plumbing
+    from support import plumbing
     import train
     from model import FashionLensEmbedder
 
@@ -472,9 +470,9 @@ def prepare(args):
     """What a benchmark checks before it trains anything (--device exists, --runs and --out are
     writable), then the synthetic U-FIRE it trains on (generated on first use). Shared with
     benchmarks/controlled.py."""
-    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
+    from support import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
     import data
-    import synthetic
+    from support import synthetic
 
     plumbing.check_device("--device", args.device)
     plumbing.check_writable("--runs", args.runs)
@@ -563,7 +561,7 @@ def parse_args(argv=None):
                                ("--max-eval-queries", args.max_eval_queries, 0), ("--jobs", args.jobs, 1)):
         if value is not None and value < least:  # None: the default below
             raise SystemExit(f"error: {flag} {value}: must be >= {least}")
-    import recipes  # the default job's budget (standard library only: --help stays fast)
+    from support import recipes  # the default job's budget (standard library only: --help stays fast)
 
     tiny = recipes.RECIPES["tiny-cpu"]["train"]
     args.steps = args.steps or (QUICK_STEPS if args.quick else tiny["steps"])
@@ -591,10 +589,10 @@ def _main(argv=None) -> int:
     args, seeds, variants = parse_args(argv)
 
     ufire = prepare(args)
-    import plumbing
+    from support import plumbing
     import train  # imports torch; one import of transformers for all runs happens below
 
-    train.select_subsets(ufire, "train", args.tasks)  # an unknown task word fails now, not after a run
+    ufire.select("train", args.tasks)  # an unknown task word fails now, not after a run
     info = machine_info()
     kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"
     print(f"# FashionLens {kind}: {len(variants)} variants x seeds {seeds}, {args.steps} steps each, "

@@ -65,7 +65,7 @@ for p in (str(REPO), str(BENCH)):
         sys.path.insert(0, p)
 
 import ablation  # noqa: E402  (standard library at import: --help stays fast)
-from errors import run_cli  # noqa: E402
+from support.errors import run_cli  # noqa: E402
 
 # experiment -> its sub-datasets, steps, the arms (TrainConfig overrides), and the comparisons
 # (A, B, question) whose paired difference A - B answers the experiment.
@@ -244,7 +244,7 @@ def _main(argv=None) -> int:
     os.chdir(REPO)  # runs/, data/ and the default --out are relative to the repository
     args, seeds, exps = parse_args(argv)
     ufire = ablation.prepare(args)
-    import plumbing
+    from support import plumbing
     names = [n for e in exps for s in seeds for a in EXPERIMENTS[e]["arms"] for n in run_names(e, a, s)]
     if args.only is not None:  # a --jobs worker: train its share, the parent makes the tables
         names = args.only.split(",")

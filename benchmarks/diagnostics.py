@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the flat modules (errors, plumbing, model, ...) sit at the root
     sys.path.insert(0, str(REPO))
 
-from errors import FashionLensError, run_cli  # noqa: E402  (standard library only: --help stays fast)
+from support.errors import FashionLensError, run_cli  # noqa: E402  (standard library only: --help stays fast)
 
 # lambda at initialisation: sigmoid(init_logit) with calibrator.CalibratorConfig.init_logit = -3.
 INIT_LOGIT = -3.0
@@ -435,7 +435,7 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
     Returns {"skipped": reason} for a checkpoint trained without a calibrator.
     """
     import evaluate  # imports torch and the metric; the model comes after the cheap checks
-    import plumbing
+    from support import plumbing
 
     folder = checkpoint_folder(run_dir, ckpt)
     from model import CONFIG_FILE, FashionLensEmbedder
@@ -511,7 +511,7 @@ def _main(argv=None) -> int:
     if args.max_queries < 0 or args.windows < 1:
         raise SystemExit("error: --max-queries must be >= 0 and --windows >= 1")
     out_path = Path(args.out) if args.out else run_dir / "diagnostics.json"
-    import plumbing  # imports torch (for its other helpers): after the flags, so --help stays fast
+    from support import plumbing  # imports torch (for its other helpers): after the flags, so --help stays fast
 
     plumbing.check_writable("--out", out_path, folder=False)  # fail now, not after the model ran
     if not args.no_model:

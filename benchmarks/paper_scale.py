@@ -103,7 +103,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from errors import FlagError, run_cli  # noqa: E402  (standard library only: --help stays fast)
+from support.errors import FlagError, run_cli  # noqa: E402  (standard library only: --help stays fast)
 
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H200 SXM datasheet: 1,979 TFLOP/s bf16 "with sparsity", half dense
 PHOTO_SIZE = (640, 480)  # (width, height) of every synthetic photo: the issue's "640x480 photo"
@@ -251,7 +251,7 @@ def build(cfg: BenchConfig):
     """(embedder, train config, model config, checkpoint folder, whether the folder is temporary)."""
     import torch
 
-    import hub_layout
+    from support import hub_layout
     import train
 
     qcfg = hub_layout.qwen_config("qwen3_vl", cfg.size)
@@ -300,7 +300,7 @@ def train_once(embedder, optimizer, params, batch, chunk: int, tcfg, step: int) 
     """One training step as train.train_step computes it (no loader, sampler or log); its loss."""
     import torch
 
-    import plumbing
+    from support import plumbing
     import train
 
     torch.manual_seed(plumbing.mix_seed(tcfg.seed, step, 0))  # dropout masks of this step
@@ -329,7 +329,7 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     import torch
 
     import train
-    from plumbing import DistInfo
+    from support.plumbing import DistInfo
 
     batch = make_batch(embedder, kind, cfg.batch, cfg)
     shape = batch_shape(batch)
@@ -365,7 +365,7 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
 
 def _authors_chunk(kind: str) -> int:
     """The authors' GradCache chunk for the sub-dataset a query kind imitates (recipes.CHUNK_SIZES)."""
-    import recipes
+    from support import recipes
 
     return recipes.chunk_size_for(AUTHORS_CHUNK[kind], -1)
 
@@ -536,7 +536,7 @@ def parse_flags(argv=None) -> tuple[BenchConfig, Optional[str]]:
     for flag, (value, ok, need) in checks.items():
         if not ok:
             raise FlagError(f"{flag} {value!r}: {need}")
-    import plumbing  # before torch: it sets OpenMP's wait policy
+    from support import plumbing  # before torch: it sets OpenMP's wait policy
 
     device = args.device
     if device is None:
@@ -578,7 +578,7 @@ def _main(argv=None) -> int:
     if banner:
         print(banner)
     if out:
-        import plumbing
+        from support import plumbing
 
         plumbing.atomic_write(Path(out), json.dumps(res, indent=1, allow_nan=False) + "\n")
         print(f"wrote {out}")

@@ -95,7 +95,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import machine_info, machine_line  # noqa: E402  (same machine header in both scripts)
-from errors import FashionLensError, run_cli  # noqa: E402
+from support.errors import FashionLensError, run_cli  # noqa: E402
 
 
 class BenchmarkError(FashionLensError):
@@ -157,7 +157,7 @@ def pct(x: float) -> str:
 def memory_worker(batch: int, chunk: int, subset: str) -> dict:
     """Runs in a fresh process: peak resident memory of one training step at (batch, chunk)."""
     import data
-    import synthetic
+    from support import synthetic
     import train
     from model import EmbedderConfig, FashionLensEmbedder
 
@@ -308,7 +308,7 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
     # The default path, set up as evaluate.py's command line does: one torch thread for a tiny model
     # on a CPU (so model.encode_threads gives one encoding thread per core) and LoRA merged on a CPU.
     import model as model_module
-    import plumbing
+    from support import plumbing
 
     threads_before = torch.get_num_threads()
     try:
@@ -829,7 +829,7 @@ def check_args(args) -> None:
     if args.skip_train and not args.no_wall and not (REPO / args.run / "best").is_dir():
         raise SystemExit(f"error: --run {args.run}: --skip-train needs an existing run, and {args.run}/best "
                          f"is not there (train one with `python train.py --tasks all`, or pass --run)")
-    import plumbing  # the project's own checks (imports torch)
+    from support import plumbing  # the project's own checks (imports torch)
 
     plumbing.check_writable("--out", args.out, folder=False)
     if not (args.no_shares and args.no_wall):  # both write their runs and logs under runs/speed
@@ -844,7 +844,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.chdir(REPO)
-    import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
+    from support import plumbing  # before torch: it sets OpenMP's wait policy for shared cores
 
     if args.memory_worker:
         print(json.dumps(memory_worker(*args.memory_worker, subset=args.memory_subset)))
@@ -853,7 +853,7 @@ def _main(argv=None) -> int:
     import torch  # noqa: F401  (so machine_info reports torch's threads)
 
     import data
-    import synthetic
+    from support import synthetic
 
     if not args.no_memory:  # the memory workers read this sub-dataset: check it (and its size) here
         recs = data.UFire(synthetic.ensure_synthetic("data/synthetic")).records(args.memory_subset, "train")

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 # plumbing sets OMP_WAIT_POLICY=PASSIVE before torch loads (idle OpenMP threads busy-spin otherwise,
 # which crawls on 2 cores shared with a notebook kernel or a torchrun child); import it first.
-import plumbing  # noqa: E402,F401
+from support import plumbing  # noqa: E402,F401
 BENCH = REPO / "benchmarks"
 
 
@@ -53,7 +53,7 @@ def shared_ufire() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A synthetic U-FIRE at the default scale and seed, generated once per session."""
-    import synthetic
+    from support import synthetic
 
     out = tmp_path_factory.mktemp("ufire") / "synthetic"
     return Path(synthetic.ensure_synthetic(str(out), seed=0, scale=1.0))
@@ -63,7 +63,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 def small_synthetic_root(tmp_path_factory) -> Path:
     """A synthetic U-FIRE at scale 0.1 (seed 0): every task, galleries of 55+ images, ~3 s to make.
     For tests that run whole train/evaluate subprocesses and only need a few records per task."""
-    import synthetic
+    from support import synthetic
 
     out = tmp_path_factory.mktemp("ufire_small") / "synthetic"
     return Path(synthetic.ensure_synthetic(str(out), seed=0, scale=0.1))
@@ -73,7 +73,7 @@ def small_synthetic_root(tmp_path_factory) -> Path:
 def hub_backbone(tmp_path_factory):
     """hub_backbone(arch) -> the folder of a small random Qwen-VL ("qwen3_vl" | "qwen2_5_vl" |
     "qwen2_vl") in the hub's own layout (hub_layout.write_checkpoint, seed 0), written once per session."""
-    import hub_layout
+    from support import hub_layout
 
     made: dict[str, Path] = {}
 

@@ -162,7 +162,7 @@ def test_step_shares_summary_and_table():
 # ---------------------------------------------------------------------------------------------
 
 def test_flop_counts_of_the_published_4b_config():
-    import hub_layout
+    from support import hub_layout
 
     c = paper_scale.flop_counts(hub_layout.qwen_config("qwen3_vl", "4b"), lora_r=8)
     # One text layer of Qwen3-VL-4B: q 2560->4096 (32 heads x 128), k and v 2560->1024 (8 KV heads),

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import data
-import synthetic
+from support import synthetic
 from data import UFire, UFireError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_synthetic_deterministic(tmp_path):
     synthetic.generate_synthetic(c, seed=4, scale=0.04, workers=2, verbose=False)
     assert _hashes(c) != ha
     # the command line writes the same bytes as the function
-    p = subprocess.run([sys.executable, "synthetic.py", "--out", str(d), "--seed", "3", "--scale", "0.04",
+    p = subprocess.run([sys.executable, "-m", "support.synthetic", "--out", str(d), "--seed", "3", "--scale", "0.04",
                         "--workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert _hashes(d) == ha
@@ -205,7 +205,7 @@ def test_synthetic_agrees_with_the_registry():
     assert set(synthetic.INSTRUCTIONS) == set(data.TASKS)  # phrasings for every task, OOD included
     assert {s.task for s in synthetic.SYNTH_SUBSETS} == set(data.TASK_WORDS)
     imported = set()  # imports flow one way: support -> core, never back
-    for node in ast.walk(ast.parse((REPO / "synthetic.py").read_text())):
+    for node in ast.walk(ast.parse((REPO / "support" / "synthetic.py").read_text())):
         if isinstance(node, ast.Import):
             imported.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -452,3 +452,17 @@ def test_frame_times(tmp_path):
     assert q.frame_times == pytest.approx([0.0, 0.1, 0.3, 0.6, 1.0]) and q.images == []
     assert data.record_to_query(v2, num_frames=2).frame_times == [0.5, 1.5]  # frames 1 and 3
     assert data.Query("text").frame_times == []
+
+
+def test_relative_synthetic_paths_are_taken_from_the_repository_root(monkeypatch):
+    """data/synthetic is the repository's (the default job, the notebooks and evaluate.py share it),
+    whichever folder the generator's module sits in."""
+    assert synthetic.REPO == REPO and (synthetic.REPO / "train.py").is_file()
+    made = []
+    monkeypatch.setattr(synthetic, "generate_synthetic", lambda out, *a, **k: made.append(Path(out)))
+    monkeypatch.setattr(synthetic, "INFO_FILE", "no-such-info-file.json")
+    try:
+        synthetic.ensure_synthetic("data/elsewhere-never-written")
+    except Exception:
+        pass  # the stub writes nothing, so what follows it may fail: only the path it was given matters
+    assert made and made[0] == REPO / "data" / "elsewhere-never-written", made

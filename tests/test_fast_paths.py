@@ -28,7 +28,7 @@ from functools import partial
 
 import pytest
 
-import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
+from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
 import torch
 
 # Reused from the other test files: the scale-0.1 synthetic U-FIRE (module fixture), the in-process
@@ -411,7 +411,7 @@ def _failing(prepare, request):
 
 def test_prefetcher_off_prepares_in_the_caller(tiny_embedder, view):
     import train
-    from prefetch import Prefetcher
+    from support.prefetch import Prefetcher
 
     prepare = partial(train.prepare_batch, view, tiny_embedder, 0)
     req = ("t2i/SynGen", (1, 2, 3), 0)
@@ -428,7 +428,7 @@ def test_prefetcher_returns_what_prepare_returns(tiny_embedder, view, mode):
     """Right guess: the worker's batch (a hit). Wrong guess: the asked-for batch, prepared here (a
     miss). A failure inside prepare reaches get() with its message; a wrong guess that fails does not."""
     import train
-    from prefetch import Prefetcher
+    from support.prefetch import Prefetcher
 
     prepare = partial(train.prepare_batch, view, tiny_embedder, 0)
     a, b = ("cir/SynCIR-Top", (0, 4, 0, 6), 1), ("t2i/SynGen", (9, 1, 4, 3), 2)
@@ -459,7 +459,7 @@ def test_prefetcher_thread_failure_reaches_get_in_a_fresh_interpreter():
     """The same in a process that never touched a process pool (train.py --loader thread): nothing
     there has imported concurrent.futures.process, so get() must not depend on it."""
     script = ("import sys; sys.path.insert(0, {repo!r})\n"
-              "from prefetch import Prefetcher\n"
+              "from support.prefetch import Prefetcher\n"
               "def prepare(r):\n"
               "    if r == 'bad':\n"
               "        raise ValueError('boom')\n"
@@ -664,12 +664,3 @@ def test_build_optimizer_uses_fused_adamw_with_the_per_tensor_numbers():
     for (n, p), q in zip(fused_model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), n
     assert not torch.equal(fused_model.lora, _TwoGroups().lora)  # the step did move the weights
-
-
-def test_prefetch_is_support_code():
-    """prefetch.py is support: importing it pulls in none of the core files (imports flow one way)."""
-    code = ("import sys, prefetch\n"
-            "core = {'data', 'model', 'train', 'evaluate', 'calibrator', 'sampler'} & set(sys.modules)\n"
-            "assert not core, core\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]

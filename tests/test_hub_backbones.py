@@ -29,12 +29,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import plumbing  # noqa: F401  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
+from support import plumbing  # noqa: F401  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
 import pytest
 import torch
 from PIL import Image
 
-import recipes
+from support import recipes
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHES = ("qwen3_vl", "qwen2_5_vl")
@@ -193,7 +193,7 @@ def test_hub_folder_loads_with_transformers_auto_classes(arch, hub_backbone):
 
 def test_qwen_config_respects_the_architecture_constraints():
     """Each test config satisfies the Qwen pitfalls (they fail at build or forward time otherwise)."""
-    import hub_layout
+    from support import hub_layout
 
     for a in hub_layout.ARCHES:
         cfg = hub_layout.qwen_config(a)
@@ -216,7 +216,7 @@ def test_qwen3_vl_4b_config_is_the_published_shape():
     meta device: no memory). The numbers are the published file's (hub_layout cites its copies)."""
     from transformers import AutoModelForImageTextToText
 
-    import hub_layout
+    from support import hub_layout
 
     cfg = hub_layout.qwen_config("qwen3_vl", "4b")
     t, v = cfg.text_config, cfg.vision_config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import plumbing
+from support import plumbing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_trim_jsonl_keeps_lines_up_to_a_step(tmp_path):
 # ---- mix_seed and params_digest ----------------------------------------------------------------
 
 def test_mix_seed_is_stable_across_processes_and_in_range():
-    code = "import plumbing; print(plumbing.mix_seed(0, 17, 'cir/SynCIR-Top', 3))"
+    code = "from support import plumbing; print(plumbing.mix_seed(0, 17, 'cir/SynCIR-Top', 3))"
     outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout.strip() for h in ("1", "2")}
     assert len(outs) == 1  # Python's own hash() is salted per process; this must not be

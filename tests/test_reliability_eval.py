@@ -23,7 +23,7 @@ from PIL import Image
 
 import data
 import evaluate as ev
-import synthetic
+from support import synthetic
 from data import UFireError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,7 +296,7 @@ def clean_cache(tiny_root, embedder, tmp_path_factory):
     """One evaluation that fills a cache: (its rows' recalls, the cache file's name, its bytes)."""
     cache = tmp_path_factory.mktemp("cache")
     uf = data.UFire(str(tiny_root))
-    subs = ev.select_subsets(uf, "test", "t2i,cir", "skip")
+    subs = uf.select("test", "t2i,cir", "skip")
     res = ev.evaluate(embedder, uf, subs, cache_dir=str(cache), progress=False)
     (f,) = list(cache.iterdir())
     return [r.recall for r in res.rows], f.name, f.read_bytes()
@@ -312,7 +312,7 @@ def test_damaged_cache_is_reported_recomputed_and_replaced(kind, tiny_root, embe
     assert bad != raw
     (cache / name).write_bytes(bad)
     uf = data.UFire(str(tiny_root))
-    subs = ev.select_subsets(uf, "test", "t2i,cir", "skip")
+    subs = uf.select("test", "t2i,cir", "skip")
     res = ev.evaluate(embedder, uf, subs, cache_dir=str(cache), progress=False)
     err = capsys.readouterr().err
     warn = [ln for ln in err.splitlines() if ln.startswith("warning: gallery cache")]
@@ -330,7 +330,7 @@ def test_cache_renamed_to_another_key_or_without_checksum_is_not_trusted(tiny_ro
     recalls, name, raw = clean_cache
     key = name.split(".sha256-")[0]
     uf = data.UFire(str(tiny_root))
-    subs = ev.select_subsets(uf, "test", "t2i,cir", "skip")
+    subs = uf.select("test", "t2i,cir", "skip")
     cache = tmp_path / "cache"
     cache.mkdir()
     # a file of the old layout (KEY.npy, no checksum) with the right shape but wrong rows
@@ -352,7 +352,7 @@ def test_unwritable_cache_only_warns(tiny_root, embedder, clean_cache, tmp_path,
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be\n")
     uf = data.UFire(str(tiny_root))
-    subs = ev.select_subsets(uf, "test", "t2i,cir", "skip")
+    subs = uf.select("test", "t2i,cir", "skip")
     res = ev.evaluate(embedder, uf, subs, cache_dir=str(blocker), progress=False)
     err = capsys.readouterr().err
     assert "warning: could not write the gallery cache" in err and "Traceback" not in err
@@ -589,13 +589,13 @@ def test_data_errors_are_one_line_naming_file_and_record(how, ckpt, tiny_root, t
         assert not f.name.startswith(".") and ev.read_cache(cache, f.name.split(".")[0], np.load(f).shape) is not None
 
 
-def test_select_subsets_errors_are_ufire_errors(tiny_root):
-    # train.py calls select_subsets too: its errors must be FashionLensErrors (one line there as well)
+def test_select_errors_are_ufire_errors(tiny_root):
+    # train.py calls UFire.select too: its errors must be FashionLensErrors (one line there as well)
     uf = data.UFire(str(tiny_root))
     with pytest.raises(UFireError, match=f"'cir/SynNope' is not in the val split of {uf.root}"):
-        ev.select_subsets(uf, "val", "cir/SynNope", "skip")
+        uf.select("val", "cir/SynNope", "skip")
     with pytest.raises(UFireError, match="nothing to evaluate in the val split"):
-        ev.select_subsets(uf, "val", "all", "only")  # OOD tasks have no val split
+        uf.select("val", "all", "only")  # OOD tasks have no val split
 
 
 def test_evaluate_process_exit_status_and_no_traceback(ckpt, tiny_root, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
+from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def _log(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """A synthetic U-FIRE at scale 0.03; never modified (tests that damage data use a copy)."""
-    import synthetic
+    from support import synthetic
 
     return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire") / "syn"), seed=0, scale=0.03))
 

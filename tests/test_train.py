@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
+from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _weights(ckpt: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> str:
-    import synthetic
+    from support import synthetic
 
     return synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire_small") / "synthetic"), seed=0, scale=0.1)
 
@@ -247,7 +247,7 @@ def no_model(monkeypatch):
 
 
 def _recipe(name: str) -> dict:
-    import recipes
+    from support import recipes
 
     return {**recipes.RECIPES[name]["embedder"], **recipes.RECIPES[name]["train"]}
 
@@ -314,7 +314,7 @@ def test_flags_override_the_recipe_and_steps_clear_its_epochs(no_model, tmp_path
 
 
 def test_chunk_size_minus_one_follows_the_authors_table():
-    import recipes
+    from support import recipes
     import train
 
     cfg = train.TrainConfig(backbone=REAL).resolved()
@@ -440,7 +440,7 @@ def test_short_run_writes_best_and_last_and_evaluate_loads_them(runs):
     logged = json.loads((b / "best" / "metrics.json").read_text())["val"]
     uf = data.UFire(json.loads((b / "best" / "train_config.json").read_text())["data"])
     res = evaluate.evaluate(FashionLensEmbedder.from_pretrained(str(b / "best")), uf,
-                            evaluate.select_subsets(uf, "val", "t2i,cir", "skip"), split="val", ks=(1, 10),
+                            uf.select("val", "t2i,cir", "skip"), split="val", ks=(1, 10),
                             progress=False, max_queries=4)
     assert {r.subset: {str(k): v for k, v in r.recall.items()} for r in res.rows} == logged["recall"]
     assert res.sum_recall(1) == pytest.approx(logged["sum_recall1"], abs=1e-12)
@@ -456,7 +456,7 @@ def _load_and_evaluate(ckpt: Path, tasks: str):
     emb = FashionLensEmbedder.from_pretrained(str(ckpt))
     root = json.loads((ckpt / "train_config.json").read_text())["data"]
     uf = data.UFire(root)
-    res = evaluate.evaluate(emb, uf, evaluate.select_subsets(uf, "val", tasks, "skip"), split="val", ks=(1, 10),
+    res = evaluate.evaluate(emb, uf, uf.select("val", tasks, "skip"), split="val", ks=(1, 10),
                             progress=False)
     assert res.rows and all(0.0 <= r.recall[10] <= 1.0 for r in res.rows)
     return res
@@ -466,7 +466,7 @@ def test_cpu_threads_auto_is_one_for_the_tiny_model_only(monkeypatch):
     """--cpu-threads 0 (auto): 1 thread for a tiny backbone on CPU; an explicit count or
     OMP_NUM_THREADS wins; other backbones and devices keep torch's choice; negative is refused."""
     import train
-    from tiny_backbone import TINY_TYPES
+    from support.tiny_backbone import TINY_TYPES
 
     def threads(cfg: train.TrainConfig, device: str) -> int:  # exactly as train.setup calls it
         return plumbing.set_cpu_threads(cfg.cpu_threads, device, small_model=cfg.backbone in TINY_TYPES)
@@ -598,7 +598,7 @@ def test_resume_refuses_a_changed_training_flag_and_accepts_the_harmless_ones(ru
 def test_rank_0_writes_the_synthetic_data_before_the_other_ranks_look(monkeypatch, tmp_path):
     """--data synthetic under torchrun: rank 0 generates, everyone waits at the barrier, then the
     other ranks only find it (two ranks writing the folder at once would race)."""
-    import synthetic
+    from support import synthetic
     import train
 
     events = []

@@ -33,7 +33,7 @@ import math
 
 import pytest
 
-import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
+from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
 import torch
 import torch.nn.functional as F
 
@@ -339,8 +339,8 @@ class Spy:
 @pytest.fixture(scope="module")
 def flag_runs(tmp_path_factory) -> dict:
     import calibrator
-    import recipes
-    import synthetic
+    from support import recipes
+    from support import synthetic
     import train
 
     tmp = tmp_path_factory.mktemp("flag_runs")

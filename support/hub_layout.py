@@ -30,7 +30,7 @@ Architecture constraints a config must respect (or the Qwen code fails at build 
     < vision depth, and at most as many deepstack indexes as text layers (each one feeds one layer).
 
 Imports tiny_backbone (its BPE tokenizer) and nothing else from FashionLens. Try it:
-`python -c "import hub_layout as h; print(h.write_checkpoint('/tmp/q3', h.qwen_config('qwen3_vl')))"`.
+`python -c "from support import hub_layout as h; print(h.write_checkpoint('/tmp/q3', h.qwen_config('qwen3_vl')))"`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_backbone import CHAT_TEMPLATE, QWEN_SPECIALS, build_tiny_tokenizer
+from support.tiny_backbone import CHAT_TEMPLATE, QWEN_SPECIALS, build_tiny_tokenizer
 
 ARCHES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 SIZES = ("test", "4b")

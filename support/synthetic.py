@@ -15,7 +15,7 @@ What it writes (U-FIRE's own published layout, under --out):
 on purpose, so the task-balanced sampler has something to balance.
 
 Run it:
-    python synthetic.py --out data/synthetic [--seed 0] [--scale 1.0] [--workers N]
+    python -m support.synthetic --out data/synthetic [--seed 0] [--scale 1.0] [--workers N]
 The bytes depend only on (seed, scale), never on the worker count; --scale shrinks every split and
 gallery (tests use 0.03-0.1).
 
@@ -44,7 +44,7 @@ from typing import NamedTuple, Optional
 
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from errors import FashionLensError, run_cli
+from support.errors import FashionLensError, run_cli
 
 # ============================================================================================
 # Task words and the instructions written for them
@@ -1046,6 +1046,8 @@ TASK_WORDS = tuple(PLANNERS)  # equals data.TASK_WORDS (a test checks it)
 # Writing the folder
 # ============================================================================================
 
+# The repository root (this file sits in support/): relative data paths are taken from here.
+REPO = Path(__file__).resolve().parents[1]
 INFO_FILE = "synthetic_info.json"  # the completion stamp: (version, seed, scale) and record counts
 
 
@@ -1061,7 +1063,7 @@ def generate_synthetic(out, seed: int = 0, scale: float = 1.0, workers: Optional
     path, JSON is written in a fixed order and PNGs with fixed save parameters, so the number of
     worker processes does not matter.
     """
-    from plumbing import atomic_write  # plumbing loads torch; drawing the set needs only Pillow
+    from support.plumbing import atomic_write  # plumbing loads torch; drawing the set needs only Pillow
 
     out = os.path.abspath(str(out))
     t0 = time.time()
@@ -1108,12 +1110,12 @@ def generate_synthetic(out, seed: int = 0, scale: float = 1.0, workers: Optional
 def ensure_synthetic(path="data/synthetic", seed: int = 0, scale: float = 1.0) -> str:
     """Generate the synthetic U-FIRE once if absent (or made with another seed/scale); return the root.
 
-    A relative path is taken relative to this repository (so notebooks in notebooks/ and scripts
+    A relative path is taken relative to the repository (REPO: so notebooks in notebooks/ and scripts
     run from elsewhere share the same data/synthetic).
     """
     p = Path(path)
     if not p.is_absolute():
-        p = Path(__file__).resolve().parent / p
+        p = REPO / p
     info = p / INFO_FILE
     if info.is_file():  # reuse only a set made by this version with the same seed and scale
         try:
@@ -1130,7 +1132,7 @@ def ensure_synthetic(path="data/synthetic", seed: int = 0, scale: float = 1.0) -
 
 
 def main(argv=None) -> int:
-    """python synthetic.py [--out data/synthetic] [--seed 0] [--scale 1.0] [--workers N]
+    """python -m support.synthetic [--out data/synthetic] [--seed 0] [--scale 1.0] [--workers N]
 
     Exit 0; 1 with one `error:` line for a bad flag or an --out that is not ours to replace
     (errors.run_cli). Only a folder this generator wrote (it holds INFO_FILE) is ever replaced.

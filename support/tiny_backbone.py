@@ -23,7 +23,7 @@ Architecture constraints a tiny config must respect (or the Qwen code fails at b
 
 Used by model.py (`EmbedderConfig(backbone="tiny")`, the default) and by train.py (TINY_TYPES, to
 pick CPU settings for a tiny run). Imports no FashionLens file. Try it:
-`python -c "import tiny_backbone as t; print(t.build_tiny_tokenizer().tokenize('a red floral dress'))"`.
+`python -c "from support import tiny_backbone as t; print(t.build_tiny_tokenizer().tokenize('a red floral dress'))"`.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ Modes, the same results in each (tests/test_fast_paths.py):
     "off"      no worker: every `get` prepares in the caller (the readable reference).
 Which mode pays is measured, not assumed: benchmarks/speed.py prints the step-time shares.
 
-Run it: `python prefetch.py` prepares a few fake requests in each mode and prints the hit counts.
+Run it: `python -m support.prefetch` prepares a few fake requests in each mode and prints the hit counts.
 """
 from __future__ import annotations
 

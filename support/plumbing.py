@@ -38,7 +38,7 @@ from typing import Callable, Union  # noqa: E402
 import torch  # noqa: E402  (after the OpenMP setting above)
 import torch.distributed as dist  # noqa: E402
 
-from errors import FlagError  # noqa: E402
+from support.errors import FlagError  # noqa: E402
 
 # ================================================================================================
 # Atomic writes
