@@ -15,8 +15,10 @@ U-FIRE root exactly as published (no conversion step), loads images at their nat
 model's processor resizes them within its pixel budget) and hands out
   * training pairs   (query, one target)                                    -- TrainView.pair
   * evaluation views (queries, de-duplicated gallery, positives as indices) -- EvalView
-Which root it reads does not matter: the offline default is the synthetic U-FIRE that synthetic.py
-draws in U-FIRE's own layout (no images of the real datasets can be shipped).
+Which root it reads does not matter: the offline default is the synthetic U-FIRE (no images of the
+real datasets can be shipped): 13 sub-datasets "task/Syn...", all 9 task words + both OOD tasks,
+64x64 RGB PNGs, each video ONE animated GIF (8 frames, 100 ms each); instruction_text already
+contains the query text; asfr positives = every gallery image under target_label.
 
 Recall@K, the metric the evaluation views feed (evaluate.py computes it):
     R@K = (1/N) * sum_n 1[ topK(q_n) ∩ P_n != {} ]
@@ -31,33 +33,27 @@ Run it
     python data.py check --root R --quick            # only test that the files exist (no decoding)
     python -m support.synthetic --out data/synthetic         # (re)write the synthetic U-FIRE
 
-The synthetic U-FIRE, as the rest of the code sees it: 13 sub-datasets named "task/Syn...", all 9
-task words + both OOD tasks; 64x64 RGB PNGs; a video is ONE animated GIF (8 frames, 100 ms each) in
-query_video (load_video also reads frame folders, animated WebP, and mp4 when `av`/`imageio` is
-installed, and returns each frame's time in its clip);
-instruction_text already contains the query text; asfr positives = every gallery image under
-target_label; synthetic_info.json is the completion stamp.
-
-Dependencies: standard library and Pillow only (no torch: `check` and data loading stay light).
+Decoding (other image modes, frame folders, WebP, mp4), the record type checks and `check` live in
+support/ufire_files.py. Dependencies: standard library and Pillow only (no torch).
 Shape legend: G gallery images, N scored queries of a view, k frames per video.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from support.errors import FashionLensError, UFireError, run_cli
+from support.errors import UFireError, run_cli
+from support.ufire_files import (FRAME_LIST_FPS, check_file_records, check_record_json, check_root, read_clip,
+                                 parse_data_flags, read_image, read_json,
+                                 task_of_file)  # decoding, record checks, `check` and its flags
 
 # --------------------------------------------------------------------------------------------
 # Task registry
@@ -155,153 +151,42 @@ class Query:
     frame_times: list[float] = field(default_factory=list)
 
 
-_LIST_FIELDS = ("target_image", "query_image", "query_video", "negative_image")
-_STR_FIELDS = ("query_text", "attribute", "target_label", "category", "task", "dataset", "split")
-
-
 def parse_record(obj, source: str, index: int, root: str, subset: str = "",
                  default_task: str = "") -> Record:
-    """Validate one JSON object and turn it into a Record; any problem -> UFireError naming it.
+    """Turn one JSON object of a triplet file into a Record; any problem -> UFireError naming it.
 
-    Checking every record when a file is read means a bad one fails at once, naming its file and
-    position, instead of hours into training when the sampler first reaches it.
+    Every type and presence rule of FORMAT.md is checked first, in one call (support/ufire_files.py),
+    so a bad record fails when its file is read rather than hours into training.
     """
     rid = obj.get("id") if isinstance(obj, dict) else None
-    where = f"record {rid!r} (#{index}) in {source}"  # the prefix of every error below
-    if not isinstance(obj, dict):
-        raise UFireError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if not isinstance(rid, (str, int)) or rid == "":
-        raise UFireError(f"{where}: missing or invalid 'id'")
-    kw = {"id": str(rid)}
-    for name in _LIST_FIELDS:  # a bare string is accepted as a one-element list
-        val = obj.get(name, [])
-        val = [val] if isinstance(val, str) else val
-        if not isinstance(val, list) or not all(isinstance(v, str) and v for v in val):
-            raise UFireError(f"{where}: field {name!r} must be a list of non-empty path strings")
-        kw[name] = list(val)
-    for name in _STR_FIELDS:  # optional strings: absent or null -> None
-        val = obj.get(name)
-        if val is not None and not isinstance(val, str):
-            raise UFireError(f"{where}: field {name!r} must be a string")
-        kw[name] = val
-    instr = obj.get("instruction_text")  # required: the model is always told what to look for
-    if not isinstance(instr, str) or not instr.strip():
-        raise UFireError(f"{where}: missing or empty 'instruction_text'")
-    kw["instruction_text"] = instr
-    task = kw.pop("task") or default_task  # OOD records carry no task: the folder names it
-    try:
-        btask = base_task(task)
-    except UFireError as e:
-        raise UFireError(f"{where}: {e}") from None
-    # asfr positives may come from the label alone; every other task needs explicit targets.
-    if "target_image" not in obj or not (kw["target_image"] or (btask == "asfr" and kw["target_label"])):
-        raise UFireError(f"{where}: record has no target_image")
-    if not (kw["query_text"] or kw["query_image"] or kw["query_video"]):  # an instruction alone is no query
-        raise UFireError(f"{where}: record has no query (query_text, query_image or query_video)")
-    return Record(task=task, dataset=kw.pop("dataset") or "", split=kw.pop("split") or "",
-                  root=root, source=source, index=index, subset=subset, **kw)
-
-
-def read_json(path: str):
-    """json.load with errors that name the file (and line/column for syntax errors)."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:  # explicit: the platform default may not be UTF-8
-            return json.load(f)
-    except FileNotFoundError:
-        raise UFireError(f"missing file {path}") from None
-    except json.JSONDecodeError as e:
-        raise UFireError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise UFireError(f"{path}: not UTF-8 text ({e})") from None
+    check_record_json(obj, f"record {rid!r} (#{index}) in {source}", default_task, base_task)
+    paths = lambda name: [obj[name]] if isinstance(obj.get(name), str) else list(obj.get(name, []))  # noqa: E731
+    return Record(id=str(rid), instruction_text=obj["instruction_text"],
+                  target_image=paths("target_image"),      # a bare string is a one-element list
+                  task=obj.get("task") or default_task,    # OOD records carry no task: the folder names it
+                  dataset=obj.get("dataset") or "", split=obj.get("split") or "",
+                  query_text=obj.get("query_text"), query_image=paths("query_image"),
+                  query_video=paths("query_video"), negative_image=paths("negative_image"),
+                  attribute=obj.get("attribute"), target_label=obj.get("target_label"),
+                  category=obj.get("category"),            # optional strings: absent or null -> None
+                  root=root, source=source, index=index, subset=subset)
 
 
 # --------------------------------------------------------------------------------------------
 # Images and videos
 # --------------------------------------------------------------------------------------------
 
-def _rec_where(record: Optional[Record]) -> str:
-    """' (record ... in FILE)' for an error message, or '' when no record is known."""
-    return f" ({record.where()})" if record is not None else ""
-
-
 def load_image(path, size: Optional[int] = None, record: Optional[Record] = None) -> Image.Image:
-    """Open an image as RGB (any mode Pillow reads, see `to_rgb`) at its native size.
+    """Open an image as RGB (any mode Pillow reads, see ufire_files.to_rgb) at its native size.
 
     size=None (what training and evaluation use): the model's own processor resizes it, keeping the
     aspect ratio within a pixel budget (model.py). size given: a size x size bicubic square, for
     notebooks and pictures that want one fixed size.
     """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise UFireError(f"missing image {path}{_rec_where(record)}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # force the decode now, so a truncated file fails here and not later
-            img = to_rgb(im)  # sketches are grey, GIF frames palettised: one mode for the model
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UFireError(f"unreadable image {path}{_rec_where(record)}: {e}") from None
+    img = read_image(str(path), record)  # decode any mode to RGB (support/ufire_files.py)
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)  # the optional square (aspect not kept)
     return img
-
-
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # modes with an alpha band (a = premultiplied)
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """The RGB image a viewer would show for `im`, whatever its mode; ValueError if there is none.
-
-    * 8-bit colour and grey modes (RGB, L, 1, P, CMYK, YCbCr, LAB, HSV): Pillow's conversion. RGB
-      and L files (every synthetic image) go through exactly this line. CMYK uses the plain
-      255 - C - K formula: no colour profile is applied, to CMYK or to any other file.
-    * Transparency (an alpha band, or a palette / grey / RGB value marked transparent): composited
-      on white. Dropping alpha would show whatever colour hides under it, usually black, so a
-      black-stroke sketch on a transparent background would become a black square. White is the
-      background of catalogue product photos (every gallery) and of drawn sketches, so a cut-out
-      garment on white matches the images it is compared with.
-    * 16-bit and 32-bit grey (I;16*, I, F): scaled to 0..255 (see `_deep_to_grey`); Pillow's own
-      conversion clips every value above 255 to white.
-    """
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        return _deep_to_grey(im).convert("RGB")
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        rgba = (im.convert("LA") if im.mode == "La" else im).convert("RGBA")  # La has no direct path
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")  # out = a * colour + (1 - a) * white
-    return im.convert("RGB")
-
-
-def _deep_to_grey(im: Image.Image) -> Image.Image:
-    """A 16/32-bit integer or float grey image as 8-bit 'L': v -> round(255 * (v - a) / (b - a)).
-
-    [a, b] is the image's full scale, so that the same picture stored with more bits loads the
-    same (an 8-bit image saved as 16-bit, v * 257, comes back byte for byte):
-      I;16*  [0, 65535], what the file format defines.
-      I, F   no defined scale: the smallest usual one holding every pixel ([0, 1] floats,
-             [0, 255], [0, 65535]); when none does (negative or larger values), the pixels'
-             own range, so the picture is stretched rather than clipped.
-    """
-    lo, hi = im.getextrema()  # the pixels' actual range
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{im.mode} image holds NaN or infinite values; there is no picture to show")
-    if im.mode.startswith("I;16"):
-        scale = (0.0, 65535.0)
-    else:
-        usual = ([(0.0, 1.0)] if im.mode == "F" else []) + [(0.0, 255.0), (0.0, 65535.0)]
-        scale = next(((a, b) for a, b in usual if a <= lo and hi <= b), (lo, max(hi, lo + 1)))
-    gain = 255.0 / (scale[1] - scale[0])
-    # F -> L truncates and clips to 0..255, so + 0.5 turns the truncation into rounding
-    offset = 0.5 - scale[0] * gain
-    return im.convert("F").point(lambda v: v * gain + offset).convert("L")  # (v - a) * gain, rounded
-
-
-_FRAME_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # files a frame folder may hold
-
-# A frame folder, a list of frame files, or a frame with no duration carries no timing: such frames
-# are taken as FRAME_LIST_FPS per second, what Qwen's own loader assumes for a list of frames
-# (qwen-vl-utils fetch_video: sample_fps = 2.0, frame i at i / 2 s). The times only reach the model
-# as Qwen3-VL's "<t seconds>" text and Qwen2.5-VL's temporal position spacing (model.py).
-FRAME_LIST_FPS = 2.0
 
 
 def _pick_frames(n: int, k: int, rng: Optional[random.Random]) -> list[int]:
@@ -320,91 +205,21 @@ def _pick_frames(n: int, k: int, rng: Optional[random.Random]) -> list[int]:
     return idx
 
 
-def _read_mp4(path: str, record: Optional[Record]) -> tuple[list[Image.Image], list[float]]:
-    """Decode a video file with an optional reader (PyAV, else imageio) -> (frames, seconds of each
-    frame from the first); a clear error if neither is installed or the file does not decode."""
-    try:
-        import av  # type: ignore
-    except ImportError:
-        av = None
-    try:
-        import imageio.v3 as iio  # type: ignore
-    except ImportError:
-        iio = None
-    if av is None and iio is None:
-        raise UFireError(f"cannot read video {path}{_rec_where(record)}: mp4 needs the optional "
-                         "package 'av' or 'imageio'; or store the video as a frame folder / "
-                         "animated GIF/WebP")
-    try:
-        if av is not None:
-            with av.open(path) as c:
-                rate = float(c.streams.video[0].average_rate or FRAME_LIST_FPS)  # frames per second
-                decoded = list(c.decode(video=0))
-                frames = [fr.to_image().convert("RGB") for fr in decoded]
-                # a frame's presentation time; a frame without one sits at its index / frame rate
-                times = [fr.time if fr.time is not None else i / rate for i, fr in enumerate(decoded)]
-        else:
-            frames = [Image.fromarray(a).convert("RGB") for a in iio.imiter(path)]
-            rate = float(iio.immeta(path).get("fps") or FRAME_LIST_FPS)
-            times = [i / rate for i in range(len(frames))]  # qwen-vl-utils: frame index / video fps
-    except Exception as e:  # noqa: BLE001 -- any decoder failure means a damaged or foreign file
-        raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
-    return frames, [t - times[0] for t in times] if times else []  # the clip starts at 0 s
-
-
-def _read_animated(path: str, record: Optional[Record]) -> tuple[list[Image.Image], list[float]]:
-    """An animated GIF/WebP -> (frames, seconds at which each frame appears).
-
-    Frame i appears when the frames before it have been shown: t_i = sum of their durations
-    (Pillow's per-frame info["duration"], in ms); a frame with no or zero duration counts 1 /
-    FRAME_LIST_FPS s.
-    """
-    try:
-        with Image.open(path) as im:
-            frames, times, clock = [], [], 0.0
-            for i in range(getattr(im, "n_frames", 1)):
-                im.seek(i)
-                frames.append(to_rgb(im))  # a new image: the frame survives the next seek
-                times.append(clock)
-                ms = im.info.get("duration") or 0
-                clock += ms / 1000.0 if ms > 0 else 1.0 / FRAME_LIST_FPS
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UFireError(f"unreadable video {path}{_rec_where(record)}: {e}") from None
-    return frames, times
-
-
 def load_video(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
                rng: Optional[random.Random] = None) -> tuple[list[Image.Image], list[float]]:
-    """A video as num_frames RGB frames and the second of each in its clip: a frame folder, an
-    animated GIF/WebP, or mp4 (optional reader).
+    """A video as num_frames RGB frames and the second of each in its clip (a frame folder, an
+    animated GIF/WebP, or mp4: ufire_files.read_clip says where each kind's times come from).
 
     Frames are taken one per equal segment of the clip (segment centre at eval, random position
-    in the segment at training), so a short clip yields repeated frames rather than fewer. Their
-    times: GIF/WebP from the frame durations, mp4 from the stream's timestamps, a frame folder at
-    FRAME_LIST_FPS (file-name order). size given: each frame resized to a size x size square
-    (load_image's option); None keeps the native size (the model resizes frames itself).
+    in the segment at training), so a short clip yields repeated frames rather than fewer. size
+    given: each frame resized to a size x size square (load_image's option); None keeps the native
+    size (the model resizes frames itself).
     """
-    path = str(path)
-    if os.path.isdir(path):  # a folder of frame images, in file-name order
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(_FRAME_EXT))
-        if not names:
-            raise UFireError(f"video frame folder {path} holds no images{_rec_where(record)}")
-        idx = _pick_frames(len(names), num_frames, rng)
-        return ([load_image(os.path.join(path, names[i]), size, record) for i in idx],
-                [i / FRAME_LIST_FPS for i in idx])
-    if not os.path.isfile(path):
-        raise UFireError(f"missing video {path}{_rec_where(record)}")
-    if path.lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):  # needs an optional decoder
-        frames, times = _read_mp4(path, record)
-    else:  # an animated image (GIF, WebP): Pillow walks its frames
-        frames, times = _read_animated(path, record)
-    if not frames:
-        raise UFireError(f"video {path} has no frames{_rec_where(record)}")
-    idx = _pick_frames(len(frames), num_frames, rng)  # k frame indices
-    out = [frames[i] for i in idx]
+    # decode the clip (support/ufire_files.py) and keep k frames of it, one per segment
+    frames, times = read_clip(str(path), record, lambda n: _pick_frames(n, num_frames, rng))
     if size is not None:  # the same square resize as load_image
-        out = [f.resize((size, size), Image.BICUBIC) if f.size != (size, size) else f for f in out]
-    return out, [times[i] for i in idx]
+        frames = [f.resize((size, size), Image.BICUBIC) if f.size != (size, size) else f for f in frames]
+    return frames, times
 
 
 def load_frames(path, num_frames: int, size: Optional[int] = None, record: Optional[Record] = None,
@@ -458,23 +273,14 @@ def record_to_query(record: Record, image_size: Optional[int] = None, max_images
 # Reading a U-FIRE root
 # --------------------------------------------------------------------------------------------
 
-_SPLITS = ("train", "val", "test")
 # File names carry the task WORD, never trust the leading number (it is ordering only and does not
 # match the task numbering in prose); datasets contain "-" and "_", so the task is the first field.
 # <n>_<task>[-suffix]_<dataset>_<split>_triplet_data.json
-_TRIPLET_RE = re.compile(rf"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_(?P<split>train|val|test)_triplet_data\.json$")
+_TRIPLET_RE = re.compile(r"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_(?P<split>train|val|test)_triplet_data\.json$")
 # <n>_<task>_<dataset>_test_candidates.json: a JSON list of gallery paths
-_GALLERY_RE = re.compile(rf"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_test_candidates\.json$")
+_GALLERY_RE = re.compile(r"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_test_candidates\.json$")
 # <n>_asfr_<dataset>_<split>_candidate_data.json: a JSON object label -> paths (asfr's galleries)
-_POOL_RE = re.compile(rf"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_(?P<split>val|test)_candidate_data\.json$")
-
-
-def _task_of_file(task_token: str, path: str) -> str:
-    """The task word in a file name, or a UFireError naming the file."""
-    try:
-        return base_task(task_token)
-    except UFireError as e:
-        raise UFireError(f"{path}: file name has an unknown task word: {e}") from None
+_POOL_RE = re.compile(r"^\d+_(?P<task>[^_]+)_(?P<dataset>.+)_(?P<split>val|test)_candidate_data\.json$")
 
 
 @dataclass
@@ -529,15 +335,15 @@ class UFire:
             for name in (sorted(os.listdir(d)) if os.path.isdir(d) else []):
                 path = os.path.join(d, name)
                 if m := _TRIPLET_RE.match(name):
-                    key = (f"{_task_of_file(m['task'], path)}/{m['dataset']}", m["split"])
+                    key = (f"{task_of_file(m['task'], path, base_task)}/{m['dataset']}", m["split"])
                     self._triplets[key] = path
                 elif m := _POOL_RE.match(name):  # asfr: the test pool is also its test gallery
-                    sub = f"{_task_of_file(m['task'], path)}/{m['dataset']}"
+                    sub = f"{task_of_file(m['task'], path, base_task)}/{m['dataset']}"
                     self._pools[(sub, m["split"])] = path
                     if m["split"] == "test":
                         self._galleries[sub] = path
                 elif m := _GALLERY_RE.match(name):
-                    self._galleries[f"{_task_of_file(m['task'], path)}/{m['dataset']}"] = path
+                    self._galleries[f"{task_of_file(m['task'], path, base_task)}/{m['dataset']}"] = path
         ood = os.path.join(self.root, "evaluation_only_tasks")  # one folder per OOD task
         self._ood = sorted(n for n in (os.listdir(ood) if os.path.isdir(ood) else [])
                            if os.path.isfile(os.path.join(ood, n, "triplet_data.json")))
@@ -605,16 +411,9 @@ class UFire:
             if not isinstance(data, list):
                 raise UFireError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
             recs = [parse_record(o, path, i, root, subset, default_task=task) for i, o in enumerate(data)]
-            for r in recs:
-                if subset.startswith("ood/"):  # OOD records name no task or split: fill them in
-                    r.task, r.split = task, "test"
-                elif base_task(r.task) != task:  # a record must match its file's task word
-                    raise UFireError(f"{r.where()}: task {r.task!r} does not belong in a {task} file")
-            seen: dict[str, int] = {}  # an id names its query in per-query results
-            for r in recs:
-                if r.id in seen:
-                    raise UFireError(f"{r.where()}: duplicate id (first at #{seen[r.id]})")
-                seen[r.id] = r.index
+            for r in (recs if subset.startswith("ood/") else []):  # OOD records name no task or split
+                r.task, r.split = task, "test"
+            check_file_records(recs, None if subset.startswith("ood/") else task, base_task)  # task, unique ids
             self._cache[key] = recs
         return self._cache[key]
 
@@ -753,128 +552,7 @@ class TrainView:
 
 
 # --------------------------------------------------------------------------------------------
-# check: validate a root
-# --------------------------------------------------------------------------------------------
-
-def check_root(root, out=None, example_limit: int = 3, open_files: bool = True,
-               progress: bool = False) -> bool:
-    """Print one row per sub-dataset/split and per OOD task; return True when nothing is wrong.
-
-    Reads every file a run would read (records, galleries), then opens every image and video they
-    name the way training and evaluation will (`load_image`, `load_frames`), so a half-downloaded
-    root, a zero-byte or truncated image, or a text file named .png fails here in seconds rather
-    than mid-training. open_files=False (`check --quick`) only tests that the files exist.
-    out: where the table goes (None: sys.stdout at call time, so redirections are honoured).
-    """
-    out = out or sys.stdout
-    uf = UFire(root)
-    ok, problems = True, []
-    items = [(s, sp) for sp in _SPLITS for s in uf.subsets(sp)]
-    items += [(s, "test") for s in uf.gallery_subsets() if s not in uf.subsets("test")]  # gallery only
-    items += [(s, "test") for s in uf.ood_subsets()]
-    # sort: regular sub-datasets first, by name, then train / val / test
-    items.sort(key=lambda x: (x[0].startswith("ood/"), x[0], _SPLITS.index(x[1])))
-    # Pass 1: parse every row and list the files it needs (images, and videos apart: they decode
-    # differently). A parse error becomes that row's problem; the other rows are still checked.
-    rows = []  # (sub, split, cells or None, images, videos, own problems)
-    for sub, split in items:
-        try:
-            rows.append((sub, split, *_check_parse(uf, sub, split, example_limit)))
-        except UFireError as e:  # one broken file: report it and keep checking the others
-            rows.append((sub, split, None, set(), set(), [f"ERROR {e}"]))
-    # Pass 2: open each file once, however many rows share it (galleries overlap).
-    videos = set().union(*(r[4] for r in rows))
-    todo = sorted(p for p in set().union(*(r[3] | r[4] for r in rows)) if os.path.exists(p))
-    t0 = time.perf_counter()
-    unreadable = _open_all(todo, videos, progress) if open_files else {}  # path -> reason
-    # Pass 3: the table and the problems, row by row.
-    table = [("subset", "split", "records", "gallery", "outside", "missing files", "unreadable")]
-    for sub, split, cells, images, vids, own in rows:
-        files = images | vids
-        absent = sorted(p for p in files if not os.path.exists(p))
-        bad = sorted(p for p in files if p in unreadable)
-        if absent:
-            rel = [os.path.relpath(p, uf.root) for p in absent[:example_limit]]
-            own.append(f"{len(absent)} missing image/video file(s), e.g. {rel}")
-        if bad:
-            eg = [f"{os.path.relpath(p, uf.root)}: {unreadable[p]}" for p in bad[:example_limit]]
-            own.append(f"{len(bad)} unreadable image/video file(s), e.g. {eg}")
-        ok = ok and not own
-        problems += [f"{sub} [{split}]: {msg}" for msg in own]
-        cells = cells or ("ERROR", "-", "-")
-        table.append((sub, split, *cells, str(len(absent)) if cells[0] != "ERROR" else "-",
-                      (str(len(bad)) if open_files else "not opened") if cells[0] != "ERROR" else "-"))
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]  # column widths
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=out)
-    if not items:
-        ok = False
-        problems.append(f"no triplet files, galleries or OOD tasks found under {uf.root}")
-    if open_files:
-        print(f"opened {len(todo)} image/video files in {time.perf_counter() - t0:.1f}s", file=out)
-    verdict = "OK: nothing missing" + (" or unreadable" if open_files else " (files not opened: --quick)")
-    print(verdict if ok else "MISSING / PROBLEMS:", file=out)
-    for p in problems:
-        print("  - " + p, file=out)
-    return ok
-
-
-def _check_parse(uf: UFire, sub: str, split: str, example_limit: int):
-    """One row of `check` before any image is opened: (cells, image paths, video paths, problems).
-
-    cells = (records, gallery size, targets outside the gallery) as text; "-" where the row has no
-    records (a published gallery without its triplet file, itself a problem).
-    """
-    has_recs = sub.startswith("ood/") or sub in uf.subsets(split)
-    gal = uf.gallery(sub, split) if (split == "test" or has_recs) else None
-    images, videos, own = set(gal.paths) if gal else set(), set(), []
-    n_rec, n_out = "-", "-"
-    if has_recs:
-        view = uf.eval_view(sub, split)
-        recs = uf.records(sub, split)
-        n_rec, n_out = str(len(recs)), str(view.targets_outside)
-        for r in recs:
-            images.update(r.path(p) for p in r.query_image + r.target_image)
-            # one entry is a clip (file or frame folder); several are its frame images
-            (videos if len(r.query_video) == 1 else images).update(r.path(p) for p in r.query_video)
-        if not recs:  # train would have nothing to draw from, evaluate nothing to score
-            own.append(f"{uf.triplet_file(sub, split)} holds no records")
-        if view.targets_outside or view.missing:
-            own.append(f"{view.targets_outside} target(s) outside the gallery; {len(view.missing)} "
-                       f"record(s) without a positive (e.g. {view.missing[:example_limit]})")
-    else:  # a published gallery whose triplet file is absent (the annotations-only checkout)
-        own.append(f"gallery {gal.source} parsed ({len(gal.paths)} images) but no {split} triplet "
-                   f"file in 0_triplet_files/")
-    return (n_rec, str(len(gal.paths)) if gal else "-", n_out), images, videos, own
-
-
-def _open_all(paths: list, videos: set, progress: bool) -> dict:
-    """{path: why it cannot be read} for the paths that fail to decode (with a progress bar).
-
-    A video is a file (every frame decoded) or a folder of frame images (each one opened).
-    """
-    from tqdm import tqdm  # only `check` needs it: keep `import data` light
-
-    bad = {}
-    for p in tqdm(paths, desc="open images/videos", unit="file", disable=not progress, file=sys.stderr):
-        try:
-            if p in videos and os.path.isdir(p):
-                names = sorted(n for n in os.listdir(p) if n.lower().endswith(_FRAME_EXT))
-                if not names:
-                    raise UFireError(f"video frame folder {p} holds no images")
-                for n in names:
-                    load_image(os.path.join(p, n))
-            elif p in videos:
-                load_frames(p, 1)  # decodes every frame of the clip to count them
-            else:
-                load_image(p)
-        except UFireError as e:  # keep the reason; the row names the file relative to the root
-            bad[p] = str(e).split(f"{p}: ", 1)[-1].replace(p, os.path.basename(p))
-    return bad
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
+# The tour and the command line
 # --------------------------------------------------------------------------------------------
 
 def _tour() -> None:
@@ -908,22 +586,13 @@ def main(argv=None) -> int:
 
     Bad input (an unreadable root, a malformed file) is one `error:` line, exit 1 (errors.run_cli).
     """
-    return run_cli(_cli, argv)
-
-
-def _cli(argv) -> int:
-    """The tour, or `check` (see `main`)."""
-    ap = argparse.ArgumentParser(description="U-FIRE data layer: check a root, or tour the synthetic set.")
-    sub = ap.add_subparsers(dest="cmd")
-    c = sub.add_parser("check", help="validate a U-FIRE root (exit 1 when anything is missing or unreadable)")
-    c.add_argument("--root", required=True)
-    c.add_argument("--quick", action="store_true",
-                   help="only test that every image and video exists (skip opening them)")
-    a = ap.parse_args(argv)
-    if a.cmd == "check":
-        return 0 if check_root(a.root, open_files=not a.quick, progress=sys.stderr.isatty()) else 1
-    _tour()
-    return 0
+    def cli(args) -> int:
+        a = parse_data_flags(args)
+        if a.cmd == "check":  # open every file the root names (support/ufire_files.py)
+            return 0 if check_root(UFire(a.root), open_files=not a.quick, progress=sys.stderr.isatty()) else 1
+        _tour()
+        return 0
+    return run_cli(cli, argv)
 
 
 if __name__ == "__main__":

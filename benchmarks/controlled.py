@@ -47,7 +47,7 @@ Run it
 Runs go to runs/controlled/<experiment>-<arm>[-<sub-dataset>]-s<seed> (git-ignored; a finished run
 with the same settings is reused, `--fresh` retrains); the tables go to stdout, the numbers to
 benchmarks/controlled_results.json (--quick: runs/controlled-quick/controlled_results.json).
-Everything else is the default job's recipe (`tiny-cpu`, recipes.py). Shape legend: S seeds.
+Everything else is the default job's recipe (`tiny-cpu`, support/recipes.py). Shape legend: S seeds.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ FashionLens (Wen et al., 2026) adds two mechanisms to a contrastive MLLM retriev
 Recall is what benchmarks/ablation.py measures; this script shows what they *did* in one run:
 
 1. **Calibrator over training** (PGSQC, calibrator.py). Each step's log line (train.py,
-   `append_jsonl(run.log_path, ...)`) holds the sub-dataset of that step's batch, the mean strength
+   `run_dir.log_step(run, ...)`) holds the sub-dataset of that step's batch, the mean strength
    lambda of its queries (`lam_mean`) and the mean arc lambda * omega they moved (`angle_deg`). Per
    sub-dataset and per step window: the mean of both. At initialisation lambda = sigmoid(-3) = 0.047
    (calibrator.CalibratorConfig.init_logit), so a row that stays there was never calibrated.
@@ -434,11 +434,11 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
 
     Returns {"skipped": reason} for a checkpoint trained without a calibrator.
     """
-    import evaluate  # imports torch and the metric; the model comes after the cheap checks
-    from support import plumbing
+    from support import cli, fast_infer, plumbing  # the model comes after the cheap checks
 
     folder = checkpoint_folder(run_dir, ckpt)
-    from model import CONFIG_FILE, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.checkpoint import CONFIG_FILE
 
     try:
         mode = json.loads((folder / CONFIG_FILE).read_text())["config"]["calibrator"]
@@ -446,7 +446,7 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
         mode = None  # from_pretrained below names what is wrong with the file
     if mode == "off":
         return {"skipped": f"the checkpoint {folder} was trained with calibrator 'off': no query moves"}
-    root = evaluate.training_data_root(folder)  # the run's data root, as evaluate.py finds it
+    root = cli.training_data_root(folder)  # the run's data root, as evaluate.py finds it
     if root is None:
         raise DiagnosticsError(f"{folder}: neither train_config.json in it nor {folder.parent / 'config.json'} "
                                f"names the data root the run was trained on")
@@ -458,14 +458,14 @@ def held_out_directions(run_dir: Path, ckpt: str, split: str, max_queries: int,
     if not names:
         raise DiagnosticsError(f"{root}: none of the run's sub-datasets ({', '.join(subsets)}) has "
                                f"a {split} split")
-    saved = evaluate.saved_device(folder / CONFIG_FILE)  # a cuda-trained checkpoint on a CPU machine
+    saved = cli.saved_device(folder / CONFIG_FILE)  # a cuda-trained checkpoint on a CPU machine
     if saved:
         plumbing.check_device(f"{folder / CONFIG_FILE} (field 'device')", saved)
     embedder = FashionLensEmbedder.from_pretrained(str(folder))
     plumbing.set_cpu_threads(0, embedder.device.type, small_model=embedder.tiny)
     stats = {}
     for name in names:
-        view = evaluate.few_queries(ufire.eval_view(name, split), max_queries)  # evaluate.py's queries
+        view = fast_infer.few_queries(ufire.eval_view(name, split), max_queries)  # evaluate.py's queries
         enc = encode_moves(embedder, view.records)  # (B, D) x2, (B,) x2
         stats[name] = direction_stats(enc["q_raw"], enc["q"], enc["lam"], enc["angle"])
     cosines = direction_cosines(stats)

@@ -20,7 +20,7 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    evaluate.py's batch size, set up as evaluate.py's command line does (one torch thread for the
    tiny model on a CPU, hence one encoding thread per core; LoRA merged on a CPU). Beside it, the
    same items through the old path in the same run: torch's own thread count, merge_lora=False and
-   model.encode_threads patched to 1 (one batch at a time), with the speed-up. Share of the
+   support.fast_encode.encode_threads patched to 1 (one batch at a time), with the speed-up. Share of the
    machine: the model's matmul work per item, estimated as
 
        FLOPs/item ~ 2 P_lm L  +  2 P_vis N_patch  +  4 n_layers L^2 D  (+ 2 P_cal for a query)
@@ -30,7 +30,7 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    term for attention scores; padding, norms and activations are ignored), times items/s, divided
    by the GFLOP/s of a large fp32 matmul (N x N, best of 5) measured in the same run. A tiny model's
    small matrices reach only a few percent of it: the gap is overhead, not arithmetic.
-3. Search. On random unit vectors (1,500 queries x 8,000 gallery x D, K = 50): evaluate.search_faiss
+3. Search. On random unit vectors (1,500 queries x 8,000 gallery x D, K = 50): fast_infer.search_faiss
    (the project's exact, tie-stable search), a bare faiss IndexFlatIP (add + search), a torch
    matmul + topk, and evaluate.search_torch (matmul + full stable sort, the readable reference).
    Best of 3; ratios against the bare faiss index.
@@ -41,7 +41,7 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    train.train_step: one with the default --loader thread, one with --loader off. Timers wrapped
    around the step's own functions (benchmark-only; train.py is not touched) report, in wall time per step
    (perf_counter on the main thread; the two towers run at once, so CPU time would double count):
-       input        loader.get: the whole train.prepare_batch with the loader off (measured there,
+       input        loader.get: the whole fast_train.prepare_batch with the loader off (measured there,
                     in the loop, rather than in a separate synchronous pass), the wait when thread
        forward      both towers        loss      train.info_nce
        backward     both towers        optimizer clip + AdamW + scheduler + zero_grad
@@ -284,14 +284,14 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
     same items through the old path (before merged LoRA and encoding threads) in the same run."""
     import torch
 
-    import evaluate
+    from support import fast_infer
 
     test = ufire.subsets("test")
     per = max(1, n_queries // len(test))
     records, gallery = [], []
     for s in test:  # a mix of every task's queries, evenly spaced in each sub-dataset
         v = ufire.eval_view(s, split="test")
-        records += evaluate.few_queries(v, per).records  # the same spacing as evaluate's --max-queries
+        records += fast_infer.few_queries(v, per).records  # the same spacing as evaluate's --max-queries
         gallery += [g for g in v.gallery if g not in gallery][: max(1, n_images // len(test) + 1)]
     records, gallery = records[:n_queries], gallery[:n_images]
 
@@ -306,24 +306,23 @@ def measure_encode(emb, ufire, n_queries: int, n_images: int, batch_size: int, p
     tgt_tokens = int(emb.collate_images([gallery[0]]).attention_mask.sum())
 
     # The default path, set up as evaluate.py's command line does: one torch thread for a tiny model
-    # on a CPU (so model.encode_threads gives one encoding thread per core) and LoRA merged on a CPU.
-    import model as model_module
-    from support import plumbing
+    # on a CPU (so fast_encode.encode_threads gives one encoding thread per core) and LoRA merged on a CPU.
+    from support import fast_encode, plumbing
 
     threads_before = torch.get_num_threads()
     try:
         default_threads = plumbing.set_cpu_threads(0, emb.device.type, small_model=emb.tiny)
         tq, ti = _encode_seconds(emb, records, gallery, batch_size, merge_lora=None)
-        workers = model_module.encode_threads(emb.device)
+        workers = fast_encode.encode_threads(emb.device)
         # The old path, as evaluate.py ran before: torch's own thread count, LoRA unmerged, one batch
         # at a time (encode_threads patched to 1 for the duration; the module's own function is restored).
         torch.set_num_threads(threads_before)
-        saved = model_module.encode_threads
-        model_module.encode_threads = lambda device: 1
+        saved = fast_encode.encode_threads
+        fast_encode.encode_threads = lambda device: 1
         try:
             old_q, old_i = _encode_seconds(emb, records, gallery, batch_size, merge_lora=False)
         finally:
-            model_module.encode_threads = saved
+            fast_encode.encode_threads = saved
     finally:
         torch.set_num_threads(threads_before)  # what the rest of the benchmark found
 
@@ -361,6 +360,7 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
     import torch
 
     import evaluate
+    from support import fast_infer
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((n_q, dim)).astype(np.float32)  # (Q, D)
@@ -377,7 +377,8 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
         sims = torch.from_numpy(q) @ torch.from_numpy(g).T  # (Q, G)
         return torch.topk(sims, k, dim=1)  # (Q, K) values, indices
 
-    fns = {"evaluate.search_faiss (project: exact, tie-stable)": lambda: evaluate.search_faiss(q, g, k),
+    fns = {"evaluate.search_faiss (project: exact, tie-stable)":  # the label keeps its name in speed_results.json
+           lambda: fast_infer.search_faiss(q, g, k, reference=evaluate.search_torch),
            "bare faiss IndexFlatIP (add + search)": bare_faiss,
            "torch matmul + topk": torch_topk,
            "evaluate.search_torch (matmul + stable full sort, reference)": lambda: evaluate.search_torch(q, g, k)}
@@ -386,7 +387,7 @@ def measure_search(n_q: int, n_g: int, dim: int, k: int, repeat: int = 3) -> dic
         fn()  # warm-up
         times[name] = best_time(fn, repeat)
     base = times["bare faiss IndexFlatIP (add + search)"]
-    _, ids_p = evaluate.search_faiss(q, g, k)
+    _, ids_p = fast_infer.search_faiss(q, g, k, reference=evaluate.search_torch)
     _, ids_r = evaluate.search_torch(q, g, k)
     ids_t = torch_topk().indices.numpy()
     out = {"queries": n_q, "gallery": n_g, "dim": dim, "k": k, "faiss_threads": faiss.omp_get_max_threads(),
@@ -432,7 +433,7 @@ class PhaseClock:
 
 
 def timed_step(clock: PhaseClock, step_fn):
-    """train.two_core_step or train.full_batch_step itself, timed by phase without a copy of it.
+    """fast_train.two_core_step or train.full_batch_step itself, timed by phase without a copy of it.
 
     Forward runs from the call to L's first use (train.info_nce: both towers are done by then), the
     loss is info_nce itself, backward is the rest of the step (with L's small backward to q and t).
@@ -485,10 +486,11 @@ def instrumented(run, clock: PhaseClock):
     import torch
 
     import train
+    from support import fast_train
 
-    saved = [(train, "two_core_step", train.two_core_step), (train, "full_batch_step", train.full_batch_step),
+    saved = [(fast_train, "two_core_step", fast_train.two_core_step), (train, "full_batch_step", train.full_batch_step),
              (torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)]
-    train.two_core_step = timed_step(clock, train.two_core_step)
+    fast_train.two_core_step = timed_step(clock, fast_train.two_core_step)
     train.full_batch_step = timed_step(clock, train.full_batch_step)  # also what a one-chunk gradcache_step calls
     torch.nn.utils.clip_grad_norm_ = _timed(clock, "optimizer", torch.nn.utils.clip_grad_norm_)
     run.optimizer.step = _timed(clock, "optimizer", run.optimizer.step)

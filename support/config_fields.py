@@ -50,6 +50,11 @@ def rules(cls) -> dict[str, str]:
     return {f.name: f.metadata.get("allowed", "") for f in dataclasses.fields(cls)}
 
 
+def choices_of(cls) -> dict[str, list[str]]:
+    """Field -> its allowed strings, for every field of the dataclass `cls` whose rule is a choice."""
+    return {k: [c.strip() for c in r.partition(";")[0].split("|")] for k, r in rules(cls).items() if "|" in r}
+
+
 def _parse(allowed: str) -> tuple[str, str]:
     """Split a rule into (rule, note) and refuse a rule the language does not have."""
     rule, _, note = allowed.partition(";")

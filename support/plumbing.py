@@ -308,6 +308,33 @@ def rank_digests(module: torch.nn.Module, di: DistInfo) -> list[str]:
     return [bytes(p.tolist()).hex() for p in parts]
 
 
+def _unwrap(model):
+    """The FashionLensEmbedder inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _sync_ctx(model, last: bool):
+    """DDP: skip the gradient all-reduce on every backward but the last one of the step."""
+    import contextlib
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def check_ranks_agree(module, di: DistInfo) -> None:
+    """DDP must keep every rank's weights identical; verify it at the end of a run (cheap)."""
+    from support.errors import TrainingError
+
+    digests = rank_digests(module, di)
+    if di.main:  # one process prints every rank's digest: lines from several processes can interleave
+        for r, d in enumerate(digests):
+            print(f"[rank {r}] trainable parameters sha256 {d}", flush=True)
+    if len(set(digests)) > 1:
+        raise TrainingError("DDP ranks ended with different parameters (digests differ): "
+                            + ", ".join(d[:12] for d in digests))
+
+
 # ================================================================================================
 # Run state without pickle: tensors -> safetensors, everything else -> JSON
 # ================================================================================================

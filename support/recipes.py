@@ -10,9 +10,18 @@ Qwen/Qwen3-VL-4B-Instruct gets the authors' recipe without any flag.
 Where each `paper` value comes from (github haokunwen/FashionLens, `code/`), and every departure of
 either recipe from the authors' code with its reason: docs/FIDELITY.md.
 
-Imports nothing from FashionLens, so model.py and train.py can both read it.
+Also here: filling a config's None fields from its recipe (resolve_embedder_config,
+resolve_train_config), the query options a recipe implies, and each batch's GradCache chunk. Why each
+field holds its value: docs/FIDELITY.md ("Why each config value"). Standard library and support.errors /
+support.config_fields only, so data-free tools can read the table without torch.
 """
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from support.config_fields import check_fields
+from support.errors import EmbedderConfigError
 
 # Backbone names that get `tiny-cpu` under --recipe auto (the same names as tiny_backbone.TINY_TYPES).
 TINY_BACKBONES = ("tiny", "tiny-qwen2-vl")
@@ -122,3 +131,79 @@ def chunk_size_for(subset: str, chunk_size: int) -> int:
     if chunk_size >= 0:
         return chunk_size
     return CHUNK_SIZES.get(subset, DEFAULT_CHUNK_SIZE)
+
+
+# ================================================================================================
+# EmbedderConfig's recipe (model.py)
+# ================================================================================================
+
+
+
+def resolve_embedder_config(config):
+    """`config` (an EmbedderConfig) with every None field set to its recipe's value and `recipe` to the
+    recipe's name (recipe_values); a value no embedder can use raises EmbedderConfigError naming it."""
+    try:
+        name = recipe_name(config.recipe, config.backbone)
+    except ValueError as e:
+        raise EmbedderConfigError(f"EmbedderConfig.recipe: {e}") from None
+    values = recipe_values(name, config.backbone, "embedder")
+    config = dataclasses.replace(config, recipe=name, **{k: v for k, v in values.items() if getattr(config, k) is None})
+    if config.backbone not in TINY_BACKBONES and Path(config.backbone).expanduser().is_dir():
+        # A local folder is saved as an absolute path: a checkpoint trained with `--backbone ../qwen`
+        # must still find its backbone when evaluated from another working directory.
+        config = dataclasses.replace(config, backbone=str(Path(config.backbone).expanduser().resolve()))
+    # Every field's allowed values sit beside it (EmbedderConfig's knob rules): one checker reads them.
+    check_fields(config, name_of=lambda n: f"EmbedderConfig.{n}", error=EmbedderConfigError)
+    return config
+
+
+def query_options(config) -> dict:
+    """The query options of an EmbedderConfig's recipe, as keyword arguments of data.UFire.train_view:
+    max_images, num_frames, sketches, and with sketches="all" the authors' per-sub-dataset training
+    caps (TRAIN_QUERY_IMAGE_CAP). Images stay at their native size (no image_size)."""
+    c = config
+    caps = dict(TRAIN_QUERY_IMAGE_CAP) if c.query_sketches == "all" else None
+    return {"max_images": c.max_query_images, "num_frames": c.num_frames, "sketches": c.query_sketches,
+            "image_caps": caps}
+
+
+
+# ================================================================================================
+# TrainConfig's recipe (train.py)
+# ================================================================================================
+
+# The input fields TrainConfig passes to EmbedderConfig (the recipes' "embedder" part).
+EMBEDDER_FIELDS = tuple(RECIPES["paper"]["embedder"])
+
+
+def resolve_train_config(cfg):
+    """TrainConfig.resolved(): `cfg` (a TrainConfig) with its recipe applied; needs no model, and
+    resolving twice changes nothing.
+
+    `recipe` becomes the name it resolves to for this backbone (recipe_name) and every None field
+    takes that recipe's value. Steps and epochs form one pair: given only one of them, the other is 0
+    (`--steps 300` on `paper` trains 300 steps, not 5 epochs); given neither, the recipe's pair
+    (paper: 5 epochs; tiny-cpu: 1400 steps). A run, config.json and every checkpoint hold the
+    resolved copy, so a resumed run keeps its values even if a recipe changes later.
+    """
+    try:
+        name = recipe_name(cfg.recipe, cfg.backbone)
+    except ValueError:
+        raise SystemExit(f"error: --recipe {cfg.recipe!r}: must be auto, "
+                         f"{' or '.join(RECIPE_NAMES)}") from None
+    values = {**recipe_values(name, cfg.backbone, "embedder"),
+              **recipe_values(name, cfg.backbone, "train")}
+    length = {"steps": values.pop("steps", 0), "epochs": values.pop("epochs", 0.0)}  # the recipe's pair
+    fill = {k: v for k, v in values.items() if getattr(cfg, k) is None}
+    if cfg.steps is None and cfg.epochs is None:
+        fill.update(length)  # neither given: the recipe decides the run length
+    elif cfg.steps is None:
+        fill["steps"] = 0  # --epochs alone: the epochs decide
+    elif cfg.epochs is None:
+        fill["epochs"] = 0.0  # --steps alone: exactly that many steps
+    return dataclasses.replace(cfg, recipe=name, **fill)
+
+
+def step_chunk_size(cfg, subset: str) -> int:
+    """The GradCache chunk of a batch of `subset`: --chunk-size, or (-1) the authors' size for it."""
+    return chunk_size_for(subset, cfg.chunk_size)

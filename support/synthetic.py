@@ -1131,6 +1131,23 @@ def ensure_synthetic(path="data/synthetic", seed: int = 0, scale: float = 1.0) -
     return str(p)
 
 
+def resolve_root(spec: str, di) -> str:
+    """train.py's --data: 'synthetic' -> generate data/synthetic once (rank 0 first, `di` a
+    plumbing.DistInfo); a path must exist."""
+    from support.plumbing import barrier
+
+    if spec == "synthetic":
+        if di.main:
+            root = ensure_synthetic("data/synthetic")
+        barrier(di)
+        if not di.main:
+            root = ensure_synthetic("data/synthetic")  # already there: just returns the path
+        return str(Path(root).resolve())
+    if not Path(spec).is_dir():
+        raise SystemExit(f"error: --data {spec}: no such directory (a U-FIRE root, or 'synthetic')")
+    return str(Path(spec).resolve())
+
+
 def main(argv=None) -> int:
     """python -m support.synthetic [--out data/synthetic] [--seed 0] [--scale 1.0] [--workers N]
 

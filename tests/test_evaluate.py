@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate as ev
+from support import cli, fast_infer
 
 
 # ---------------------------------------------------------------- the metric, computed by hand
@@ -25,7 +26,7 @@ def test_recall_by_hand_with_ties_multi_positives_and_missing():
         [1.0, 0.0, 0.0, 0.0, 0.0],   # q3: no positive in the gallery -> a miss at every K
     ], np.float32)
     positives = [[2], [4, 2], [3], []]
-    scores, ids = ev.search_faiss(q, g, 5)
+    scores, ids = fast_infer.search_faiss(q, g, 5, reference=ev.search_torch)
     # Ties broken by gallery index: the lower index ranks first.
     assert ids.tolist() == [[1, 0, 2, 3, 4], [3, 2, 0, 1, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
     # First-hit ranks by hand: q0 -> image 2 at rank 2; q1 -> image 2 at rank 1; q2 -> image 3 at rank 3.
@@ -80,14 +81,14 @@ def test_summary_numbers_on_hand_made_rows():
     empty = ev.EvalResult(rows=rows + [_row("t2i/Empty", undefined[1], undefined[10])], ks=(1, 10))
     assert empty.sum_recall(1) == pytest.approx(2.1)
     assert ev.summarise([_row("ood/Y", 0.1, 0.3)], (1, 10))[1] == {}  # OOD alone: no overall mean
-    assert "| **overall** (mean of the task means above) | | | | 65.0 | 90.0 | |" in ev.format_table(res)
-    assert "| **cir** (task mean) | | | | 40.0 | 80.0 | |" in ev.format_table(res)
+    assert "| **overall** (mean of the task means above) | | | | 65.0 | 90.0 | |" in cli.format_table(res)
+    assert "| **cir** (task mean) | | | | 40.0 | 80.0 | |" in cli.format_table(res)
     # the rows above overall are exactly the ones it averages: the OOD mean comes after it, labelled
-    lines = ev.format_table(res).splitlines()
+    lines = cli.format_table(res).splitlines()
     at = {w: next(i for i, x in enumerate(lines) if x.startswith(f"| **{w}**")) for w in ("cir", "t2i", "overall", "ood")}
     assert at["cir"] < at["t2i"] < at["overall"] < at["ood"] and "not in overall" in lines[at["ood"]]
     # The table says what R@K divides by; so does the JSON.
-    assert ev.format_table(res).endswith("R@K = " + ev.RECALL_DEFINITION + ".")
+    assert cli.format_table(res).endswith("R@K = " + ev.RECALL_DEFINITION + ".")
     assert res.to_dict()["recall"] == ev.RECALL_DEFINITION and res.to_dict()["max_queries"] == 0
 
 
@@ -101,12 +102,13 @@ def test_faiss_equals_torch_with_many_ties(seed):
     g = rng.integers(-2, 3, size=(700, 16)).astype(np.float32) / 4  # (G, D)
     q = rng.integers(-2, 3, size=(90, 16)).astype(np.float32) / 4  # (B, D)
     for k in (1, 5, 10, 50):
-        s_f, i_f = ev.search_faiss(q, g, k)
+        s_f, i_f = fast_infer.search_faiss(q, g, k, reference=ev.search_torch)
         s_t, i_t = ev.search_torch(q, g, k)
         assert np.array_equal(i_f, i_t), f"top-{k} ids differ"
         assert np.allclose(s_f, s_t)
     positives = [list(rng.choice(700, size=rng.integers(1, 4), replace=False)) for _ in range(90)]
-    assert ev.recall_at_k(ev.search_faiss(q, g, 50)[1], positives, (1, 5, 10, 50)) == \
+    ids_f = fast_infer.search_faiss(q, g, 50, reference=ev.search_torch)[1]  # (B, 50)
+    assert ev.recall_at_k(ids_f, positives, (1, 5, 10, 50)) == \
         ev.recall_at_k(ev.search_torch(q, g, 50)[1], positives, (1, 5, 10, 50))
 
 
@@ -114,7 +116,7 @@ def test_faiss_equals_torch_on_unit_float_vectors():
     gen = torch.Generator().manual_seed(0)
     g = torch.nn.functional.normalize(torch.randn(2000, 32, generator=gen), dim=1).numpy()  # (G, D)
     q = torch.nn.functional.normalize(torch.randn(64, 32, generator=gen), dim=1).numpy()  # (B, D)
-    _, i_f = ev.search_faiss(q, g, 10)
+    _, i_f = fast_infer.search_faiss(q, g, 10, reference=ev.search_torch)
     _, i_t = ev.search_torch(q, g, 10)
     assert np.array_equal(i_f, i_t)
 
@@ -193,14 +195,14 @@ def test_max_queries_keeps_evenly_spaced_queries_and_the_whole_gallery(synthetic
     ufire = data.UFire(str(synthetic_root))
     sub = "cir/SynCIR-Top"
     full = ufire.eval_view(sub, "test")
-    few = ev.few_queries(full, 5)
+    few = fast_infer.few_queries(full, 5)
     n = len(full.records)
     # First and last query kept, evenly spaced in between, each with its own positives.
     expect = [round(i * (n - 1) / 4) for i in range(5)]
     assert [r.id for r in few.records] == [full.records[i].id for i in expect]
     assert few.positives == [full.positives[i] for i in expect]
     assert few.gallery == full.gallery  # Recall@K keeps its meaning: same gallery
-    assert ev.few_queries(full, 0) is full and ev.few_queries(full, n + 1) is full
+    assert fast_infer.few_queries(full, 0) is full and fast_infer.few_queries(full, n + 1) is full
     emb = CountingEmbedder()
     res = ev.evaluate(emb, ufire, [sub], cache_dir=None, progress=False, max_queries=5)
     assert emb.query_calls == 5 and res.rows[0].queries == 5
@@ -278,15 +280,15 @@ def test_gallery_cache_re_encodes_after_an_image_changes(tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (8, 8), c).save(paths[-1])
     emb = PixelEmbedder()
-    cfg = ev.EvalConfig(cache_dir=str(tmp_path / "cache"), progress=False, batch_size=4)
-    first = ev.encode_gallery(emb, paths, cfg)
-    again = ev.encode_gallery(emb, paths, cfg)
+    cfg = dict(cache_dir=str(tmp_path / "cache"), progress=False, batch_size=4)
+    first = fast_infer.encode_gallery(emb, paths, **cfg)
+    again = fast_infer.encode_gallery(emb, paths, **cfg)
     assert emb.encoded == 3 and np.array_equal(first, again)  # the second call is a cache hit
     # Edit image 1 in place (same name, same pixel count), its modification time moved on.
     Image.new("RGB", (8, 8), (200, 200, 30)).save(paths[1])
     st = os.stat(paths[1])
     os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    edited = ev.encode_gallery(emb, paths, cfg)
+    edited = fast_infer.encode_gallery(emb, paths, **cfg)
     assert emb.encoded == 6  # re-encoded, not served from the old cache entry
     yellow = np.array([200, 200, 30], np.float32) / np.linalg.norm([200, 200, 30])
     assert np.allclose(edited[1], yellow, atol=1e-6) and not np.allclose(edited[1], first[1], atol=1e-3)
@@ -330,7 +332,7 @@ def test_real_ood_task_end_to_end(shared_ufire, tmp_path, tiny_embedder):
     assert (row.queries, row.gallery, row.missing) == (1000, 2302, 0)
     # A random embedder on placeholder images: every recall is a proper fraction and R@K grows with K.
     assert 0.0 <= row.recall[1] <= row.recall[10] <= row.recall[50] <= 1.0
-    assert "ood/Image(s)+Text 2 Compatible Item | 2302 | 1000" in ev.format_table(res)
+    assert "ood/Image(s)+Text 2 Compatible Item | 2302 | 1000" in cli.format_table(res)
 
 
 # ---------------------------------------------------------------- random ≈ chance, trained > chance

@@ -31,6 +31,8 @@ import pytest
 from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
 import torch
 
+from support import cli, fast_train
+
 # Reused from the other test files: the scale-0.1 synthetic U-FIRE (module fixture), the in-process
 # train.main runner, the stub embedder with hand-written outputs and its batch.
 from test_train import REPO, _train_in_process, _weights, small_root  # noqa: F401  (small_root: fixture)
@@ -61,7 +63,7 @@ def _queries():
 
 
 def _assert_same_inputs(got, want, what=""):
-    """Two model.ModelInputs hold the same tensors (shape, dtype, values) and the same Nones."""
+    """Two support.qwen.ModelInputs hold the same tensors (shape, dtype, values) and the same Nones."""
     for f in dataclasses.fields(want):
         a, b = getattr(got, f.name), getattr(want, f.name)
         if b is None:
@@ -181,7 +183,7 @@ def test_collate_images_equals_the_generic_collation_of_prompt_t(tiny_embedder):
     emb = tiny_embedder
 
     def generic(images):
-        return emb._collate([_Prompt("target", "", [im], [], []) for im in images])
+        return emb.collator.collate([_Prompt("target", "", [im], [], []) for im in images])
 
     imgs = [_img(80 + i) for i in range(4)]
     fast = emb.collate_images(imgs)
@@ -196,7 +198,7 @@ def test_collate_images_equals_the_generic_collation_of_prompt_t(tiny_embedder):
     _assert_same_inputs(again, generic(imgs[2:][::-1]), "second call")
     wide = [_photo(90 + i, 120, 60) for i in range(3)]  # another grid: its own cache entry
     _assert_same_inputs(emb.collate_images(wide), generic(wide), "wide images")
-    assert {(1, 8, 8), (1, 4, 10)} <= set(emb._target_rows)  # 120 x 60 px -> 80 x 32 px at 64^2
+    assert {(1, 8, 8), (1, 4, 10)} <= set(emb.collator.target_rows)  # 120 x 60 px -> 80 x 32 px at 64^2
     mixed = imgs[:2] + wide[:1]
     _assert_same_inputs(emb.collate_images(mixed), generic(mixed), "mixed grids")
 
@@ -281,7 +283,7 @@ def test_nested_merged_lora_merges_once(lora_emb):
 # ------------------------------------------------------------------------------------------------
 
 def test_encode_with_two_threads_equals_one_thread_in_input_order(tiny_embedder, monkeypatch):
-    import model
+    from support import fast_encode
 
     emb = tiny_embedder
     pools = []
@@ -291,11 +293,11 @@ def test_encode_with_two_threads_equals_one_thread_in_input_order(tiny_embedder,
             pools.append(workers)
             super().__init__(workers, *a, **k)
 
-    monkeypatch.setattr(model, "ThreadPoolExecutor", RecordingPool)
+    monkeypatch.setattr(fast_encode, "ThreadPoolExecutor", RecordingPool)
     imgs, qs = [_img(120 + i) for i in range(7)], _queries()
     out = {}
     for n in (1, 2):
-        monkeypatch.setattr(model, "encode_threads", lambda device, n=n: n)
+        monkeypatch.setattr(fast_encode, "encode_threads", lambda device, n=n: n)
         pools.clear()
         out[n] = (emb.encode_images(imgs, batch_size=1), emb.encode_images(imgs[::-1], batch_size=1),
                   emb.encode_queries(qs, batch_size=3), emb.encode_queries(qs[::-1], batch_size=3))
@@ -312,6 +314,17 @@ def test_encode_with_two_threads_equals_one_thread_in_input_order(tiny_embedder,
 # 5. two_core_step == full_batch_step
 # ------------------------------------------------------------------------------------------------
 
+def _two_core(spare):
+    """fast_train.two_core_step as a step(model, batch, tau), called as train.train_step calls it."""
+    import train
+
+    def step(model, batch, tau, positives="multi"):
+        return train.StepOut(**fast_train.two_core_step(
+            model, *train._rows(batch, 0, len(batch.keys)),
+            lambda q, t: train.info_nce(q, t, train.target_ids(batch.keys, positives, q.device), tau), spare))
+    return step
+
+
 def _step_grads(step, model, batch):
     model.zero_grad(set_to_none=True)
     try:
@@ -327,7 +340,7 @@ def test_two_core_step_equals_full_batch_step(lora_emb, view, subset, indices):
     import train
 
     emb = lora_emb
-    batch = train.prepare_batch(view, emb, 0, (subset, indices, 4))
+    batch = fast_train.prepare_batch(train.make_batch, view, emb, 0, (subset, indices, 4))
     has_images = batch.inputs[0].pixel_values is not None
     assert has_images == (subset.startswith("cir"))  # one batch with query images, one text-only
     if len(set(indices)) < len(indices):
@@ -336,7 +349,7 @@ def test_two_core_step_equals_full_batch_step(lora_emb, view, subset, indices):
     try:
         ref, g_ref = _step_grads(train.full_batch_step, emb, batch)
         with ThreadPoolExecutor(1) as spare:
-            fast, g_fast = _step_grads(partial(train.two_core_step, spare=spare), emb, batch)
+            fast, g_fast = _step_grads(_two_core(spare), emb, batch)
     finally:
         emb.eval()
     assert abs(fast.loss - ref.loss) <= 1e-6 * abs(ref.loss)
@@ -355,7 +368,7 @@ def test_two_core_step_on_the_stub_equals_full_batch_step():
     stub, batch = StubEmbedder(), stub_batch()
     ref, g_ref = _step_grads(train.full_batch_step, stub, batch)
     with ThreadPoolExecutor(1) as spare:
-        fast, g_fast = _step_grads(partial(train.two_core_step, spare=spare), stub, batch)
+        fast, g_fast = _step_grads(_two_core(spare), stub, batch)
     assert fast.loss == pytest.approx(ref.loss, rel=1e-6) and fast.reg == pytest.approx(ref.reg, rel=1e-6)
     assert float(g_ref["c"].norm()) > 0  # c is reached only through R
     _assert_close_grads(g_fast, g_ref, 1e-6, "two_core_step on the stub")
@@ -368,11 +381,11 @@ def test_two_core_step_without_a_calibrator(view):
 
     emb = FashionLensEmbedder(EmbedderConfig(calibrator="off", seed=2))
     _perturb_lora(emb, seed=3)
-    batch = train.prepare_batch(view, emb, 0, ("cir/SynCIR-Top", (3, 9, 4, 1), 2))
+    batch = fast_train.prepare_batch(train.make_batch, view, emb, 0, ("cir/SynCIR-Top", (3, 9, 4, 1), 2))
     emb.train()
     ref, g_ref = _step_grads(train.full_batch_step, emb, batch)
     with ThreadPoolExecutor(1) as spare:
-        fast, g_fast = _step_grads(partial(train.two_core_step, spare=spare), emb, batch)
+        fast, g_fast = _step_grads(_two_core(spare), emb, batch)
     assert fast.reg == ref.reg == 0.0 and fast.lam == 0.0
     assert abs(fast.loss - ref.loss) <= 1e-6 * abs(ref.loss)
     _assert_close_grads(g_fast, g_ref, 1e-5, "two_core_step, calibrator off")
@@ -392,13 +405,13 @@ def test_prepare_batch_is_pure_and_leaves_the_global_rngs_alone(tiny_embedder, v
 
     req = ("cir/SynCIR-Top", (5, 2, 7, 2), 9)
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    a = train.prepare_batch(view, tiny_embedder, 0, req)
+    a = fast_train.prepare_batch(train.make_batch, view, tiny_embedder, 0, req)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
     assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), np_state))
-    b = train.prepare_batch(view, tiny_embedder, 0, req)
+    b = fast_train.prepare_batch(train.make_batch, view, tiny_embedder, 0, req)
     _assert_same_batch(b, a)
     assert a.keys[1] == a.keys[3] and len(a.queries) == 4 and len(a.inputs[0]) == 4
-    c = train.prepare_batch(view, tiny_embedder, 0, ("cir/SynCIR-Top", (6, 2, 7, 2), 9))
+    c = fast_train.prepare_batch(train.make_batch, view, tiny_embedder, 0, ("cir/SynCIR-Top", (6, 2, 7, 2), 9))
     assert c.keys != a.keys  # the request decides the batch (a constant result would pass above)
 
 
@@ -413,7 +426,7 @@ def test_prefetcher_off_prepares_in_the_caller(tiny_embedder, view):
     import train
     from support.prefetch import Prefetcher
 
-    prepare = partial(train.prepare_batch, view, tiny_embedder, 0)
+    prepare = partial(fast_train.prepare_batch, train.make_batch, view, tiny_embedder, 0)
     req = ("t2i/SynGen", (1, 2, 3), 0)
     with Prefetcher(prepare, "off") as pf:
         pf.submit(req)  # no worker: nothing happens
@@ -430,7 +443,7 @@ def test_prefetcher_returns_what_prepare_returns(tiny_embedder, view, mode):
     import train
     from support.prefetch import Prefetcher
 
-    prepare = partial(train.prepare_batch, view, tiny_embedder, 0)
+    prepare = partial(fast_train.prepare_batch, train.make_batch, view, tiny_embedder, 0)
     a, b = ("cir/SynCIR-Top", (0, 4, 0, 6), 1), ("t2i/SynGen", (9, 1, 4, 3), 2)
     want_a, want_b = prepare(a), prepare(b)
     with Prefetcher(partial(_failing, prepare), mode) as pf:
@@ -535,8 +548,6 @@ TRAIN_ARGS = ["--tasks", "t2i,cir", "--steps", "6", "--eval-every", "6", "--max-
 def loader_runs(small_root, tmp_path_factory):  # noqa: F811
     """Four 6-step runs in this process: --loader thread (two cores), --loader off, --two-cores off,
     and the defaults; counting two_core_step's calls in each."""
-    import train
-
     tmp = tmp_path_factory.mktemp("loader_runs")
     runs = {}
     threads = torch.get_num_threads()
@@ -545,12 +556,12 @@ def loader_runs(small_root, tmp_path_factory):  # noqa: F811
                             ("one_core", ["--two-cores", "off"]), ("default", [])):
             calls = [0]
 
-            def counted(*a, _real=train.two_core_step, _calls=calls, **k):
+            def counted(*a, _real=fast_train.two_core_step, _calls=calls, **k):
                 _calls[0] += 1
                 return _real(*a, **k)
 
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(train, "two_core_step", counted)
+                mp.setattr(fast_train, "two_core_step", counted)
                 rc, out, err = _train_in_process(["--data", small_root, *TRAIN_ARGS, *flags,
                                                   "--out", str(tmp / name)])
             assert rc == 0, err[-3000:]
@@ -604,7 +615,7 @@ def test_two_core_steps_give_the_losses_of_one_core(loader_runs):
 def test_loader_and_two_cores_flags(tmp_path, capsys):
     import train
 
-    cfg, _ = train.parse_config(["--loader", "process", "--two-cores", "off", "--out", str(tmp_path / "r")])
+    cfg, _ = cli.parse_train_config(train.TrainConfig, ["--loader", "process", "--two-cores", "off", "--out", str(tmp_path / "r")])
     assert (cfg.loader, cfg.two_cores) == ("process", "off")
     cfg.check()  # accepted
     assert train.TrainConfig().loader == "thread" and train.TrainConfig().two_cores == "auto"
@@ -618,7 +629,7 @@ def test_loader_and_two_cores_flags(tmp_path, capsys):
         with pytest.raises(SystemExit, match=f"^error: {flag} {value!r}: must be"):  # the config's own check
             dataclasses.replace(train.TrainConfig(out=str(tmp_path / "r")), **{field: value}).check()
     assert not (tmp_path / "r").exists()
-    assert {"loader", "two_cores"} <= train.RESUME_MAY_CHANGE  # neither changes the trajectory
+    assert {"loader", "two_cores"} <= cli.RESUME_MAY_CHANGE  # neither changes the trajectory
 
 
 # ------------------------------------------------------------------------------------------------

@@ -443,7 +443,8 @@ def test_checkpoint_refused_by_another_backbone(runs, hub_backbone, tmp_path):
     """A Qwen3-VL checkpoint asked to run on the Qwen2.5-VL folder: a CheckpointError naming both
     from the API, and one `error:` line (exit 1, no traceback) from evaluate.py when its config was
     pointed at the other folder."""
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     run, train, _, _ = runs("qwen3_vl")
     _ok(train)

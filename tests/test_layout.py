@@ -71,3 +71,14 @@ def test_entry_points_set_omp_wait_policy_before_torch(entry):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "PASSIVE"
+
+
+def test_every_config_field_declares_its_allowed_values():
+    """One line per field, its allowed values beside it (support/config_fields.knob): no rule table."""
+    import model
+    import train
+    from support.config_fields import rules
+
+    for cls in (model.EmbedderConfig, train.TrainConfig):
+        missing = [name for name, rule in rules(cls).items() if not rule]
+        assert not missing, f"{cls.__name__} fields without a knob rule: {missing}"

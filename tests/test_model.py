@@ -193,9 +193,10 @@ def test_summary_tokens_start_where_summary_init_says(init):
 def test_recipes_choose_the_summary_init():
     """The tiny default keeps its two word starts; a real backbone gets the authors' <|im_end|>."""
     from support import recipes
-    from model import EmbedderConfig, resolve_config
-    assert resolve_config(EmbedderConfig()).summary_init == "words"
-    assert resolve_config(EmbedderConfig(recipe="paper")).summary_init == "im_end"
+    from model import EmbedderConfig
+    from support.recipes import resolve_embedder_config
+    assert resolve_embedder_config(EmbedderConfig()).summary_init == "words"
+    assert resolve_embedder_config(EmbedderConfig(recipe="paper")).summary_init == "im_end"
     assert recipes.RECIPES["paper"]["embedder"]["summary_init"] == "im_end"
 
 
@@ -348,32 +349,47 @@ def test_save_load_round_trip(trained_ckpt, tiny_embedder):
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_embedder_config_rules_agree_with_the_choices_in_the_code():
+    """EmbedderConfig's knob rules repeat two tuples that live in the concept files (rule 5)."""
+    import data
+    from model import SUMMARY_INITS, EmbedderConfig
+    from support.config_fields import choices_of, rules
+
+    choices = choices_of(EmbedderConfig)
+    assert tuple(choices["query_sketches"]) == data.SKETCH_MODES
+    assert tuple(choices["summary_init"]) == SUMMARY_INITS
+    assert all(rules(EmbedderConfig).values())  # every field says what it accepts
+
+
 def test_recipe_fills_the_none_fields(trained_ckpt, tiny_embedder, tmp_path, monkeypatch):
     """The None fields resolve to the recipe's values (auto: tiny-cpu for a tiny backbone, paper for a
     real one), explicit values win, bad values are refused naming the field, a local backbone folder
     is saved as an absolute path, and the checkpoint stores the resolved numbers."""
     from support import recipes
-    from model import EmbedderConfig, EmbedderConfigError, _same_backbone, resolve_config
+    from model import EmbedderConfig
+    from support.checkpoint import _same_backbone
+    from support.errors import EmbedderConfigError
+    from support.recipes import resolve_embedder_config
 
     cfg = EmbedderConfig()
     assert cfg.lora_dropout is None and cfg.min_pixels is None and cfg.recipe == "auto"
-    tiny = resolve_config(cfg)
+    tiny = resolve_embedder_config(cfg)
     assert tiny.recipe == "tiny-cpu" and tiny.lora_dropout == 0.0
     assert {k: getattr(tiny, k) for k in recipes.RECIPES["tiny-cpu"]["embedder"]} == recipes.RECIPES["tiny-cpu"]["embedder"]
-    paper = resolve_config(EmbedderConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"))
+    paper = resolve_embedder_config(EmbedderConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"))
     assert paper.recipe == "paper" and paper.lora_dropout == 0.05  # the authors' LoraConfig
     assert (paper.min_pixels, paper.max_pixels, paper.num_frames, paper.video_size, paper.max_query_images,
             paper.query_sketches) == (224 * 224, 256 * 256, 8, 224, 8, "all")
-    mixed = resolve_config(EmbedderConfig(recipe="paper", num_frames=4, lora_dropout=0.0))
+    mixed = resolve_embedder_config(EmbedderConfig(recipe="paper", num_frames=4, lora_dropout=0.0))
     assert (mixed.recipe, mixed.num_frames, mixed.lora_dropout, mixed.video_size) == ("paper", 4, 0.0, 224)
-    for bad, field in ((dict(min_pixels=5000, max_pixels=4000), "min_pixels=5000"),
-                       (dict(query_sketches="some"), "query_sketches='some'"), (dict(num_frames=0), "num_frames=0"),
-                       (dict(recipe="fast"), "recipe")):
+    for bad, field in ((dict(min_pixels=5000, max_pixels=4000), r"max_pixels 4000: must be >= min_pixels \(5000\)"),
+                       (dict(query_sketches="some"), "query_sketches 'some': must be one of one, all"),
+                       (dict(num_frames=0), "num_frames 0: must be >= 1"), (dict(recipe="fast"), "recipe")):
         with pytest.raises(EmbedderConfigError, match=field):
-            resolve_config(EmbedderConfig(**bad))
+            resolve_embedder_config(EmbedderConfig(**bad))
     (tmp_path / "qwen").mkdir()
     monkeypatch.chdir(tmp_path)
-    local = resolve_config(EmbedderConfig(backbone="qwen"))
+    local = resolve_embedder_config(EmbedderConfig(backbone="qwen"))
     assert local.backbone == str((tmp_path / "qwen").resolve()) and local.recipe == "paper"
     assert _same_backbone("./qwen", local.backbone) and not _same_backbone("qwen2", local.backbone)
     assert tiny_embedder.config.lora_dropout == 0.0 and tiny_embedder.config.recipe == "tiny-cpu"
@@ -402,7 +418,8 @@ def test_query_options_follow_the_recipe(tiny_embedder, paper_tiny):
 def test_missing_backbone_is_one_clear_error(tmp_path):
     """A backbone that is neither a folder nor in the local Hugging Face cache: one BackboneError naming
     it, before anything is downloaded (HF_HUB_OFFLINE is also set by conftest.py)."""
-    from model import BackboneError, EmbedderConfig, FashionLensEmbedder
+    from model import EmbedderConfig, FashionLensEmbedder
+    from support.errors import BackboneError
 
     for name in ("nobody/Qwen3-VL-0B-Missing", str(tmp_path / "not-here")):
         with pytest.raises(BackboneError, match="neither a local folder nor in the local Hugging Face cache"):
@@ -434,7 +451,8 @@ def test_adapter_loads_with_plain_peft(trained_ckpt):
 
 
 def test_bad_checkpoints(trained_ckpt, tmp_path):
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     _, path = trained_ckpt
     broken = tmp_path / "broken"
@@ -467,7 +485,8 @@ def _edit_meta(src, dst, edit) -> None:
 def test_format_1_and_edited_budget_are_refused(trained_ckpt, tmp_path):
     """A checkpoint of the previous format (other prompts, square images) is refused saying to retrain;
     an edited pixel budget is refused naming the fields and the saved processor."""
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     _, path = trained_ckpt
     old = tmp_path / "old"

@@ -23,7 +23,8 @@ from PIL import Image
 
 import data
 import evaluate as ev
-from support import synthetic
+from support import cli, fast_infer, synthetic
+from support.errors import EvalError
 from data import UFireError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,8 @@ def test_transparency_cmyk_palette_and_bilevel_load_with_their_colours(tmp_path)
     pa = Image.new("PA", (2, 1))
     pa.putpalette([255, 0, 0] * 256)
     pa.putdata([(0, 255), (0, 0)])
-    assert data.to_rgb(pa).getpixel((0, 0)) == red and data.to_rgb(pa).getpixel((1, 0)) == white
+    from support.ufire_files import to_rgb  # the decoder data.load_image calls
+    assert to_rgb(pa).getpixel((0, 0)) == red and to_rgb(pa).getpixel((1, 0)) == white
     # CMYK (print files): C=0 M=Y=255 is red, K=255 black, nothing is paper white
     cmyk = Image.new("CMYK", (3, 1))
     cmyk.putdata([(0, 255, 255, 0), (0, 0, 0, 255), (0, 0, 0, 0)])
@@ -342,9 +344,9 @@ def test_cache_renamed_to_another_key_or_without_checksum_is_not_trusted(tiny_ro
     shape = np.load(io.BytesIO(raw)).shape  # (G, D)
     fake_key = "0" * 20 + "-" + key.split("-")[1]
     (cache / name.replace(key, fake_key)).write_bytes(raw)
-    assert ev.read_cache(cache, fake_key, shape) is None
+    assert fast_infer.read_cache(cache, fake_key, shape) is None
     assert "do not match their checksum" in capsys.readouterr().err
-    assert ev.read_cache(cache, key, shape) is not None  # the genuine file still proves itself
+    assert fast_infer.read_cache(cache, key, shape) is not None  # the genuine file still proves itself
 
 
 def test_unwritable_cache_only_warns(tiny_root, embedder, clean_cache, tmp_path, capsys):
@@ -379,14 +381,14 @@ def test_metric_of_no_queries_is_none_not_nan():
     res = ev.EvalResult(rows=rows, ks=(1,), task_means=means, overall=overall)
     assert res.sum_recall(1) == 1.5
     json.dumps(res.to_dict(), allow_nan=False)  # raises on any NaN
-    table = ev.format_table(res)
+    table = cli.format_table(res)
     assert "| a/y (no queries: left out of the means) | 10 | 0 | 0 | n/a | n/a |" in table
     assert "the 2 row(s) without queries left out" in table and "nan" not in table.lower()
     # nothing scorable anywhere: every mean is undefined (None), none is NaN or 0
     means, overall = ev.summarise(rows[1:3], (1,))
     assert means == {"a": {1: None}, "b": {1: None}} and overall == {1: None}
     res = ev.EvalResult(rows=rows[1:3], ks=(1,), task_means=means, overall=overall)
-    assert res.sum_recall(1) == 0.0 and "nan" not in ev.format_table(res).lower()
+    assert res.sum_recall(1) == 0.0 and "nan" not in cli.format_table(res).lower()
     json.dumps(res.to_dict(), allow_nan=False)
 
 
@@ -442,7 +444,7 @@ def test_nan_embeddings_are_refused_naming_the_image(tiny_root):
     uf = data.UFire(str(tiny_root))
     view = uf.eval_view("t2i/SynGen")
     bad = Path(view.gallery[5]).name
-    with pytest.raises(ev.EvalError, match=f"1 gallery image embedding.*NaN.*{re.escape(bad)}"):
+    with pytest.raises(EvalError, match=f"1 gallery image embedding.*NaN.*{re.escape(bad)}"):
         ev.evaluate(NanEmbedder(), uf, ["t2i/SynGen"], cache_dir=None, progress=False)
 
 
@@ -586,7 +588,8 @@ def test_data_errors_are_one_line_naming_file_and_record(how, ckpt, tiny_root, t
     _one_error_line(capsys.readouterr().err, *names)
     assert out.read_text() == "previous results\n"
     for f in cache.glob("*") if cache.exists() else []:  # whatever was cached is whole and proven
-        assert not f.name.startswith(".") and ev.read_cache(cache, f.name.split(".")[0], np.load(f).shape) is not None
+        assert not f.name.startswith(".") and \
+            fast_infer.read_cache(cache, f.name.split(".")[0], np.load(f).shape) is not None
 
 
 def test_select_errors_are_ufire_errors(tiny_root):

@@ -403,7 +403,8 @@ def test_checkpoint_records_the_sha256_of_its_weights_and_loads_unchanged(ckpt, 
 @pytest.mark.parametrize("damage", ["truncate", "zero-middle", "garble-header"])
 def test_damaged_weight_file_is_refused_naming_it(rel, damage, ckpt, tmp_path):
     """Zeroed bytes parse as valid (wrong) weights: only the saved sha256 catches them."""
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     path = _copy(ckpt, tmp_path)
     f = path / rel
@@ -423,7 +424,8 @@ def test_damaged_weight_file_is_refused_naming_it(rel, damage, ckpt, tmp_path):
 
 @pytest.mark.parametrize("rel", WEIGHTS)
 def test_truncated_weights_without_a_saved_sha256_still_name_the_file(rel, ckpt, tmp_path):
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     path = _copy(ckpt, tmp_path)
     _edit_meta(path, lambda m: m.pop("sha256"))
@@ -436,7 +438,8 @@ def test_truncated_weights_without_a_saved_sha256_still_name_the_file(rel, ckpt,
 @pytest.mark.parametrize("rel", ["base/config.json", "adapter/adapter_config.json", "processor/tokenizer.json",
                                  "embedder_config.json"])
 def test_garbled_json_in_a_checkpoint_is_refused_naming_it(rel, ckpt, tmp_path):
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     path = _copy(ckpt, tmp_path)
     (path / rel).write_text('{"model_type": ')
@@ -465,7 +468,8 @@ EDITS = [  # (where, field, new value, text the error must hold): each contradic
 def test_config_contradicting_its_weights_or_processor_is_refused(where, field, value, says, ckpt, tmp_path):
     """An edited config is refused naming the field (an edited pixel budget would describe images the
     saved processor does not make, lowering Recall without a word)."""
-    from model import CheckpointError, FashionLensEmbedder
+    from model import FashionLensEmbedder
+    from support.errors import CheckpointError
 
     path = _copy(ckpt, tmp_path)
     _edit_meta(path, lambda m: (m["config"] if where == "config" else m).__setitem__(field, value))

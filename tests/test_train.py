@@ -31,6 +31,8 @@ import pytest
 from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY (inherited by our subprocesses)
 import torch
 
+from support import cli, config_fields, recipes, run_dir
+
 REPO = Path(__file__).resolve().parents[1]
 # Small runs: two tasks (5 sub-datasets), batch 8 in chunks of 4, 4 validation queries each.
 COMMON = ["--tasks", "t2i,cir", "--batch-size", "8", "--chunk-size", "4", "--max-eval-queries", "4",
@@ -259,7 +261,7 @@ def test_every_recipe_value_is_a_train_config_field_defaulting_to_the_recipe():
     for name in ("paper", "tiny-cpu"):
         for key in _recipe(name):
             assert key in defaults and defaults[key] is None, (name, key)  # None = "the recipe's value"
-    assert set(train.EMBEDDER_FIELDS) == {"min_pixels", "max_pixels", "max_query_images", "query_sketches",
+    assert set(recipes.EMBEDDER_FIELDS) == {"min_pixels", "max_pixels", "max_query_images", "query_sketches",
                                           "num_frames", "video_size", "lora_dropout", "summary_init"}
 
 
@@ -288,7 +290,7 @@ def test_flags_override_the_recipe_and_steps_clear_its_epochs(no_model, tmp_path
     import train
 
     def parsed(*argv):
-        cfg, resume = train.parse_config([*argv, "--out", str(tmp_path / "r")])
+        cfg, resume = cli.parse_train_config(train.TrainConfig, [*argv, "--out", str(tmp_path / "r")])
         assert resume is None
         return cfg.resolved()
 
@@ -321,10 +323,10 @@ def test_chunk_size_minus_one_follows_the_authors_table():
     assert cfg.chunk_size == -1
     want = {"video2img/MovingFashion": 2, "asfr/DARN": 4, "t2i/FashionGen": 8, "t2i/Shoes": 32,
             "sketch2i/QMUL-Shoe-V2": 16, "cir/FashionIQ-Dress": 32, "t2i/SynGen": 8}  # not in the table: 8
-    assert {k: train.step_chunk_size(cfg, k) for k in want} == want
-    assert all(train.step_chunk_size(cfg, k) == v for k, v in recipes.CHUNK_SIZES.items())
+    assert {k: recipes.step_chunk_size(cfg, k) for k in want} == want
+    assert all(recipes.step_chunk_size(cfg, k) == v for k, v in recipes.CHUNK_SIZES.items())
     fixed = train.TrainConfig(backbone=REAL, chunk_size=16).resolved()
-    assert {train.step_chunk_size(fixed, k) for k in want} == {16}
+    assert {recipes.step_chunk_size(fixed, k) for k in want} == {16}
     # A batch per rank smaller than the table's chunk is one chunk (no GradCache re-run).
     assert train.fits_one_chunk(32, 16) and train.fits_one_chunk(0, 64) and not train.fits_one_chunk(8, 64)
 
@@ -398,12 +400,12 @@ def test_config_json_holds_the_resolved_recipe(runs):
     assert saved["recipe"] == "tiny-cpu" and None not in saved.values()
     assert (saved["steps"], saved["epochs"], saved["chunk_size"], saved["lr_schedule"]) == (8, 0.0, 4, "cosine")
     assert saved["resolved"]["chunk_sizes"] == {k: 4 for k in saved["resolved"]["train_subsets"]}
-    ckpt = json.loads((b / "last" / train.CONFIG_JSON).read_text())
+    ckpt = json.loads((b / "last" / run_dir.CONFIG_JSON).read_text())
     assert ckpt == {k: v for k, v in saved.items() if k != "resolved"}
     emb = json.loads((b / "last" / "embedder_config.json").read_text())["config"]
-    assert {k: emb[k] for k in ("recipe", *train.EMBEDDER_FIELDS)} == {
-        k: saved[k] for k in ("recipe", *train.EMBEDDER_FIELDS)}
-    cfg, _ = train.parse_config(["--resume", str(b)])
+    assert {k: emb[k] for k in ("recipe", *recipes.EMBEDDER_FIELDS)} == {
+        k: saved[k] for k in ("recipe", *recipes.EMBEDDER_FIELDS)}
+    cfg, _ = cli.parse_train_config(train.TrainConfig, ["--resume", str(b)])
     assert dataclasses.asdict(cfg) == {**ckpt, "out": str(b)} and cfg.resolved() == cfg
 
 
@@ -585,14 +587,14 @@ def test_resume_refuses_a_changed_training_flag_and_accepts_the_harmless_ones(ru
         assert rc == 1 and flag in err and "differs from the resumed run's" in err and saved in err, err[-2000:]
     assert _listing(b) == before
     # Flags that leave the trajectory alone may change; the rest comes from the saved run.
-    cfg, resume = train.parse_config(["--resume", str(b / "last"), "--eval-every", "2", "--max-eval-queries", "3"])
+    cfg, resume = cli.parse_train_config(train.TrainConfig, ["--resume", str(b / "last"), "--eval-every", "2", "--max-eval-queries", "3"])
     saved = json.loads((b / "last" / "train_config.json").read_text())
     assert resume == str(b / "last") and cfg.out == str(b)  # continues in the run folder, not in last/
     assert (cfg.eval_every, cfg.max_eval_queries) == (2, 3)
     assert (cfg.temperature, cfg.batch_size, cfg.sampler, cfg.steps) == \
         (saved["temperature"], saved["batch_size"], saved["sampler"], saved["steps"])
-    assert {"eval_every", "max_eval_queries"} <= train.RESUME_MAY_CHANGE
-    assert not {"temperature", "sampler", "calibrator", "lr", "batch_size", "seed", "steps"} & train.RESUME_MAY_CHANGE
+    assert {"eval_every", "max_eval_queries"} <= cli.RESUME_MAY_CHANGE
+    assert not {"temperature", "sampler", "calibrator", "lr", "batch_size", "seed", "steps"} & cli.RESUME_MAY_CHANGE
 
 
 def test_rank_0_writes_the_synthetic_data_before_the_other_ranks_look(monkeypatch, tmp_path):
@@ -612,7 +614,7 @@ def test_rank_0_writes_the_synthetic_data_before_the_other_ranks_look(monkeypatc
         monkeypatch.setattr(mod, "barrier", lambda di: events.append("barrier"), raising=False)
     for rank, order in ((0, ["ensure", "barrier"]), (1, ["barrier", "ensure"])):
         events.clear()
-        root = train.resolve_data_root("synthetic", plumbing.DistInfo(rank=rank, world=2))
+        root = synthetic.resolve_root("synthetic", plumbing.DistInfo(rank=rank, world=2))
         assert events == order, (rank, events)
         assert root == str(tmp_path.resolve())
 
@@ -673,3 +675,20 @@ def test_torchrun_resume_ends_with_the_same_weights_as_an_uninterrupted_torchrun
     sa, sb = _steps(parts), _steps(whole)
     assert [s["step"] for s in sa] == [1, 2, 3, 4]
     assert [(s["subset"], s["loss"]) for s in sa] == [(s["subset"], s["loss"]) for s in sb]
+
+
+def test_train_config_choice_rules_agree_with_the_modules_tuples():
+    """TrainConfig's knob rules write their choices literally; they must be the modules' tuples (same order:
+    argparse lists them in it)."""
+    import calibrator
+    import data
+    import model
+    import sampler
+    import train
+    from support import prefetch
+
+    want = {"recipe": ("auto", *recipes.RECIPE_NAMES), "lr_schedule": train.LR_SCHEDULES, "positives": train.POSITIVES,
+            "sampler": sampler.STRATEGIES, "ggas_refresh": sampler.REFRESH_MODES, "ggas_ema_start": sampler.EMA_STARTS,
+            "ggas_floor": sampler.FLOORS, "query_sketches": data.SKETCH_MODES, "summary_init": model.SUMMARY_INITS,
+            "loader": prefetch.MODES, "calibrator": calibrator.MODES, "two_cores": ("auto", "off")}
+    assert {k: tuple(v) for k, v in config_fields.choices_of(train.TrainConfig).items()} == {k: tuple(v) for k, v in want.items()}

@@ -10,7 +10,7 @@ in float64,
 
 and each parameter's gradient by autograd on that hand-written L, and holds train.full_batch_step
 (one forward, or split into chunks), train.gradcache_step (several chunkings) and
-train.two_core_step to both. So the loss is checked against its equation, not only one code path
+fast_train.two_core_step to both. So the loss is checked against its equation, not only one code path
 against another: dropping R, the temperature, the positive sets or the chunk weights of R from
 every path would fail here.
 
@@ -35,6 +35,8 @@ import pytest
 
 from support import plumbing  # noqa: I001  before torch: it sets OMP_WAIT_POLICY
 import torch
+
+from support import fast_train
 import torch.nn.functional as F
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +148,9 @@ def _step_runner(kind: str, positives: str = "multi", per_chunk: bool = False):
     if kind == "two_core":
         def two_core(m, b, tau):
             with cf.ThreadPoolExecutor(max_workers=1) as spare:
-                return train.two_core_step(m, b, tau, spare, positives)
+                return train.StepOut(**fast_train.two_core_step(  # train_step's dispatch line
+                    m, *train._rows(b, 0, len(b.keys)),
+                    lambda q, t: train.info_nce(q, t, train.target_ids(b.keys, positives, q.device), tau), spare))
         return two_core
     name, _, chunk = kind.partition("=")
     step = train.full_batch_step if name == "full" else train.gradcache_step
