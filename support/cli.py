@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from support import plumbing, recipes, run_dir
 from support.checkpoint import CONFIG_FILE
-from support.config_fields import check_fields, choices_of, rules
+from support.config_fields import check_fields, choices_of
 from support.errors import EvalError, TrainingError, run_cli
 
 
