@@ -34,8 +34,9 @@ Equations (per query; all vectors are rows)
                                                                     it does not keep q_hat near q: the
                                                                     proposal may open to ~90 deg; the
                                                                     small lambda keeps the output near q)
-    L_orth   = mean_batch ||A^T A - I_r||_F                         keeps A's r columns orthonormal,
-                                                                    i.e. the r-dim subspace well used
+    L_orth   = mean_batch ||A^T A - I_r||_F                         a penalty that pulls A's r columns
+                                                                    toward orthonormal (the r-dim subspace
+                                                                    well used); trained, it is ~0.6, not 0
     reg      = fro_weight * L_fro + orth_weight * L_orth            (1e-4 and 1e-2 by default)
 
 The output of slerp is at angle lambda*omega from q, on the great circle through q and q_hat.
@@ -185,7 +186,7 @@ class CalibratorConfig:
     hidden: int = 512  # H = 512: hyper-network width; small next to D, the output layer dominates cost
     mode: str = "slerp"  # "slerp" (the method) | "linear" (ablation) | "off" (identity, no parameters)
     fro_weight: float = 1e-4  # weight of L_fro: a gentle decay of A and B (too weak to hold q_hat near q: lambda does)
-    orth_weight: float = 1e-2  # weight of L_orth: keeps A's columns orthonormal so all r directions are used
+    orth_weight: float = 1e-2  # weight of L_orth: pulls A's columns toward orthonormal so all r directions are used
     init_logit: float = -3.0  # lambda bias at init: sigmoid(-3) = 0.047, so training starts near identity
     init_std: float = 1e-6  # std of the output layer's weights: A, B ~ 0 so q_hat = q at init
     eps: Optional[float] = None  # slerp's threshold on sin(omega); None = sqrt(machine eps) of the dtype

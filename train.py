@@ -43,7 +43,7 @@ sub-dataset's batch; representations are all-gathered, so every query sees every
 Elsewhere (support/, skip on first read): the recipes that fill every None field (recipes.py), the
 loader and the two-core step (fast_train.py), runs/NAME and exact resume (run_dir.py), the flags (cli.py).
 
-Run it: `python train.py --tasks all` (synthetic U-FIRE + tiny backbone, 2 CPU cores, ~9 min),
+Run it: `python train.py --tasks all` (synthetic U-FIRE + tiny backbone, 2 CPU cores, 8-25 min: docs/RESULTS.md),
 `--resume runs/NAME`, `--data /path/U-FIRE --backbone Qwen/Qwen3-VL-4B-Instruct` (`paper`).
 
 Shape legend: B batch (queries = targets), b per-rank batch, c chunk, D embedding size,

@@ -59,12 +59,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -342,23 +340,10 @@ def verdict_table(checks: list[dict]) -> str:
 
 
 def machine_info() -> dict:
-    """Cores, CPU model, torch threads, versions and the date: printed above every result."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu_model": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    if "torch" in sys.modules:
-        import torch
+    """Cores, CPU model, torch threads, versions, the date and the commit: printed above every result."""
+    from support import plumbing
 
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    return info
+    return plumbing.machine_info(REPO)
 
 
 def machine_line(info: dict) -> str:

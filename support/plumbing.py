@@ -124,6 +124,39 @@ def mix_seed(*parts) -> int:
     return int.from_bytes(h, "little") >> 1  # >> 1: torch.manual_seed takes at most 2**63 - 1
 
 
+def machine_info(repo: Union[str, os.PathLike, None] = None) -> dict:
+    """Where a result was computed: CPU model, cores, torch and python versions, the date and, when `repo`
+    is a git checkout, its commit (with "+dirty" when tracked files differ). Written into every run's
+    config.json and printed above every benchmark, so a number can be traced to the machine behind it
+    (the same seed rounds differently on another CPU)."""
+    import datetime
+    import platform
+    import subprocess
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu_model": cpu,
+            "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": None}
+    if repo is not None:
+        try:
+            git = ["git", "-C", str(repo)]
+            head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            if head.returncode == 0:
+                info["commit"] = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass  # no git here: the commit stays unknown
+    return info
+
+
 def params_digest(module: torch.nn.Module, prefix: str = "") -> str:
     """sha256 over `prefix` and the names and bytes of the trainable parameters, in module order.
 

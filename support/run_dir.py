@@ -104,7 +104,7 @@ def write_resolved_config(run, threads: int, sizes: dict, resume_dir: Optional[P
         "chunk_sizes": {k: recipes.step_chunk_size(run.cfg, k) for k in sizes},
         "loader": run.loader.mode, "two_core_step": run.spare is not None,
         "val_subsets": run.val_subsets, "resumed_from": str(resume_dir) if resume_dir else None,
-        "resumed_at_step": run.step}}
+        "resumed_at_step": run.step, "machine": plumbing.machine_info(Path(__file__).resolve().parents[1])}}
     print("FashionLens training, resolved configuration:\n" + json.dumps(resolved, indent=1), flush=True)
     atomic_write(run.out / "config.json", json.dumps(resolved, indent=1))
     if resume_dir is not None:
