@@ -82,16 +82,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import json
 import math
-import os
 import platform
 import random
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -421,23 +418,15 @@ def header(cfg: BenchConfig, embedder) -> dict:
     import torch
     import transformers
 
+    from support import plumbing
+
     gpu = torch.cuda.get_device_name(torch.device(cfg.device)) if cfg.device.startswith("cuda") else None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                                    timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "commit": commit,
-            "worktree_dirty": dirty, "machine": {"cpu_model": cpu, "cores": os.cpu_count(), "gpu": gpu,
-                                                 "platform": platform.platform()},
+    m = plumbing.machine_info(REPO)  # CPU, cores, versions, date and commit ("+dirty": tracked files changed)
+    commit = m["commit"].removesuffix("+dirty") if m["commit"] else None
+    dirty = m["commit"].endswith("+dirty") if m["commit"] else None
+    return {"date": m["date"], "commit": commit,
+            "worktree_dirty": dirty, "machine": {"cpu_model": m["cpu_model"], "cores": m["cores"], "gpu": gpu,
+                                                 "platform": m["platform"]},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "peft": peft.__version__},
             "device": cfg.device, "size": cfg.size, "dtype": str(embedder.model_dtype).replace("torch.", ""),
