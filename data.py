@@ -52,7 +52,7 @@ from PIL import Image
 
 from support.errors import UFireError, run_cli
 from support.ufire_files import (FRAME_LIST_FPS, check_file_records, check_record_json, check_root, read_clip,
-                                 parse_data_flags, read_image, read_json,
+                                 inside_root, list_dir, parse_data_flags, read_image, read_json,
                                  task_of_file)  # decoding, record checks, `check` and its flags
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def parse_record(obj, source: str, index: int, root: str, subset: str = "",
     so a bad record fails when its file is read rather than hours into training.
     """
     rid = obj.get("id") if isinstance(obj, dict) else None
-    check_record_json(obj, f"record {rid!r} (#{index}) in {source}", default_task, base_task)
+    check_record_json(obj, f"record {rid!r} (#{index}) in {source}", default_task, base_task, root)
     paths = lambda name: [obj[name]] if isinstance(obj.get(name), str) else list(obj.get(name, []))  # noqa: E731
     return Record(id=str(rid), instruction_text=obj["instruction_text"],
                   target_image=paths("target_image"),      # a bare string is a one-element list
@@ -332,7 +332,7 @@ class UFire:
         self._cache: dict[tuple[str, str], list[Record]] = {}  # (subset, split) -> parsed records
         for folder in ("0_triplet_files", "0_test_candidates"):
             d = os.path.join(self.root, folder)
-            for name in (sorted(os.listdir(d)) if os.path.isdir(d) else []):
+            for name in list_dir(d):  # an unlistable folder (a symlink loop...) is a UFireError
                 path = os.path.join(d, name)
                 if m := _TRIPLET_RE.match(name):
                     key = (f"{task_of_file(m['task'], path, base_task)}/{m['dataset']}", m["split"])
@@ -345,8 +345,8 @@ class UFire:
                 elif m := _GALLERY_RE.match(name):
                     self._galleries[f"{task_of_file(m['task'], path, base_task)}/{m['dataset']}"] = path
         ood = os.path.join(self.root, "evaluation_only_tasks")  # one folder per OOD task
-        self._ood = sorted(n for n in (os.listdir(ood) if os.path.isdir(ood) else [])
-                           if os.path.isfile(os.path.join(ood, n, "triplet_data.json")))
+        self._ood = sorted(n for n in list_dir(ood)  # lexists: a broken triplet file is reported, not skipped
+                           if os.path.lexists(os.path.join(ood, n, "triplet_data.json")))
 
     # ---- listing ----------------------------------------------------------------------------
     def subsets(self, split: str = "test") -> list[str]:
@@ -444,7 +444,7 @@ class UFire:
         twice would be ranked twice, so every path is kept once, at its first position.
         """
         data = read_json(path)
-        norm = lambda p: os.path.normpath(os.path.join(root, p))  # noqa: E731  (one spelling per file)
+        norm = lambda p: inside_root(root, p, path)  # noqa: E731  (one spelling per file, never outside the root)
         paths: list[str] = []        # (G,) unique absolute paths
         index: dict[str, int] = {}   # path -> its position in `paths`
 

@@ -595,6 +595,7 @@ def validate_and_save(run: Run) -> None:
     barrier(run.di)
 
 
+@run_dir.one_writer()  # the run folder's lock, taken in setup, is let go however training ends
 def train(cfg: TrainConfig, resume: Optional[str] = None) -> dict:
     """Run training as configured; returns a summary (best step/score, test result, wall time)."""
     run = setup(cfg, resume)

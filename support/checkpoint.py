@@ -9,7 +9,13 @@ adapter directly.
 
 Every way a folder can be damaged or edited (missing files, another backbone, edited configs, weights
 of another shape, truncated files, another checkpoint format) raises CheckpointError naming the file,
-and the field when a config contradicts what was saved with it.
+and the field when a config contradicts what was saved with it. An edited config is caught by a copy
+of its fields kept where editing the config cannot reach: WEIGHTS_FILE's safetensors metadata holds
+every EmbedderConfig field but the runtime ones (RUNTIME_FIELDS), with their sha256, and the config
+file holds WEIGHTS_FILE's sha256. A checkpoint written before that copy existed loads with one warning.
+
+Also here: `typed_config`, a config dataclass from a saved JSON object with each value checked
+against the field's declared type (embedder_config.json here, a run's train_config.json in run_dir).
 
 The embedder (model.py: FashionLensEmbedder.save_into / save_pretrained / from_pretrained) calls
 `save_into(emb, folder)`, `load(cls, config_cls, path, ...)`, `load_lora` and `load_extras`; its class
@@ -18,7 +24,6 @@ and config class are passed in, so this module imports no concept file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from support.errors import CheckpointError, FashionLensError
+from support.plumbing import file_sha256, json_sha256, warn_once
 from support.tiny_backbone import TINY_TYPES
 
 # The checkpoint layout and prompts of this version; older formats are refused (load).
@@ -37,6 +43,12 @@ CHECKPOINT_FORMAT = 2
 # The checkpoint folder's layout (names other tools, e.g. plain peft, can open directly).
 CONFIG_FILE, WEIGHTS_FILE = "embedder_config.json", "embedder.safetensors"
 ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
+# EmbedderConfig fields that say where and how fast the model runs, not what it computes: a checkpoint
+# may be loaded with other values. Every other field (sizes, frames, pixel budget, prompts, LoRA,
+# calibrator, backbone, and any field added later) is recorded in WEIGHTS_FILE's metadata and checked.
+RUNTIME_FIELDS = frozenset({"device", "dtype", "attn_implementation"})
+# WEIGHTS_FILE's metadata keys: those fields as canonical JSON, and its sha256.
+META_CONFIG, META_DIGEST = "fashionlens.config", "fashionlens.config_sha256"
 
 
 # ================================================================================================
@@ -56,7 +68,9 @@ def save_into(emb, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True)
     emb.backbone.save_pretrained(str(folder / ADAPTER_DIR))  # peft's own format
-    save_file(_extra_state(emb), str(folder / WEIGHTS_FILE))
+    computed = computed_fields(asdict(emb.config))  # out of reach of an edit of CONFIG_FILE (see above)
+    save_file(_extra_state(emb), str(folder / WEIGHTS_FILE),
+              metadata={META_CONFIG: json.dumps(computed, sort_keys=True), META_DIGEST: json_sha256(computed)})
     emb.processor.save_pretrained(str(folder / PROCESSOR_DIR))
     if emb.tiny:  # a random base must travel with its checkpoint
         (folder / BASE_DIR).mkdir()
@@ -68,7 +82,7 @@ def save_into(emb, folder: str | os.PathLike) -> None:
     meta = {"config": asdict(emb.config), "versions": _versions(), "model_type": emb.model_type,
             "dim": emb.dim, "format": CHECKPOINT_FORMAT,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "sha256": {f: _sha256(folder / f) for f in weights}}
+            "sha256": {f: file_sha256(folder / f) for f in weights}}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -89,6 +103,18 @@ def _clean_base_state(emb) -> dict[str, torch.Tensor]:
         if "lora_" in k:
             continue
         out[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous().clone()  # v's shape, on CPU
+    return out
+
+
+def computed_fields(config: dict) -> dict:
+    """The fields of a saved embedder config that change what the model computes (all but RUNTIME_FIELDS).
+
+    The backbone counts by its name, not its path: a local backbone folder moved to another disk (and
+    the config's path edited to follow it) is the same model, while another model's name is refused.
+    """
+    out = {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
+    if isinstance(out.get("backbone"), str):
+        out["backbone"] = out["backbone"].rstrip("/").split("/")[-1]  # hub id or folder -> the model's name
     return out
 
 
@@ -120,13 +146,11 @@ def load(cls, config_cls, path: str | os.PathLike, backbone: Optional[str] = Non
     """
     path = Path(path)
     meta, config = _read_meta(path, config_cls)
-    missing = [f for f in required_files(meta["config"]) if not (path / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    check_files(path, meta)  # every file there, weight files as saved (sha256)
     if backbone is not None and not _same_backbone(backbone, config.backbone):
         raise CheckpointError(f"{path}: checkpoint was trained on backbone {config.backbone!r}, "
                               f"not {backbone!r}")
-    _check_saved_files(path, meta, config)  # cheap checks first: checksums and JSON files
+    _check_saved_files(path, meta, config)  # cheap checks first: JSON files, the config's saved copy
     if device is not None:
         config.device = device
     emb = cls(config, _checkpoint=str(path))  # loading itself names a file it cannot parse
@@ -203,23 +227,37 @@ def _read_meta(path: Path, config_cls) -> tuple:
                 + ("it was written with other prompts and image handling (square images, video frames as "
                    "images, other summary-token initialisation) and must be retrained with this version"
                    if older else "it was written by a newer FashionLens"))
-        known = {f.name for f in fields(config_cls)}  # tolerate fields a newer version added
-        config = config_cls(**{k: v for k, v in meta["config"].items() if k in known})
+        config = typed_config(config_cls, meta["config"], cfg_file, CheckpointError)
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: bad JSON or UTF-8
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # bad JSON or UTF-8; nested absurdly
         raise CheckpointError(f"{cfg_file}: unreadable embedder config ({_one_line(e)})") from e
     return meta, config
 
 
-def _check_saved_files(path: Path, meta: dict, config) -> None:
-    """Before building: the weight files are the ones saved, and the JSON files agree with the config."""
-    cfg_file = path / CONFIG_FILE
+def check_files(path: Path, meta: Optional[dict] = None) -> dict:
+    """Without building anything: the checkpoint's files are all there and its weight files are the ones
+    saved (sha256); returns the saved CONFIG_FILE, or raises CheckpointError naming the file. Cheap: a
+    resume checks the run's best/ with it before training on."""
+    if meta is None:
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{path}: not a FashionLens checkpoint (missing {CONFIG_FILE})")
+        meta = _read_json(path / CONFIG_FILE)
+    missing = [f for f in required_files(meta.get("config") or {}) if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     # A truncated or overwritten weight file is named here, before any library tries to parse it.
     for rel, digest in (meta.get("sha256") or {}).items():  # every format-2 checkpoint has them
-        if _sha256(path / rel) != digest:
+        if file_sha256(path / rel) != digest:
             raise CheckpointError(f"{path / rel}: damaged (its sha256 differs from the one saved in "
                                   f"{CONFIG_FILE}: truncated, overwritten or copied incompletely)")
+    return meta
+
+
+def _check_saved_files(path: Path, meta: dict, config) -> None:
+    """Before building (after check_files): the JSON files, and the copy of the config saved in
+    WEIGHTS_FILE's metadata, agree with the config."""
+    cfg_file = path / CONFIG_FILE
     # The saved architecture must be the one the config names (catches swapped/edited folders).
     expected = TINY_TYPES.get(config.backbone)
     if expected is not None:
@@ -239,6 +277,36 @@ def _check_saved_files(path: Path, meta: dict, config) -> None:
         if mine is not None and theirs in adapter and adapter[theirs] != mine:
             raise CheckpointError(f"{cfg_file}: {ours}={mine!r} contradicts {adapter_file} "
                                   f"({theirs}={adapter[theirs]!r})")
+    _check_config_digest(path, meta)  # last: the checks above name an edit more precisely
+
+
+def _check_config_digest(path: Path, meta: dict) -> None:
+    """The config's computed fields are those saved in WEIGHTS_FILE's metadata (an edited video_size or
+    num_frames loads fine and silently changes every embedding); a checkpoint written before the
+    metadata existed gets one warning."""
+    from safetensors import safe_open
+
+    cfg_file, file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    with _reading(file, "weights"):
+        with safe_open(str(file), "pt") as f:
+            metadata = f.metadata() or {}
+    if META_CONFIG not in metadata:
+        warn_once(cfg_file, f"written before config digests (none in {file}'s metadata); its fields are not "
+                            f"verified against the weights")
+        return
+    with _reading(file, "config saved in the metadata of the weights"):
+        saved = json.loads(metadata[META_CONFIG])
+    if not isinstance(saved, dict) or json_sha256(saved) != metadata.get(META_DIGEST):
+        raise CheckpointError(f"{file}: damaged: the config saved in its metadata does not match its sha256")
+    now, absent = computed_fields(meta["config"]), "(absent)"
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, absent) != now.get(k, absent))
+    if changed:
+        raise CheckpointError(
+            f"{cfg_file}: edited after saving: " + ", ".join(f"{k}={now.get(k, absent)!r}" for k in changed)
+            + f" differ{'s' if len(changed) == 1 else ''} from the saved value{'s' if len(changed) > 1 else ''} "
+            + f"in the metadata of {file} ("
+            + ", ".join(f"{k}={saved.get(k, absent)!r}" for k in changed)
+            + "), which the model was trained with; put the saved values back")
 
 
 def _check_built(path: Path, meta: dict, emb) -> None:
@@ -282,13 +350,28 @@ def _same_backbone(a: str, b: str) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
-def _sha256(file: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (weights can be large)."""
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def typed_config(config_cls, values, file: Path, error: type = CheckpointError):
+    """A `config_cls` dataclass from a saved JSON object `values`, each value checked against its field's
+    declared type ("int", "Optional[float]", ...): ints serve float fields, a bool never an int one (JSON
+    true is not 1 here). Fields a newer version added are ignored. A wrongly typed value (e.g. an
+    edited "batch_size": "16") is one `error` naming `file`, the field and the type, not a TypeError
+    deep inside the run."""
+    if not isinstance(values, dict):
+        raise error(f"{file}: expected a JSON object of config fields, got {type(values).__name__}")
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    out = {}
+    for f in fields(config_cls):
+        if f.name not in values:
+            continue
+        declared = (f.type.__name__ if isinstance(f.type, type) else str(f.type)).replace("typing.", "")
+        kind = declared.removeprefix("Optional[").removesuffix("]")  # "int", "float", "str" or "bool"
+        value, optional, ok = values[f.name], declared.startswith("Optional["), kinds.get(kind)
+        if ok is not None and not (value is None and optional) and (
+                not isinstance(value, ok) or (isinstance(value, bool) and kind != "bool")):
+            raise error(f"{file}: field {f.name!r} is {json.dumps(value)[:60]} ({type(value).__name__}), "
+                        f"expected {kind}{' or null' if optional else ''}")
+        out[f.name] = value
+    return config_cls(**out)
 
 
 def _read_json(file: Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import re
 import sys
@@ -17,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from support import plumbing, recipes, run_dir
+from support import fast_infer, plumbing, recipes, run_dir
 from support.checkpoint import CONFIG_FILE
 from support.config_fields import check_fields, choices_of
-from support.errors import EvalError, TrainingError, run_cli
+from support.errors import EvalError, TrainingError, UFireError, WriteError, run_cli
+from support.ufire_files import read_json
 
 
 # ================================================================================================
@@ -108,12 +110,8 @@ def parse_train_config(config_cls, argv=None, description: str = "") -> tuple:
         args["tasks"] = ",".join(w for a in args["tasks"] for w in a.replace(",", " ").split())
     if resume is None:
         return config_cls(**args), None
-    saved_file = run_dir.find_resume_checkpoint(Path(resume)) / run_dir.CONFIG_JSON
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    try:  # fields a newer version dropped are ignored
-        base = config_cls(**{k: v for k, v in json.loads(saved_file.read_text()).items() if k in names})
-    except (OSError, ValueError, TypeError, AttributeError) as e:  # missing, bad JSON, not an object
-        raise TrainingError(f"{saved_file}: unreadable training config ({type(e).__name__}: {e})") from None
+    saved_file = run_dir.resume_config(Path(resume))  # train_config.json of last/, or config.json: see open_run
+    base = run_dir.read_train_config(config_cls, saved_file)  # typed, and checked against the saved state
     for k, v in args.items():
         if k not in RESUME_MAY_CHANGE and v != getattr(base, k):
             raise SystemExit(f"error: --{k.replace('_', '-')} {v!r} differs from the resumed run's "
@@ -208,15 +206,21 @@ def final_test_interrupt(run):
 
 def run_train_cli(config_cls, train, argv=None, description: str = "") -> int:
     """train.py's CLI: 0 on success; 1 and one `error:` line for bad input or a stopped run (errors.run_cli:
-    every FashionLensError, and a missing --resume folder); 130 and one line for Ctrl-C."""
+    every FashionLensError, and a missing --resume folder; a full disk names the file and how to
+    continue once space is freed); 130 and one line for Ctrl-C."""
     def _main(argv=None) -> int:
         """Parse, train, and leave the process group; Ctrl-C says whether and how the run can continue."""
         import torch.distributed as dist  # loaded late: entry points import plumbing before torch
 
-        resume = None
+        resume = out = None
         try:
             cfg, resume = parse_train_config(config_cls, argv, description)
+            out = Path(run_dir.resolved_out(cfg))
             train(cfg, resume)
+        except WriteError as err:  # a full disk: every file already written is intact, say how to go on
+            if out is None or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise WriteError(f"{err}. Free some space, then {run_dir.continue_hint(out)}") from None
         except KeyboardInterrupt as stop:
             msg = str(stop) if isinstance(stop, run_dir.Interrupted) else (
                 "interrupted (Ctrl-C) while starting, before any training step"
@@ -249,6 +253,8 @@ def evaluate_cli(argv, *, description: str, ufire_cls, model: Callable, evaluate
 
     ufire_cls: data.UFire. model(): the FashionLensEmbedder class, called only after the flags and
     the data were checked (model.py imports transformers). evaluate: evaluate.evaluate.
+    The --out files are written before the table is printed: a terminal that cannot show a file
+    name, or a reader that stopped reading (`| head`), never costs the results (errors.run_cli).
     """
     args = parse_flags(argv, description)
     if args.self_check:
@@ -259,6 +265,8 @@ def evaluate_cli(argv, *, description: str, ufire_cls, model: Callable, evaluate
         from support import synthetic  # the generator is needed only here: keep it off every other path
 
         root = synthetic.ensure_synthetic("data/synthetic")
+    if args.out:  # never write over what this evaluation reads
+        check_not_inside("--out", [args.out, per_query_file(args.out)], {"checkpoint": ckpt, "data root": root})
     ufire = ufire_cls(root)
     subsets = ufire.select(args.split, args.tasks, args.ood)  # unknown tasks fail before loading
     FashionLensEmbedder = model()  # model imports transformers: keep it off the metric path
@@ -272,11 +280,18 @@ def evaluate_cli(argv, *, description: str, ufire_cls, model: Callable, evaluate
     # A tiny model on a CPU: one torch thread per process, and one encoding thread per core
     # (support/fast_encode.encode_threads): its small matmuls gain nothing from splitting, batches side by side do.
     plumbing.set_cpu_threads(0, embedder.device.type, small_model=embedder.tiny)
-    res = evaluate(embedder, ufire, subsets, split=args.split, ks=args.ks, batch_size=args.batch_size,
-                   cache_dir=args.cache_dir or None, progress=sys.stderr.isatty(),
-                   keep_per_query=bool(args.out), max_queries=args.max_queries)
     some = f"   at most {args.max_queries} queries per sub-dataset" if args.max_queries > 0 else ""
-    print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}{some}")
+    print(f"checkpoint: {ckpt}   data: {root}   split: {args.split}{some}", flush=True)  # what is measured
+    res = evaluate(embedder, ufire, subsets, split=args.split, ks=args.ks, batch_size=args.batch_size,
+                   cache_dir=fast_infer.cache_folder(args.cache_dir, verify=args.verify_cache),
+                   progress=sys.stderr.isatty(), keep_per_query=bool(args.out), max_queries=args.max_queries)
+    if args.out:  # first: the results are safe on disk before anything is printed
+        out = Path(args.out)
+        doc = {"checkpoint": str(ckpt), "data": str(root), "split": args.split, **res.to_dict()}
+        text = json.dumps(doc, indent=1, allow_nan=False)  # strict JSON: a NaN here is a bug, not output
+        plumbing.atomic_write(out, text)  # a reader never sees half a file
+        plumbing.atomic_write(per_query_file(out),
+                              "".join(json.dumps(r, allow_nan=False) + "\n" for r in res.per_query))
     print(format_table(res))
     s = res.seconds
     print(f"\n{s['gallery_images']} unique gallery images, {s['queries']} queries searched, "
@@ -284,14 +299,28 @@ def evaluate_cli(argv, *, description: str, ufire_cls, model: Callable, evaluate
           f"encode gallery {s['gallery_encode']:.1f}s, queries {s['query_encode']:.1f}s, "
           f"search {s['search']:.2f}s, total {s['total']:.1f}s")
     if args.out:
-        out = Path(args.out)
-        doc = {"checkpoint": str(ckpt), "data": str(root), "split": args.split, **res.to_dict()}
-        text = json.dumps(doc, indent=1, allow_nan=False)  # strict JSON: a NaN here is a bug, not output
-        plumbing.atomic_write(out, text)  # a reader never sees half a file
-        plumbing.atomic_write(out.with_suffix(".per_query.jsonl"),
-                              "".join(json.dumps(r, allow_nan=False) + "\n" for r in res.per_query))
-        print(f"wrote {out} and {out.with_suffix('.per_query.jsonl')}")
+        print(f"wrote {args.out} and {per_query_file(args.out)}")
     return 0
+
+
+def per_query_file(out) -> Path:
+    """Where --out's per-query rows go: beside it, as NAME.per_query.jsonl."""
+    return Path(out).with_suffix(".per_query.jsonl")
+
+
+def check_not_inside(flag: str, outputs: list, inputs: dict) -> None:
+    """EvalError when an output path lies inside one of the `inputs` folders ({what: path}).
+
+    Writing results into the checkpoint folder or the data root would change what is being measured
+    (a checkpoint's files, a data file), or leave strays there that a later run reads; symlinks are
+    resolved, so a link into either is caught too.
+    """
+    for out in outputs:
+        real = Path(out).resolve()
+        for what, folder in inputs.items():
+            if real == Path(folder).resolve() or real.is_relative_to(Path(folder).resolve()):
+                raise EvalError(f"{flag} {out}: inside the {what} {folder}, which this evaluation reads; "
+                                "write the results elsewhere")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -311,6 +340,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-queries", type=int, default=0,
                     help="score at most N evenly spaced queries per sub-dataset (0 = all); the gallery stays whole")
     ap.add_argument("--cache-dir", default=".cache/gallery", help="gallery embedding cache ('' to disable)")
+    ap.add_argument("--verify-cache", action="store_true",
+                    help="key the gallery cache on every image's contents (sha256) rather than its size, "
+                         "times and inode: exact, but reads every image")
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: the checkpoint's config)")
     ap.add_argument("--self-check", action="store_true", help="run the small built-in demo and exit")
     return ap
@@ -332,8 +364,8 @@ def parse_flags(argv, description: str = "") -> argparse.Namespace:
         raise EvalError(f"--max-queries {args.max_queries}: must be 0 (all queries) or more")
     if args.device is not None:
         plumbing.check_device("--device", args.device)
-    if args.out:
-        plumbing.check_writable("--out", args.out, folder=False)
+    for out in ([args.out, per_query_file(args.out)] if args.out else []):  # both files evaluate writes
+        plumbing.check_writable("--out", out, folder=False)
     return args
 
 
@@ -356,20 +388,21 @@ def saved_device(cfg_file: Path) -> Optional[str]:
     """The device field of a checkpoint's config, or None if it cannot be read (from_pretrained
     then reports the file)."""
     try:
-        return json.loads(cfg_file.read_text())["config"].get("device")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return read_json(str(cfg_file))["config"].get("device")
+    except (UFireError, KeyError, TypeError, AttributeError):
         return None
 
 
 def training_data_root(ckpt: Path) -> Optional[str]:
-    """The data root a checkpoint was trained on, from the run's saved configuration, if any."""
+    """The data root a checkpoint was trained on, from the run's saved configuration, if any (an
+    unreadable file is skipped: --data names the root then)."""
     for cand in (ckpt / "train_config.json", ckpt.parent / "config.json"):
         if cand.is_file():
             try:
-                root = json.loads(cand.read_text()).get("data")
-            except (OSError, json.JSONDecodeError):
+                root = read_json(str(cand)).get("data")
+            except (UFireError, AttributeError):  # unreadable, absurd (nested too deep) or not an object
                 continue
-            if root:
+            if isinstance(root, str) and root:
                 return root
     return None
 

@@ -9,9 +9,12 @@ rare rows whose tie straddles the K-th place. tests/test_evaluate.py
 equal; evaluate.py dispatches to faiss in one commented line.
 
 Gallery cache. The (G, D) gallery matrix is cached on disk under a key made of the checkpoint's
-fingerprint and the exact image list, so a second run on the same checkpoint encodes nothing. The
-cache file's name carries a sha256 of its bytes, checked before use: a damaged file is reported,
-recomputed and replaced, never trusted (tests/test_reliability_eval.py).
+fingerprint and the exact image list, so a second run on the same checkpoint encodes nothing. What
+the key trusts about each image (`gallery_key`): its size, mtime (ns), inode and ctime, which any
+rewrite of the file changes even when the size and mtime are put back; `--verify-cache`
+(`cache_folder(..., verify=True)`) hashes every image's bytes instead (exact, slower). The cache
+file's name carries a sha256 of its bytes, checked before use: a damaged file is reported,
+recomputed and replaced, never trusted (tests/test_reliability_eval.py, test_reliability_io.py).
 
 Query sampling. With --max-queries N, `few_queries` keeps N evenly spaced queries per sub-dataset
 (the gallery stays whole, so Recall@K keeps its meaning and only gets noisier), and `missing_weight`
@@ -160,13 +163,29 @@ def encode_in_parts(encode, items: Sequence, dim: int, batch_size: int, progress
     return np.concatenate(chunks, 0) if chunks else np.zeros((0, dim), np.float32)  # (N, D)
 
 
+class CacheFolder(str):
+    """The gallery cache folder (a str, so it passes through evaluate.evaluate's `cache_dir`), plus
+    how far its key trusts the image files: verify=True hashes their contents (`gallery_key`)."""
+    verify: bool = False
+
+
+def cache_folder(path: Optional[str], verify: bool = False) -> Optional[CacheFolder]:
+    """evaluate.py's --cache-dir and --verify-cache as one value for `encode_gallery`; None: no cache."""
+    if not path:
+        return None
+    folder = CacheFolder(path)
+    folder.verify = verify
+    return folder
+
+
 def encode_gallery(embedder, paths: Sequence[str], batch_size: int = 64, cache_dir: Optional[str] = None,
                    progress: bool = True) -> np.ndarray:
     """(G, D) float32 embeddings of `paths`, from the cache when this checkpoint saw this list before.
 
     The cache key must change whenever the embeddings could: it is the checkpoint's digest (its
     config, which names a frozen pretrained base, plus the bytes of every trainable tensor: LoRA,
-    learnable tokens, calibrator, a tiny model's vision tower) and the digest of the image list.
+    learnable tokens, calibrator, a tiny model's vision tower) and `gallery_key` of the image list
+    (file metadata, or with a CacheFolder(verify=True) the files' contents).
     A cached file is used only once its checksum proves its bytes (see `read_cache`).
     cache_dir None or '': no cache.
     """
@@ -175,7 +194,8 @@ def encode_gallery(embedder, paths: Sequence[str], batch_size: int = 64, cache_d
         conf = getattr(embedder, "config", None)
         conf = json.dumps(dataclasses.asdict(conf) if dataclasses.is_dataclass(conf) else repr(conf),
                           sort_keys=True, default=str)  # the config as text: the digest's prefix
-        key = plumbing.params_digest(embedder, prefix=conf)[:20] + "-" + gallery_key(paths)[:20]
+        gal = gallery_key(paths, contents=getattr(cache_dir, "verify", False))
+        key = plumbing.params_digest(embedder, prefix=conf)[:20] + "-" + gal[:20]
         emb = read_cache(Path(cache_dir), key, (len(paths), embedder.dim))  # (G, D) or None
         if emb is not None:
             return emb
@@ -185,15 +205,28 @@ def encode_gallery(embedder, paths: Sequence[str], batch_size: int = 64, cache_d
     return emb
 
 
-def gallery_key(paths: Sequence[str]) -> str:
-    """A hash of the exact image list, with each file's size and mtime, so edits invalidate it."""
-    h = hashlib.sha256()
+def gallery_key(paths: Sequence[str], contents: bool = False) -> str:
+    """A hash of the exact image list and of what each file holds, so that edits invalidate the cache.
+
+    contents=False: each file's size, mtime (ns), inode and ctime. Size and mtime alone miss a file
+    replaced by one of the same size whose mtime was put back (cp -p, rsync -t, touch -r): its ctime
+    changes whatever is done (no system call sets it), and a new file usually gets a new inode. A
+    copy or restore of the whole root changes them too, so the cache is then recomputed once.
+    contents=True (--verify-cache): the sha256 of each file's bytes instead; exact, and it survives a
+    copy of the root, at the price of reading every image.
+    """
+    h = hashlib.sha256(b"contents\n" if contents else b"stat\n")  # the two kinds of key never meet
     for p in paths:
+        name = os.fsencode(p)  # a file name that is not UTF-8 hashes as its bytes
         try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:  # a missing file is reported by the encoder with its record; hash the name
-            h.update(f"{p}\0missing\n".encode())
+            if contents:
+                what = plumbing.file_sha256(p)  # the project's one file hash
+            else:
+                st = os.stat(p)
+                what = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+        except OSError:  # a missing or unreadable file is reported by the encoder with its record
+            what = "missing"
+        h.update(name + b"\0" + what.encode() + b"\n")
     return h.hexdigest()
 
 

@@ -4,13 +4,17 @@ Skip this file on a first read: nothing here is FashionLens. It holds the machin
 needs once, so that the concept files (data.py, model.py, train.py, evaluate.py) show only their
 concept. One helper per job, for the whole project:
 
-    atomic_write(path, content)   the only way a file or folder is published (text, bytes, or a builder)
+    atomic_write(path, content)   the only way a file or folder is published (text, bytes, or a builder);
+                                  never over a device or FIFO; a full disk is one WriteError naming the path
+    append_jsonl / trim_jsonl     the training log: whole lines only (a full disk or a killed write
+                                  leaves no torn line behind for --resume)
     mix_seed(*parts)              the only hash from values to a seed / stable id
     params_digest(module)         the only fingerprint of a model's trainable weights
+    file_sha256, json_sha256      the only hash of a file's bytes / of a JSON value (saved digests)
     set_cpu_threads(...)          the only place torch's CPU thread count is chosen
     check_device, check_writable  the flag checks every entry point makes before it builds anything
     DistInfo, init_distributed, gather_with_grad, ...   torchrun / DDP, no-ops in one process
-    write_state / read_state      nested training state -> JSON + safetensors (never pickle)
+    write_state / read_state      nested training state -> JSON + safetensors (never pickle), digests checked
 
 Importing this module sets OMP_WAIT_POLICY=PASSIVE before torch loads (see the comment below), so
 entry points import it before torch.
@@ -26,19 +30,22 @@ import os
 # Sleeping waiters cost nothing measurable when the machine is ours. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import errno  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
+import stat  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Union  # noqa: E402
+from typing import Callable, Optional, Union  # noqa: E402
 
 import torch  # noqa: E402  (after the OpenMP setting above)
 import torch.distributed as dist  # noqa: E402
 
-from support.errors import FlagError  # noqa: E402
+from support.errors import FlagError, TrainingError, WriteError  # noqa: E402
 
 # ================================================================================================
 # Atomic writes
@@ -57,9 +64,15 @@ def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Calla
         remove .NAME.old
 
     At every moment either `path` or `.NAME.old` is complete, which is why a resume looks at both.
-    A failure while building removes the temporary and leaves the old version untouched.
+    A failure while building removes the temporary and leaves the old version untouched; a full disk
+    is a WriteError naming `path`. Only regular files and folders are published: a device, FIFO or
+    socket at `path` (e.g. --out /dev/full) is refused, never replaced by a regular file.
     """
     path = Path(path)
+    kind = special_kind(path)
+    if kind:
+        raise WriteError(f"{path}: is {kind}, not a regular file or folder; nothing was written "
+                         f"(give the path of a file to write)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = path.parent / f".{path.name}.tmp", path.parent / f".{path.name}.old"
     _remove(tmp)  # the remains of an interrupted earlier write
@@ -79,10 +92,46 @@ def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Calla
             if old.exists() and not path.exists():
                 os.replace(old, path)  # put the old version back
             raise
+    except Exception as err:
+        if _disk_full(err):
+            raise _not_written(path, err, "the copy already there is intact" if path.exists()
+                               else "no earlier copy existed") from None
+        raise
     finally:
-        _remove(tmp)
+        _remove(tmp)  # (a full disk also gets its space back)
     _remove(old)
     return path
+
+
+def special_kind(path: Union[str, os.PathLike]) -> Optional[str]:
+    """What `path` is when it exists but is neither a regular file nor a folder (following a symlink):
+    "a character device", "a FIFO", ...; None otherwise. Writing there would either replace the node
+    with a plain file (atomic_write's rename) or block on a FIFO, so outputs refuse it."""
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink: a link to /dev/full is a device
+    except (OSError, ValueError):  # absent, a dangling link, a name too long: nothing special there
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe (FIFO)",
+            stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "a special file")
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC or EDQUOT: as an OSError, or only in the text of a library's own error (safetensors
+    raises SafetensorError "... No space left on device (os error 28)", not an OSError)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(os.strerror(e) in str(err) or f"os error {e}" in str(err) for e in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _not_written(path: Path, err: BaseException, intact: str) -> WriteError:
+    """The WriteError of a full disk: the file, the reason, what is intact (errno kept for callers)."""
+    code = err.errno if isinstance(err, OSError) else (
+        errno.EDQUOT if os.strerror(errno.EDQUOT) in str(err) else errno.ENOSPC)
+    out = WriteError(f"{path}: not written, {os.strerror(code).lower()}; {intact}")
+    out.errno = code
+    return out
 
 
 def _remove(p: Path) -> None:
@@ -94,18 +143,62 @@ def _remove(p: Path) -> None:
 
 
 def append_jsonl(path: Union[str, os.PathLike], record: dict) -> None:
-    """Append one JSON object as a line (the training log: a crash loses at most the last line)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON object as a line (the training log), never leaving a torn line of ours.
+
+    The line goes out in one write; if that fails (a full disk can take half of it, then refuse the
+    rest), the file is cut back to its previous length before the error (a WriteError when the disk
+    is full) is raised, so a `--resume` after freeing space reads whole lines only. A kill in the
+    middle of the write can still cut the last line: trim_jsonl drops that one.
+    """
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(line):  # a short write only happens when the disk fills up mid-line
+                done += os.write(fd, line[done:])
+        except OSError as err:
+            os.ftruncate(fd, size)
+            if _disk_full(err):
+                raise _not_written(Path(path), err, "the file is as it was before this line") from None
+            raise
+    finally:
+        os.close(fd)
 
 
 def trim_jsonl(path: Union[str, os.PathLike], upto_step: int) -> None:
-    """Keep only the lines with step <= upto_step (on resume: the later ones will be written again)."""
+    """Keep only the lines with step <= upto_step (on resume: the later ones will be written again).
+
+    A kill in the middle of an append can leave a last line cut short (torn JSON, or half of a UTF-8
+    character): it is dropped with one `warning:` line. A bad line before the last one is no crash
+    artefact (the file was edited or damaged): a TrainingError naming the file and the line number.
+    """
     path = Path(path)
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
-    atomic_write(path, "".join(ln + "\n" for ln in keep))
+    lines = path.read_bytes().split(b"\n")
+    lines = lines[:-1] if lines[-1] == b"" else lines  # the newline that ends the last line
+    keep = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not (isinstance(rec, dict) and isinstance(rec.get("step", 0), int)):
+                raise ValueError("not a log record (a JSON object with an integer step)")
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSONDecodeError too
+            why = f"{type(err).__name__}: {str(err)[:200]}"
+            if i < len(lines):
+                raise TrainingError(f"{path}: line {i} of {len(lines)} is unreadable ({why}); only the last line can "
+                                    f"be cut by a crash, so this file was edited or damaged: repair or delete that "
+                                    f"line, then --resume again") from None
+            print(f"warning: {path}: dropped its last line {i}, cut short by an interrupted write ({why})",
+                  file=sys.stderr, flush=True)
+            continue
+        if rec.get("step", 0) <= upto_step:
+            keep.append(raw.decode("utf-8") + "\n")
+    atomic_write(path, "".join(keep))
 
 
 # ================================================================================================
@@ -222,15 +315,32 @@ def check_writable(flag: str, path: Union[str, os.PathLike], folder: bool = True
     a directory we can write into. A regular file in the way, or a read-only folder or mount, would
     otherwise fail with an OSError after minutes of work. Writing a probe file is the only sure test
     (permission bits say nothing to root, nor about a read-only mount).
+    folder=False: an existing `path` must be a regular file (or a link to one): atomic_write would
+    replace a device, a FIFO or a socket by a plain file, so /dev/full or a named pipe is refused
+    here. Every name still to be created must fit the file system's name length (NAME_MAX, usually
+    255 bytes), the last one with room for atomic_write's `.NAME.tmp` beside it.
     """
-    target = Path(path).absolute()
-    if not folder and target.is_dir():
+    target = Path(path).absolute()  # os.path's tests, not Path's: they answer False to a name too long
+    if not folder and os.path.isdir(target):
         raise FlagError(f"{flag} {path}: is a directory, not a file")
+    kind = None if folder else special_kind(target)
+    if kind:
+        raise FlagError(f"{flag} {path}: is {kind}, not a regular file; results are written to regular files only")
     probe = target if folder else target.parent
-    while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
+    while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise FlagError(f"{flag} {path}: {probe} is not a directory")
+    try:
+        name_max = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the system cannot say: the usual limit
+        name_max = 255
+    new = target.relative_to(probe).parts if target != probe else ()  # the names mkdir/open will create
+    for i, name in enumerate(new):
+        room = len(".tmp") + 1 if i == len(new) - 1 else 0  # atomic_write's temporary is .NAME.tmp
+        if len(os.fsencode(name)) + room > name_max:
+            raise FlagError(f"{flag} {path}: the name {name[:40]!r}... is {len(os.fsencode(name))} bytes long; "
+                            f"this file system allows {name_max - room} here")
     try:
         tempfile.TemporaryFile(dir=probe).close()
     except OSError as e:
@@ -440,19 +550,65 @@ def _from_json(obj, tensors: dict):
     return obj
 
 
+def file_sha256(file: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights can be large): the one file hash
+    of the project (checkpoint weight files, the training state, the training data's triplet files)."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_sha256(obj) -> str:
+    """Hex sha256 of a JSON value in canonical form (sorted keys, no spaces): equal for equal values
+    however the file that held them was laid out. JSON keeps every float exactly (repr), so a value
+    read back from a file hashes as the value that was written."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# train_state.json's key for the digests of both state files. A state written before digests has none:
+# it still loads, with one warning (a run of an older version must stay resumable).
+STATE_DIGESTS = "__digests__"
+_warned: set = set()  # files already warned about: a resume reads its state twice (config, then state)
+
+
+def warn_once(file: Union[str, os.PathLike], why: str) -> None:
+    """One `warning: FILE: why` line on stderr, once per file and process."""
+    import sys
+
+    if str(file) not in _warned:
+        _warned.add(str(file))
+        print(f"warning: {file}: {why}", file=sys.stderr, flush=True)
+
+
 def write_state(folder: Path, state: dict) -> None:
-    """state -> folder/train_state.json + folder/train_state.safetensors (folder must exist)."""
+    """state -> folder/train_state.json + folder/train_state.safetensors (folder must exist).
+
+    train_state.json also records the sha256 of the tensors file and of its own document (canonical
+    JSON), which read_state checks: a flipped byte in the optimizer's moments, or an edited GGAS
+    difficulty, still parses and would resume silently off the uninterrupted trajectory.
+    """
     from safetensors.torch import save_file
 
     tensors: dict = {}
     doc = _to_json(state, tensors, "s")
     save_file(tensors, str(Path(folder) / STATE_TENSORS))
+    doc[STATE_DIGESTS] = {STATE_TENSORS: file_sha256(Path(folder) / STATE_TENSORS), STATE_JSON: json_sha256(doc)}
     (Path(folder) / STATE_JSON).write_text(json.dumps(doc))
 
 
-def read_state(folder: Path) -> dict:
-    """The state write_state() stored in folder; a clear error when a file is missing or damaged."""
+def read_state(folder: Path, tensors: bool = True) -> dict:
+    """The state write_state() stored in folder, both files checked against the digests saved with it.
+
+    A missing file is FileNotFoundError, bad JSON a ValueError, and a file whose sha256 differs from
+    the saved one (damaged or edited) a CheckpointError naming it. A state written before digests
+    loads with one warning. tensors=False: only train_state.json's document, checked the same way
+    (e.g. the step, or the recorded config), without loading the tensors.
+    """
     from safetensors.torch import load_file
+
+    from support.errors import CheckpointError
 
     folder = Path(folder)
     for name in (STATE_JSON, STATE_TENSORS):
@@ -461,6 +617,16 @@ def read_state(folder: Path) -> dict:
                                     f"(runs/NAME/last holds the training state; best/ holds weights only)")
     try:
         doc = json.loads((folder / STATE_JSON).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested absurdly deep
         raise ValueError(f"{folder / STATE_JSON} is not valid JSON: {err}") from None
-    return _from_json(doc, load_file(str(folder / STATE_TENSORS)))
+    saved = doc.pop(STATE_DIGESTS, None) if isinstance(doc, dict) else None
+    if not isinstance(saved, dict):
+        warn_once(folder / STATE_JSON, f"written before training-state digests (no {STATE_DIGESTS} in it); "
+                                       f"{STATE_JSON} and {STATE_TENSORS} are not verified")
+    else:
+        for name, now in ((STATE_JSON, json_sha256(doc)), (STATE_TENSORS, file_sha256(folder / STATE_TENSORS))):
+            if now != saved.get(name):
+                raise CheckpointError(f"{folder / name}: damaged or edited: its sha256 differs from the one saved "
+                                      f"in {STATE_JSON} ({now[:12]} vs {str(saved.get(name))[:12]}); resume "
+                                      f"from an intact copy of the run")
+    return _from_json(doc, load_file(str(folder / STATE_TENSORS))) if tensors else doc

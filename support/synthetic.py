@@ -1122,7 +1122,7 @@ def ensure_synthetic(path="data/synthetic", seed: int = 0, scale: float = 1.0) -
             meta = json.loads(info.read_text())
             if (meta.get("seed"), meta.get("scale"), meta.get("version")) == (seed, scale, SYN_VERSION):
                 return str(p)
-        except (json.JSONDecodeError, OSError):
+        except (ValueError, OSError, AttributeError, RecursionError):  # bad JSON, not an object, absurdly nested
             pass  # a damaged stamp: write the set again
     elif p.exists() and any(p.iterdir()):  # never replace a folder this generator did not write
         raise SyntheticError(f"{p} exists but is not a synthetic U-FIRE (no {INFO_FILE}); "

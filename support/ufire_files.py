@@ -3,8 +3,9 @@
 
 data.py holds what a record, a query, a gallery and a view ARE; this module holds how the bytes on
 disk become them, and what is wrong when they do not:
-  * read_json, check_record_json (every type and presence rule of FORMAT.md, one error naming the
-    record), task_of_file (the task word of a file name).
+  * read_json (any unreadable, ambiguous or absurd JSON file is one error naming it), list_dir,
+    check_record_json (every type and presence rule of FORMAT.md, one error naming the record),
+    inside_root (no path leaves the root), task_of_file (the task word of a file name).
   * read_image: any image Pillow opens, as the RGB picture a viewer would show (alpha on white,
     16/32-bit grey scaled, not clipped); data.load_image calls it.
   * read_clip: a video as frames and the second of each in its clip -- a frame folder, an animated
@@ -36,26 +37,103 @@ LIST_FIELDS = ("target_image", "query_image", "query_video", "negative_image")
 STR_FIELDS = ("query_text", "attribute", "target_label", "category", "task", "dataset", "split")
 
 
+class _Repeated(dict):
+    """A JSON object in which a key appeared twice (json.load alone would keep the last value silently)."""
+
+    def __init__(self, pairs: list):
+        super().__init__(pairs)
+        seen: set = set()
+        for k, _ in pairs:  # the first key seen twice names the problem
+            if k in seen:
+                self.key = k
+                break
+            seen.add(k)
+
+
 def read_json(path: str):
-    """json.load with errors that name the file (and line/column for syntax errors)."""
+    """json.load of a data file; anything wrong is one UFireError naming the file (and the line and
+    column of a syntax error, the record and key of a key given twice).
+
+    Also refused, each naming the file: an OSError opening it (a symlink loop, a folder where a file
+    belongs, no permission), text that is not UTF-8, nesting too deep for the parser (RecursionError
+    escapes json.load), and a key given twice in one object (json would silently keep the last one).
+    """
+    repeated = []  # the objects read with a key twice, in the order the parser closed them
+
+    def pairs_hook(pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):  # rare: only then the slower _Repeated
+            obj = _Repeated(pairs)
+            repeated.append(obj)
+        return obj
+
     try:
         with open(path, "r", encoding="utf-8") as f:  # explicit: the platform default may not be UTF-8
-            return json.load(f)
+            data = json.load(f, object_pairs_hook=pairs_hook)
     except FileNotFoundError:
         raise UFireError(f"missing file {path}") from None
     except json.JSONDecodeError as e:
         raise UFireError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise UFireError(f"{path}: not UTF-8 text ({e})") from None
+    except RecursionError:
+        raise UFireError(f"{path}: JSON nested too deeply to read (lists or objects inside each other "
+                         f"thousands of levels deep); no U-FIRE file nests more than three") from None
+    except OSError as e:  # ELOOP, EISDIR, EACCES, EIO...: what the system says, and about which file
+        raise UFireError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if repeated:
+        raise UFireError(f"{_holder(data, repeated[0], path)}: key {repeated[0].key!r} appears twice in one "
+                         "object; JSON readers keep only one of the values, so the file is ambiguous")
+    return data
 
 
-def check_record_json(obj, where: str, default_task: str, base_task: Callable[[str], str]) -> None:
+def _holder(data, obj: dict, path: str) -> str:
+    """'record <id> (#i) in <path>' for the record of a list that holds `obj`, else just `path`."""
+    def holds(o) -> bool:  # o is obj, or contains it (records nest only a level or two)
+        return o is obj or any(holds(v) for v in (o.values() if isinstance(o, dict) else
+                                                  o if isinstance(o, list) else ()))
+
+    try:
+        for i, rec in enumerate(data if isinstance(data, list) else []):
+            if holds(rec):
+                return f"record {rec.get('id') if isinstance(rec, dict) else None!r} (#{i}) in {path}"
+    except RecursionError:  # deep enough to parse, too deep to search: the file is named all the same
+        pass
+    return path
+
+
+def list_dir(folder: str) -> list:
+    """The sorted names in `folder` ([] when absent); one that cannot be listed is a UFireError."""
+    try:  # lexists, not isdir: a symlink loop or a file in the folder's place is an error, not "empty"
+        return sorted(os.listdir(folder)) if os.path.lexists(folder) else []
+    except OSError as e:
+        raise UFireError(f"{folder}: cannot list it ({e.strerror or e})") from None
+
+
+def inside_root(root: str, rel: str, where: str) -> str:
+    """The normalised absolute path of `rel` (as written in a data file) under `root`; UFireError
+    naming `where` (the file, and the record) when it leaves the root.
+
+    Paths in U-FIRE's files are relative to the root (an OOD task: its folder), and the published
+    files never use '..' or absolute paths; one that leaves the root would silently score or train
+    on an image of another dataset, or of no dataset at all. The check is on the text (normpath),
+    not on symlinks: a root may well hold its image folders as links to another disk.
+    """
+    path = os.path.normpath(os.path.join(root, rel))  # an absolute `rel` replaces the root
+    if not path.startswith(os.path.normpath(root).rstrip(os.sep) + os.sep):  # a prefix test: fast on 10^5 paths
+        raise UFireError(f"{where}: image path {rel!r} leaves the data root {root}")
+    return path
+
+
+def check_record_json(obj, where: str, default_task: str, base_task: Callable[[str], str],
+                      root: Optional[str] = None) -> None:
     """Every rule a U-FIRE record's JSON object must follow; the first one broken -> UFireError.
 
     where: 'record <id> (#index) in <file>', the prefix of every error. base_task: data.base_task
-    (raises UFireError for an unknown task). Checking every record when a file is read means a bad
-    one fails at once, naming its file and position, instead of hours into training when the
-    sampler first reaches it.
+    (raises UFireError for an unknown task). root: the folder the record's paths are relative to;
+    given, every path must stay inside it (`inside_root`). Checking every record when a file is read
+    means a bad one fails at once, naming its file and position, instead of hours into training when
+    the sampler first reaches it.
     """
     if not isinstance(obj, dict):
         raise UFireError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -69,6 +147,8 @@ def check_record_json(obj, where: str, default_task: str, base_task: Callable[[s
         if not isinstance(val, list) or not all(isinstance(v, str) and v for v in val):
             raise UFireError(f"{where}: field {name!r} must be a list of non-empty path strings")
         kw[name] = list(val)
+        for v in (val if root is not None else []):
+            inside_root(root, v, where)
     for name in STR_FIELDS:  # optional strings: absent or null -> None
         val = obj.get(name)
         if val is not None and not isinstance(val, str):
@@ -210,7 +290,7 @@ def read_clip(path: str, record=None, pick: Optional[Callable[[int], list]] = No
     """
     pick = pick or (lambda n: list(range(n)))
     if os.path.isdir(path):  # a folder of frame images, in file-name order
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith(_FRAME_EXT))
+        names = [n for n in list_dir(path) if n.lower().endswith(_FRAME_EXT)]
         if not names:
             raise UFireError(f"video frame folder {path} holds no images{rec_where(record)}")
         idx = pick(len(names))

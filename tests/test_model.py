@@ -499,7 +499,9 @@ def test_format_1_and_edited_budget_are_refused(trained_ckpt, tmp_path):
         FashionLensEmbedder.from_pretrained(newer)
     edited = tmp_path / "edited"
     _edit_meta(path, edited, lambda m: m["config"].update(max_pixels=128 * 128))
-    with pytest.raises(CheckpointError, match=r"max_pixels=16384 contradict the saved image processor.*max 4096"):
+    # Caught by the config's copy in embedder.safetensors' metadata (tests/test_reliability_state.py).
+    with pytest.raises(CheckpointError, match=r"edited/embedder_config\.json: edited after saving: max_pixels=16384 "
+                                              r"differs from the saved value .*\(max_pixels=4096\)"):
         FashionLensEmbedder.from_pretrained(edited)
 
 

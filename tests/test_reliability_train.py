@@ -303,7 +303,7 @@ def test_resume_after_ctrl_c_cleans_interrupted_writes_and_continues(interrupted
     os.replace(run / "best", run / ".best.old")
     proc = _run(["train.py", "--resume", str(run), "--stop-at", str(saved + 1)])  # odd: no validation
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".lock"]  # the run's lock, let go
     assert "removed" in proc.stdout and "restored" in proc.stdout
     assert _snapshot(run / "best") == best_files  # the best checkpoint is back, byte for byte
     FashionLensEmbedder.from_pretrained(str(run / "best"))
@@ -323,7 +323,7 @@ def test_bad_flag_on_resume_leaves_the_run_untouched(interrupted):
 
 @pytest.mark.parametrize("rel,what", [("last/embedder.safetensors", "embedder.safetensors"),
                                       ("last/adapter/adapter_model.safetensors", "adapter_model.safetensors"),
-                                      ("last/train_state.safetensors", "unreadable training state"),
+                                      ("last/train_state.safetensors", "train_state.safetensors: damaged"),
                                       ("last/train_config.json", "unreadable training config")])
 def test_resume_from_a_damaged_checkpoint_names_the_file(rel, what, interrupted, tmp_path):
     run = tmp_path / "run"
@@ -355,7 +355,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tiny
     assert rc == 130 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("stopped by Ctrl-C after step 1 of 50, before the first checkpoint"), line
-    assert "nothing to resume" in line and str(out) in line
+    assert line.endswith(f"--resume {out} starts the run over"), line
     assert len(_log(out)) == 1  # the one finished step is logged
 
 
@@ -467,11 +467,18 @@ EDITS = [  # (where, field, new value, text the error must hold): each contradic
 @pytest.mark.parametrize("where,field,value,says", EDITS, ids=[f"{e[1]}={e[2]}" for e in EDITS])
 def test_config_contradicting_its_weights_or_processor_is_refused(where, field, value, says, ckpt, tmp_path):
     """An edited config is refused naming the field (an edited pixel budget would describe images the
-    saved processor does not make, lowering Recall without a word)."""
+    saved processor does not make, lowering Recall without a word). Checked on a checkpoint written
+    before the config's copy in embedder.safetensors' metadata (which now catches these edits first,
+    tests/test_reliability_state.py): the checks against the saved files still hold such a one."""
+    from safetensors.torch import load_file, save_file
+
     from model import FashionLensEmbedder
     from support.errors import CheckpointError
 
     path = _copy(ckpt, tmp_path)
+    weights = path / "embedder.safetensors"
+    save_file(load_file(str(weights)), str(weights))  # without the metadata, as written before it
+    _edit_meta(path, lambda m: m["sha256"].__setitem__("embedder.safetensors", plumbing.file_sha256(weights)))
     _edit_meta(path, lambda m: (m["config"] if where == "config" else m).__setitem__(field, value))
     with pytest.raises(CheckpointError) as e:
         FashionLensEmbedder.from_pretrained(path)
