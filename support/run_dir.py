@@ -253,14 +253,25 @@ def _check_same_data(run, st: dict, resume_dir: Path) -> None:
     the state (a state written before it: the record count the sampler saved). Records dropped,
     added, reordered or edited would silently change every later batch of an "exact" resume."""
     then = dict(zip(st["sampler"].get("names", []), st["sampler"].get("sizes", [])))
+    now = data_digests(run)
     for subset, n in run.view.sizes.items():
         file = run.ufire.triplet_file(subset, "train")
         digest = (st.get("data") or {}).get(subset)
-        if (digest is not None and plumbing.file_sha256(file) != digest) or then.get(subset, n) != n:
+        if (digest is not None and now[subset] != digest) or then.get(subset, n) != n:
             raise TrainingError(f"{file}: the training data of {subset!r} differ from those the run in "
                                 f"{resume_dir} was trained on ({then.get(subset, '?')} records then, {n} now"
                                 f"{'' if digest is None else '; the file sha256 differs'}); resume with the "
                                 f"same data, or start a new run")
+
+
+# runs/NAME -> {sub-dataset: sha256 of its train triplet file}, taken when the run opens (write_resolved_config,
+# right after the records were read), so every checkpoint records the data the run read, at no cost per save.
+_DATA_SHA: dict = {}
+
+
+def data_digests(run) -> dict:
+    """{sub-dataset: sha256 of its training triplet file} for the run's training view (file_sha256)."""
+    return {s: plumbing.file_sha256(run.ufire.triplet_file(s, "train")) for s in run.view.sizes}
 
 
 def _check_best(run, st: dict) -> None:
@@ -277,7 +288,9 @@ def _check_best(run, st: dict) -> None:
 
 
 def write_resolved_config(run, threads: int, sizes: dict, resume_dir: Optional[Path]) -> None:
-    """Print and save config.json (the config plus what it resolved to); on resume, trim the log."""
+    """Print and save config.json (the config plus what it resolved to); on resume, trim the log; note the
+    training data's digests for the checkpoints (train_state)."""
+    _DATA_SHA[str(run.out)] = data_digests(run)
     p = run.plan
     resolved = {**dataclasses.asdict(run.cfg), "resolved": {
         "out": str(run.out), "total_steps": p.total, "steps_per_epoch": p.steps_per_epoch,
@@ -395,7 +408,7 @@ def train_state(run) -> dict:
     from support.cli import RESUME_MAY_CHANGE  # cli imports this module: a top-level import would loop
 
     fixed = {k: v for k, v in dataclasses.asdict(run.cfg).items() if k not in RESUME_MAY_CHANGE}
-    data = {s: plumbing.file_sha256(run.ufire.triplet_file(s, "train")) for s in run.view.sizes}
+    data = _DATA_SHA.get(str(run.out)) or data_digests(run)  # hashed once, when the run opened
     return {"step": run.step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "sampler": run.task_sampler.state_dict(), "rng": plumbing.rng_snapshot(), "best": run.best,
             "world_size": run.di.world, "elapsed": run.elapsed0 + time.time() - run.t_start,

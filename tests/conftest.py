@@ -60,6 +60,26 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A synthetic U-FIRE at scale 0.03 (seed 0, 8 test queries per sub-dataset), made once per session
+    for the reliability tests. Never modified: a test that damages data works on a copy."""
+    from support import synthetic
+
+    return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire_tiny") / "syn"), seed=0, scale=0.03))
+
+
+@pytest.fixture(scope="session")
+def untrained_ckpt(tmp_path_factory) -> Path:
+    """The untrained default tiny embedder saved as a checkpoint folder, once per session. Never
+    modified: a test that damages a checkpoint works on a copy."""
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    FashionLensEmbedder(EmbedderConfig()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_synthetic_root(tmp_path_factory) -> Path:
     """A synthetic U-FIRE at scale 0.1 (seed 0): every task, galleries of 55+ images, ~3 s to make.
     For tests that run whole train/evaluate subprocesses and only need a few records per task."""

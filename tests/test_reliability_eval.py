@@ -32,23 +32,13 @@ TASKS = ["--tasks", "t2i,cir", "--ood", "skip"]  # 5 sub-datasets, 257 gallery i
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures: a tiny root and a tiny checkpoint, shared by the module
+# fixtures: the tiny root and the untrained checkpoint come from conftest (session-wide, never modified)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A synthetic U-FIRE at scale 0.03 (8 test queries per sub-dataset); never modified."""
-    return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire") / "syn"), seed=0, scale=0.03))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """The untrained default tiny embedder, saved as a checkpoint folder; never modified."""
-    from model import EmbedderConfig, FashionLensEmbedder
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    FashionLensEmbedder(EmbedderConfig()).save_pretrained(path)
-    return path
+def ckpt(untrained_ckpt) -> Path:
+    """The untrained tiny checkpoint (conftest.untrained_ckpt); never modified."""
+    return untrained_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from support import plumbing  # noqa: F401,I001  before torch: it sets OMP_WAIT_POLICY
-from support import cli, fast_infer, synthetic, ufire_files
+from support import cli, fast_infer, ufire_files
 from support.errors import UFireError, run_cli
 from tests.clitools import REPO, cli_env, one_error_line, run_cmd, snapshot
 
@@ -38,23 +38,13 @@ FF = os.fsdecode(b"\xff")  # a byte that is not UTF-8, as Python names it in a s
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures: a tiny root and a tiny checkpoint, shared by the module; tests damage copies
+# fixtures: the tiny root and the untrained checkpoint come from conftest (session-wide, never modified)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A synthetic U-FIRE at scale 0.03; never modified."""
-    return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire") / "syn"), seed=0, scale=0.03))
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """The untrained default tiny embedder, saved as a checkpoint folder; never modified."""
-    from model import EmbedderConfig, FashionLensEmbedder
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    FashionLensEmbedder(EmbedderConfig()).save_pretrained(path)
-    return path
+def ckpt(untrained_ckpt) -> Path:
+    """The untrained tiny checkpoint (conftest.untrained_ckpt); never modified."""
+    return untrained_ckpt
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -45,13 +45,6 @@ SMALL = ["--tasks", "t2i", "--batch-size", "4", "--chunk-size", "0", "--max-eval
 RUN = [*SMALL, "--steps", "4", "--eval-every", "2"]  # checkpoints at steps 2 and 4
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    from support import synthetic
-
-    return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire") / "syn"), seed=0, scale=0.03))
-
-
 def _main(args: list) -> tuple[int, str, str]:
     """train.main(args) in this process -> (exit status, stdout, stderr)."""
     import train

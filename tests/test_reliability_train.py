@@ -83,14 +83,6 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A synthetic U-FIRE at scale 0.03; never modified (tests that damage data use a copy)."""
-    from support import synthetic
-
-    return Path(synthetic.ensure_synthetic(str(tmp_path_factory.mktemp("ufire") / "syn"), seed=0, scale=0.03))
-
-
 def _root_with(tiny_root: Path, dst: Path, triplets: dict) -> Path:
     """A root that shares tiny_root's images (symlinks) but has its own triplet files, some replaced."""
     dst.mkdir()
