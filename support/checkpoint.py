@@ -47,8 +47,9 @@ ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
 # may be loaded with other values. Every other field (sizes, frames, pixel budget, prompts, LoRA,
 # calibrator, backbone, and any field added later) is recorded in WEIGHTS_FILE's metadata and checked.
 RUNTIME_FIELDS = frozenset({"device", "dtype", "attn_implementation"})
-# WEIGHTS_FILE's metadata keys: those fields as canonical JSON, and its sha256.
-META_CONFIG, META_DIGEST = "fashionlens.config", "fashionlens.config_sha256"
+# WEIGHTS_FILE's metadata key: {"config": those fields, "sha256": their json_sha256} as canonical JSON. One
+# key only: safetensors writes its metadata map in no fixed order, and two saves must give the same bytes.
+META_CONFIG = "fashionlens.config"
 
 
 # ================================================================================================
@@ -70,7 +71,7 @@ def save_into(emb, folder: str | os.PathLike) -> None:
     emb.backbone.save_pretrained(str(folder / ADAPTER_DIR))  # peft's own format
     computed = computed_fields(asdict(emb.config))  # out of reach of an edit of CONFIG_FILE (see above)
     save_file(_extra_state(emb), str(folder / WEIGHTS_FILE),
-              metadata={META_CONFIG: json.dumps(computed, sort_keys=True), META_DIGEST: json_sha256(computed)})
+              metadata={META_CONFIG: json.dumps({"config": computed, "sha256": json_sha256(computed)}, sort_keys=True)})
     emb.processor.save_pretrained(str(folder / PROCESSOR_DIR))
     if emb.tiny:  # a random base must travel with its checkpoint
         (folder / BASE_DIR).mkdir()
@@ -295,8 +296,9 @@ def _check_config_digest(path: Path, meta: dict) -> None:
                             f"verified against the weights")
         return
     with _reading(file, "config saved in the metadata of the weights"):
-        saved = json.loads(metadata[META_CONFIG])
-    if not isinstance(saved, dict) or json_sha256(saved) != metadata.get(META_DIGEST):
+        record = json.loads(metadata[META_CONFIG])
+    saved = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(saved, dict) or json_sha256(saved) != record.get("sha256"):
         raise CheckpointError(f"{file}: damaged: the config saved in its metadata does not match its sha256")
     now, absent = computed_fields(meta["config"]), "(absent)"
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k, absent) != now.get(k, absent))

@@ -513,6 +513,11 @@ def test_save_into_writes_a_new_folder(trained_ckpt, tmp_path):
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == \
         sorted(str(p.relative_to(path)) for p in path.rglob("*"))
     assert (dst / "embedder.safetensors").read_bytes() == (path / "embedder.safetensors").read_bytes()
+    # Byte-identical on every save: the weights' metadata (the config's copy) is one key, since safetensors
+    # writes a metadata map in no fixed order (two keys came out in either order, 1 save in 2).
+    for i in range(4):
+        emb.save_into(tmp_path / f"again{i}")
+        assert (tmp_path / f"again{i}" / "embedder.safetensors").read_bytes() == (path / "embedder.safetensors").read_bytes()
     with pytest.raises(FileExistsError):
         emb.save_into(dst)  # never mixes with an older checkpoint's files
 
