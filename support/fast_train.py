@@ -43,10 +43,12 @@ def two_core_step(model, queries, images, loss: Callable, spare: cf.Executor) ->
     torch releases the GIL inside its kernels and autograd locks gradient accumulation, so the two
     threads run side by side. The gradient is full_batch_step's up to float summation order (a
     weight used several times in each tower sums its pieces in another order; tests/test_fast_paths.py
-    holds them within 1e-5). train.py uses this path only without dropout: two threads would draw
-    their masks from one generator in an unpredictable order. The batch is one chunk, so R_cal is
+    holds them within 1e-5). Only without dropout (use_two_cores for train.py; a model with a dropout
+    in training mode is refused here, ValueError): two threads would draw their masks from one
+    generator in an unpredictable order. The batch is one chunk, so R_cal is
     the batch mean under either reg_per_chunk (w_c = 1 = b/b).
     """
+    _refuse_active_dropout(model)
     target_fwd = spare.submit(model, images=images)  # (a) the target tower, on the other core
     out_q = model(queries=queries)  # (a) the query tower, here
     out_t = target_fwd.result()
@@ -67,6 +69,17 @@ def two_core_step(model, queries, images, loss: Callable, spare: cf.Executor) ->
     target_bwd.result()
     return dict(loss=loss_value, nce=float(nce.detach()), reg=float(reg.detach()),
                 lam=float(out_q["lam"].detach().float().mean()), angle=float(out_q["angle"].float().mean()))
+
+
+def _refuse_active_dropout(model) -> None:
+    """two_core_step's precondition (use_two_cores checks it for train.py; this holds it for every caller):
+    no dropout module with p > 0 in training mode. ~1 ms on the tiny model (a walk over its ~400
+    modules), against a step of ~0.4 s."""
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise ValueError(f"two_core_step: {name or 'the model'} is a dropout (p = {m.p}) in training mode: "
+                             f"two threads would draw its masks from one generator in an unpredictable order, "
+                             f"so the step would not be reproducible; use train.full_batch_step")
 
 
 def prepare_batch(make_batch: Callable, view, embedder, seed: int, request: tuple):

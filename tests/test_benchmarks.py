@@ -342,3 +342,111 @@ def test_ablation_end_to_end_with_two_workers(tmp_path):
     assert doc["progression"]["+ PGSQC"]["overall"] == doc["deltas_vs_full"]["cal-off"]["overall"]
     assert "+ GGAS" not in doc["progression"]
     assert "What each removed piece was worth" in proc.stdout and "[reused]" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 30, rows 8, 12, 13: the verdict's edges, when a finished run is reused, the separate arm's steps
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lo, hi, want", [
+    (0.0, 0.2, "within noise"),  # the interval touches 0: A > B is not shown
+    (1e-9, 0.2, "holds"),  # the whole interval above 0
+    (-0.2, 0.0, "within noise"),  # touches 0 from below: A < B is not shown either
+    (-0.2, -1e-9, "contradicted"),
+    (0.0, 0.0, "within noise"),  # a variant against itself
+])
+def test_verdict_at_the_edges_of_zero(lo, hi, want):
+    assert ablation.verdict({"diff": (lo + hi) / 2, "lo": lo, "hi": hi}) == want
+
+
+def test_a_variant_against_itself_is_within_noise():
+    """The real paired bootstrap of identical runs: every difference is exactly 0, so no claim may hold."""
+    runs = [_run({"t2i/A": _hits(h), "cir/B": _hits(h + 5)}) for h in (10, 20, 30)]
+    checks = ablation.check_claims({"full": runs, "cal-off": runs, "samp-uniform": runs}, ks=(1, 10))
+    assert checks and all(c["lo"] == c["hi"] == 0.0 and c["verdict"] == "within noise" for c in checks)
+
+
+def _ablation_args():
+    import types
+
+    return types.SimpleNamespace(steps=2, eval_every=1, tasks="t2i", ood=False, max_eval_queries=2)
+
+
+def test_run_settings_hold_the_default_jobs_training_config(monkeypatch):
+    """A stored run is reused only if its settings match; they hold the default job's resolved
+    TrainConfig (where it reads and writes aside), so a changed default (here the tiny-cpu recipe's
+    lr) redoes every run instead of mixing runs of two configurations in one table."""
+    import dataclasses
+
+    import train
+    from support import recipes
+
+    settings = ablation.run_settings("full", 0, _ablation_args())
+    want = {k: v for k, v in dataclasses.asdict(train.TrainConfig().resolved()).items()
+            if k not in ("out", "data", "device")}
+    assert settings["train_defaults"] == want and want["lr"] != 5e-4
+    monkeypatch.setitem(recipes.RECIPES["tiny-cpu"]["train"], "lr", 5e-4)
+    changed = ablation.run_settings("full", 0, _ablation_args())
+    assert changed["train_defaults"] == {**want, "lr": 5e-4}
+    assert {k: v for k, v in changed.items() if k != "train_defaults"} == \
+        {k: v for k, v in settings.items() if k != "train_defaults"}
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """ablation.train_and_test's decision, without training: train.train is replaced by a function
+    that says it was called. The stored file is written as train_and_test writes it (JSON, indent 1),
+    so the settings also survive the round trip through JSON."""
+    import json
+
+    import train
+    from support import recipes
+
+    class Retrained(Exception):
+        pass
+
+    def no_training(cfg):
+        raise Retrained(cfg.out)
+
+    monkeypatch.setattr(train, "train", no_training)
+    out = tmp_path / "full-s0"
+    cfg = train.TrainConfig(out=str(out))
+    settings = ablation.run_settings("full", 0, _ablation_args())
+
+    def store():
+        out.mkdir(exist_ok=True)
+        (out / "ablation_run.json").write_text(json.dumps({"settings": settings, "overall": {"1": 0.25}}, indent=1))
+
+    store()
+    got = ablation.train_and_test(cfg, settings, [], None, False, {})
+    assert got["reused"] is True and got["overall"] == {"1": 0.25}
+    with pytest.raises(Retrained):  # --fresh retrains whatever is stored
+        ablation.train_and_test(cfg, settings, [], None, True, {})
+    store()
+    monkeypatch.setitem(recipes.RECIPES["tiny-cpu"]["train"], "lr", 5e-4)  # a default changed since
+    with pytest.raises(Retrained):
+        ablation.train_and_test(cfg, ablation.run_settings("full", 0, _ablation_args()), [], None, False, {})
+    assert not (out / "ablation_run.json").exists()  # the stale run is gone, not mixed in
+
+
+@pytest.mark.parametrize("steps, per_subset", [(10, 3), (2, 1)])  # 10 // 3 sub-datasets; at least 1 step
+def test_controlled_separate_arm_splits_the_step_budget(tmp_path, monkeypatch, steps, per_subset):
+    """The 'separate' arm trains one model per sub-dataset; together they get the shared arm's
+    compute (steps // n each), else separate models would win by training n times longer."""
+    import types
+
+    got = {}
+    def train_and_test(cfg, settings, subsets, ufire, fresh, tags):  # records what would be trained
+        got[settings["name"]] = (cfg, settings)
+
+    monkeypatch.setattr(controlled.ablation, "train_and_test", train_and_test)
+    args = types.SimpleNamespace(steps=steps, runs=str(tmp_path), device="cpu", jobs=1, fresh=False)
+    subsets = ["inshop/SynInshop", "cir/SynCIR-Dress", "asfr/SynAttr"]  # the pgsqc experiment's three
+    for arm in ("slerp", "separate"):
+        for name in controlled.run_names("pgsqc", arm, 0):
+            controlled.train_run(name, args, types.SimpleNamespace(root="/u-fire"))
+    cfg, settings = got["pgsqc-slerp-s0"]
+    assert (cfg.steps, settings["steps"], cfg.tasks) == (steps, steps, ",".join(subsets))
+    for sub in subsets:
+        cfg, settings = got[f"pgsqc-separate-{sub.replace('/', '_')}-s0"]
+        assert (cfg.steps, settings["steps"], cfg.eval_every, cfg.tasks) == (per_subset, per_subset, per_subset, sub)
+    assert len(got) == 4

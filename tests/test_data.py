@@ -466,3 +466,25 @@ def test_relative_synthetic_paths_are_taken_from_the_repository_root(monkeypatch
     except Exception:
         pass  # the stub writes nothing, so what follows it may fail: only the path it was given matters
     assert made and made[0] == REPO / "data" / "elsewhere-never-written", made
+
+
+# issue 30, item 2: more query images than the cap (an outfit keeps its order)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_training_draw_of_a_long_outfit_keeps_its_order(tmp_path):
+    """A compatibility record with 7 outfit images (red channel 10 * i tells them apart), max_images 4:
+    evaluation keeps the first 4 (as the authors keep the first ones: their evaluate.py 54, [0:8]); a
+    training draw keeps a random 4 of the 7, distinct and in the outfit's order (an outfit is read in
+    order: top, bottom, shoes...).
+    Over 20 seeds more than one subset is drawn, so the order check is not on one lucky draw."""
+    rec = _rec(id="co_1", task="compatibility", query_text=None, instruction_text="Complete the outfit",
+               query_image=[f"Mini_images/s{i}.png" for i in range(7)])
+    root = _mini_root(tmp_path, [rec], fname="8_compatibility_Mini-Set_train_triplet_data.json")
+    for i in range(7):
+        Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(root / "Mini_images" / f"s{i}.png")
+    r = UFire(root).records("compatibility/Mini-Set", "train")[0]
+    assert _reds(data.record_to_query(r, max_images=4)) == [0, 1, 2, 3]
+    draws = [_reds(data.record_to_query(r, max_images=4, rng=random.Random(seed))) for seed in range(20)]
+    for d in draws:
+        assert len(d) == 4 and d == sorted(set(d)) and set(d) <= set(range(7)), d  # ordered, distinct subset
+    assert len({tuple(d) for d in draws}) > 1

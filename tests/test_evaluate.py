@@ -362,3 +362,53 @@ def test_random_near_chance_and_briefly_trained_clearly_above(synthetic_root, tm
     assert before.recall[10] < 3 * chance, (before.recall, chance)
     # Briefly trained: several times chance, and clearly better than the random model.
     assert after.recall[10] > 4 * chance and after.recall[10] > before.recall[10] + 0.08, (after.recall, chance)
+
+
+# ---------------------------------------------------------------- issue 30, item 2: galleries smaller than K
+
+@pytest.mark.parametrize("g,p", [(5, 1), (5, 2), (5, 0), (12, 3), (1, 1)])
+def test_chance_with_k_near_and_above_the_gallery_size(g, p):
+    """A random top K of a G-image gallery holds min(K, G) images, so it misses all P positives with
+    probability C(G-P, min(K, G)) / C(G, min(K, G)): at K >= G it holds the whole gallery and chance
+    is 1 for a query with a positive (0 without). K = G - 1, G, G + 1 and 10 > G are the edges where
+    the product over j < K must stop at G (one more factor divides by G - G = 0)."""
+    from math import comb
+
+    for k in sorted({max(g - 1, 1), g, g + 1, 10}):
+        kk = min(k, g)
+        want = 1 - comb(g - p, kk) / comb(g, kk)
+        assert ev.chance_recall(g, [list(range(p))], k) == pytest.approx(want, abs=1e-12), (g, p, k)
+        if k >= g:
+            assert want == (1.0 if p else 0.0)
+
+
+def test_recall_with_a_gallery_smaller_than_k():
+    """3 gallery images, K up to 10: both searches return the whole gallery (3 columns), so every query
+    whose positive is in the gallery is a hit at K = 5 and 10, whatever its rank; a query without
+    one stays a miss. By hand: q0 ranks image 0 first (hit at 1), q1 ranks image 2 last (hit from 3)."""
+    g = np.eye(3, dtype=np.float32)                                          # (3, 3)
+    q = np.array([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1]], np.float32)           # (3, 3)
+    positives = [[0], [2], []]
+    for search in (ev.search_torch, lambda a, b, k: fast_infer.search_faiss(a, b, k, reference=ev.search_torch)):
+        _, ids = search(q, g, 10)
+        assert ids.shape == (3, 3)
+        assert ev.recall_at_k(ids, positives, (1, 2, 3, 5, 10)) == \
+            pytest.approx({1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 5: 2 / 3, 10: 2 / 3})
+    assert ev.chance_recall(3, positives, 10) == pytest.approx(2 / 3)  # chance of the same queries: 1, 1, 0
+
+
+# ---- issue 30: own mutants ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, keep", [(1, [0]), (2, [0, 6]), (3, [0, 3, 6])])
+def test_max_queries_of_one_or_two_keeps_the_first_and_the_last(n, keep):
+    """--max-queries N keeps round(i (R - 1) / (N - 1)), i < N: the first and the last and evenly
+    spaced in between; N = 1 keeps the first (no division by N - 1 = 0). 7 queries, so 3 lands on 3."""
+    import data
+
+    view = data.EvalView(subset="cir/X", split="test", records=[f"r{i}" for i in range(7)], gallery=["g"],
+                         positives=[[i] for i in range(7)], missing=["m"])
+    few = fast_infer.few_queries(view, n)
+    assert few.records == [f"r{i}" for i in keep] and few.positives == [[i] for i in keep]
+    assert few.gallery == ["g"] and few.missing == ["m"]  # the gallery and the missing count stay whole
+    assert fast_infer.missing_weight(few, 7) == pytest.approx(n / 7)  # 1 missing x the sampled share

@@ -450,7 +450,8 @@ def test_prefetcher_returns_what_prepare_returns(tiny_embedder, view, mode):
         pf.submit(a)
         _assert_same_batch(pf.get(a), want_a)
         assert (pf.stats.hits, pf.stats.misses) == (1, 0)
-        pf.submit(a)  # the guess was a, the draw is b
+        pf.submit(a)  # the guess was a, the draw is b (a may or may not be finished by then: the forced
+        # cases are in test_prefetcher_never_returns_another_requests_result)
         _assert_same_batch(pf.get(b), want_b)
         assert (pf.stats.hits, pf.stats.misses) == (1, 1)
         _assert_same_batch(pf.get(a), want_a)  # nothing submitted: prepared here
@@ -675,3 +676,95 @@ def test_build_optimizer_uses_fused_adamw_with_the_per_tensor_numbers():
     for (n, p), q in zip(fused_model.named_parameters(), ref_model.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), n
     assert not torch.equal(fused_model.lora, _TwoGroups().lora)  # the step did move the weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 30, row 10: no two-core step with dropout (its masks would not be reproducible)
+# ------------------------------------------------------------------------------------------------
+# two_core_step runs the two towers on two threads that draw dropout masks from torch's one global
+# generator in whichever order the threads get there: the same seed would give other masks, other
+# gradients, and an exact resume would not be exact. So train.py must not pick it with LoRA dropout
+# (use_two_cores), and two_core_step itself refuses a model with a dropout in training mode.
+
+@pytest.mark.parametrize("lora_dropout, want", [(0.0, True), (0.05, False)])  # 0.05: the paper recipe's
+def test_use_two_cores_only_without_lora_dropout(lora_emb, monkeypatch, lora_dropout, want):
+    import types
+
+    import train
+
+    monkeypatch.setattr(fast_train.os, "cpu_count", lambda: 2)  # a 2-core CPU, whatever this machine has
+    cfg = train.TrainConfig(lora_dropout=lora_dropout, batch_size=8, chunk_size=0).resolved()  # one torch thread,
+    emb = types.SimpleNamespace(config=dataclasses.replace(lora_emb.config, lora_dropout=lora_dropout))  # no DDP
+    assert fast_train.use_two_cores(cfg, emb, plumbing.DistInfo(), 1, {"t2i/SynGen": 40}, train.fits_one_chunk) is want
+
+
+def test_two_core_step_refuses_a_model_with_lora_dropout(view):
+    import train
+    from model import EmbedderConfig, FashionLensEmbedder
+
+    emb = FashionLensEmbedder(EmbedderConfig(lora_dropout=0.05, seed=4))
+    batch = fast_train.prepare_batch(train.make_batch, view, emb, 0, ("t2i/SynGen", (0, 1, 2), 0))
+    emb.train()
+    with ThreadPoolExecutor(1) as spare, pytest.raises(ValueError, match=r"lora_dropout.*dropout \(p = 0.05\)"):
+        _two_core(spare)(emb, batch, TAU)
+    assert all(p.grad is None for p in emb.parameters())  # refused before any computation
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 30, item 4: the prefetcher never hands out another request's batch (no timing involved)
+# ------------------------------------------------------------------------------------------------
+# A stale batch would train a step on the records of another draw, silently. The worker's result
+# for a wrong guess may be finished, running or still queued when get() asks for something else;
+# which one happens in a real run depends on timing, so each case is forced here with events. The
+# events come from the fork context: the same objects work in a worker thread and in the forked
+# worker process (which inherits `prepare` with them).
+
+def _gated(events, request):
+    """A pure `prepare` that says when it starts and cannot finish before its request's gate opens."""
+    started, gate = events[request]
+    started.set()
+    if not gate.wait(60):
+        raise TimeoutError(f"the test never opened the gate of {request!r}")
+    return ("prepared", request)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_prefetcher_never_returns_another_requests_result(mode):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from support.prefetch import Prefetcher
+
+    ctx = mp.get_context("fork")
+    events = {r: (ctx.Event(), ctx.Event()) for r in "abcdefghi"}  # request -> (started, gate)
+    for r in "abdfhi":  # only the gates of c, e and g stay shut until the test opens them
+        events[r][1].set()
+    with Prefetcher(partial(_gated, events), mode) as pf:
+        # 1. A wrong guess whose result is FINISHED when the draw asks for another request.
+        pf.submit("a")
+        cf.wait([pf._pending[1]])  # the worker's future for "a" is done (prefetch.py keeps it in _pending)
+        assert pf.get("b") == ("prepared", "b")  # prepared here, not the finished "a"
+        assert (pf.stats.hits, pf.stats.misses) == (0, 1)
+        # 2. A wrong guess still RUNNING when the next guess replaces it: only the new guess's
+        # result is handed out.
+        pf.submit("c")
+        assert events["c"][0].wait(60)  # "c" is running on the worker (it cannot finish: its gate is shut)
+        pf.submit("d")
+        events["c"][1].set()
+        assert pf.get("d") == ("prepared", "d")
+        assert (pf.stats.hits, pf.stats.misses) == (1, 1)
+        # 3. A wrong guess RUNNING (or just finished) when get() asks for another request.
+        pf.submit("e")
+        assert events["e"][0].wait(60)
+        events["e"][1].set()
+        assert pf.get("f") == ("prepared", "f")
+        assert (pf.stats.hits, pf.stats.misses) == (1, 2)
+        # 4. A guess replaced while it waits behind a running one (queued; a process pool may have
+        # moved it to its call queue already): the request asked for is the last one submitted.
+        pf.submit("g")
+        assert events["g"][0].wait(60)  # "g" holds the one worker
+        pf.submit("h")
+        pf.submit("i")
+        events["g"][1].set()
+        assert pf.get("i") == ("prepared", "i") and pf.get("h") == ("prepared", "h")
+        assert (pf.stats.hits, pf.stats.misses) == (2, 3)

@@ -34,14 +34,14 @@ import pytest
 import torch
 from PIL import Image
 
-from support import recipes
+import pins
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHES = ("qwen3_vl", "qwen2_5_vl")
 # A text task, the video task and a multi-image task, on the small synthetic root's smallest galleries.
 TASKS = "t2i/SynShoes,video2img,compatibility"
 SUBSETS = {"t2i/SynShoes", "video2img/SynVideo", "compatibility/SynOutfit"}
-PAPER = recipes.RECIPES["paper"]
+PAPER = {"embedder": pins.PAPER_EMBEDDER, "train": pins.PAPER_TRAIN}  # the authors' values, as literals
 # Flags the runs below override (the rest of the recipe must come through untouched): a 3-step run
 # with a batch of 8 keeps the file within its CPU budget.
 OVERRIDDEN = {"steps", "epochs", "batch_size", "eval_every"}
@@ -465,3 +465,27 @@ def test_checkpoint_refused_by_another_backbone(runs, hub_backbone, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "qwen3_vl" in errors[0] and "qwen2_5_vl" in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 30, item 2: Qwen2.5-VL's temporal positions follow the frames' seconds
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing,step", [(0.5, 2), (0.25, 1)])
+def test_qwen2_5_vl_spaces_video_groups_by_their_seconds(embedders, spacing, step):
+    """Qwen2.5-VL's mRoPE gives temporal group g the position start + g * tokens_per_second *
+    second_per_grid_ts (transformers Qwen2_5_VLModel.get_rope_index), where second_per_grid_ts =
+    temporal_patch_size / fps (Qwen2_5_VLProcessor). The hub folder's tokens_per_second is 2
+    (hub_layout.qwen_config); 8 frames 0.5 s apart: 2 frames x 0.5 s = 1 s per group -> groups 2
+    positions apart; 0.25 s apart -> 0.5 s per group -> 1 apart."""
+    from data import Query
+
+    emb = embedders("qwen2_5_vl")
+    v = _qwen_model(emb).config.vision_config
+    assert (v.tokens_per_second, v.temporal_patch_size, emb.config.num_frames) == (2, 2, 8)
+    frames = [Image.new("RGB", (224, 224), (30 * i, 90, 200 - 20 * i)) for i in range(8)]
+    batch = emb.collate_queries([Query("Find the item shown in this video.", frames=frames,
+                                       frame_times=[spacing * i for i in range(8)])])
+    video = batch.input_ids[0] == emb.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    temporal = batch.position_ids[0, 0][video].unique().tolist()  # one temporal position per group
+    assert [p - temporal[0] for p in temporal] == [0, step, 2 * step, 3 * step]

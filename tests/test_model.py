@@ -192,12 +192,10 @@ def test_summary_tokens_start_where_summary_init_says(init):
 
 def test_recipes_choose_the_summary_init():
     """The tiny default keeps its two word starts; a real backbone gets the authors' <|im_end|>."""
-    from support import recipes
     from model import EmbedderConfig
     from support.recipes import resolve_embedder_config
     assert resolve_embedder_config(EmbedderConfig()).summary_init == "words"
     assert resolve_embedder_config(EmbedderConfig(recipe="paper")).summary_init == "im_end"
-    assert recipes.RECIPES["paper"]["embedder"]["summary_init"] == "im_end"
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +363,7 @@ def test_recipe_fills_the_none_fields(trained_ckpt, tiny_embedder, tmp_path, mon
     """The None fields resolve to the recipe's values (auto: tiny-cpu for a tiny backbone, paper for a
     real one), explicit values win, bad values are refused naming the field, a local backbone folder
     is saved as an absolute path, and the checkpoint stores the resolved numbers."""
-    from support import recipes
+    import pins  # the recipes' values as literals with their sources, not the table under test
     from model import EmbedderConfig
     from support.checkpoint import _same_backbone
     from support.errors import EmbedderConfigError
@@ -375,7 +373,7 @@ def test_recipe_fills_the_none_fields(trained_ckpt, tiny_embedder, tmp_path, mon
     assert cfg.lora_dropout is None and cfg.min_pixels is None and cfg.recipe == "auto"
     tiny = resolve_embedder_config(cfg)
     assert tiny.recipe == "tiny-cpu" and tiny.lora_dropout == 0.0
-    assert {k: getattr(tiny, k) for k in recipes.RECIPES["tiny-cpu"]["embedder"]} == recipes.RECIPES["tiny-cpu"]["embedder"]
+    assert {k: getattr(tiny, k) for k in pins.TINY_EMBEDDER} == pins.TINY_EMBEDDER
     paper = resolve_embedder_config(EmbedderConfig(backbone="Qwen/Qwen3-VL-4B-Instruct"))
     assert paper.recipe == "paper" and paper.lora_dropout == 0.05  # the authors' LoraConfig
     assert (paper.min_pixels, paper.max_pixels, paper.num_frames, paper.video_size, paper.max_query_images,
@@ -399,20 +397,17 @@ def test_recipe_fills_the_none_fields(trained_ckpt, tiny_embedder, tmp_path, mon
     _, path = trained_ckpt
     saved = json.loads((path / "embedder_config.json").read_text())
     assert saved["format"] == 2 and saved["config"]["recipe"] == "tiny-cpu"
-    assert {k: saved["config"][k] for k in recipes.RECIPES["tiny-cpu"]["embedder"]} == \
-        recipes.RECIPES["tiny-cpu"]["embedder"]
+    assert {k: saved["config"][k] for k in pins.TINY_EMBEDDER} == pins.TINY_EMBEDDER
     assert json.loads((path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
 
 
 def test_query_options_follow_the_recipe(tiny_embedder, paper_tiny):
     """query_options() are train_view's keyword arguments: one sketch and 4 images for tiny-cpu; every
     sketch, 8 images, 8 frames and the authors' two training caps for paper."""
-    from support import recipes
-
     assert tiny_embedder.query_options() == {"max_images": 4, "num_frames": 4, "sketches": "one", "image_caps": None}
+    # The authors' two 5-sketch caps (dataset.py 15, 17; tests/pins.py TRAIN_QUERY_IMAGE_CAP).
     assert paper_tiny.query_options() == {"max_images": 8, "num_frames": 8, "sketches": "all",
-                                          "image_caps": recipes.TRAIN_QUERY_IMAGE_CAP}
-    assert recipes.TRAIN_QUERY_IMAGE_CAP == {"sketch2i/ClothesV1": 5, "sketch2i/QMUL-Shoe-V2": 5}
+                                          "image_caps": {"sketch2i/ClothesV1": 5, "sketch2i/QMUL-Shoe-V2": 5}}
 
 
 def test_missing_backbone_is_one_clear_error(tmp_path):
@@ -641,3 +636,41 @@ def test_video_frames_are_read_in_order_and_subsampled_evenly(tiny_embedder):
     mixed = emb.encode_queries([Query(instruction, images=[frames[6]], frames=frames[:n])])
     moved = emb.encode_queries([Query(instruction, images=[frames[0]], frames=[frames[6], *frames[1:n]])])
     assert (mixed - moved).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 30, item 2: clips whose length is not a multiple of the temporal patch; Qwen2.5-VL's time spacing
+# ------------------------------------------------------------------------------------------------
+
+def test_a_short_clip_is_padded_with_its_last_frame(tiny_embedder):
+    """Qwen cuts a video into groups of T = 2 frames (temporal_patch_size); a clip of 3 frames is padded
+    up to 4 by repeating its LAST frame, times included (transformers 5.x video_processing_qwen2_vl.py
+    286-288 and video_processing_qwen3_vl.py 236-238: `videos[:, -1:]` repeated): the patches are those
+    of [f0, f1, f2, f2], not [f0, f1, f2, f0] or [f0, f0, f1, f2]."""
+    import numpy as np
+
+    video = tiny_embedder.collator._video
+    assert tiny_embedder.temporal_patch_size == 2
+    f = [_img(400 + i) for i in range(3)]  # distinct frames (64 x 64: the tiny video_size, no resize)
+    three = video(f, [0.0, 0.5, 1.0])
+    assert three.grid[0] == 2 and three.group_times == [0.25, 1.0]  # last group: (1.0 + 1.0) / 2
+    assert np.array_equal(three.patches, video([*f, f[2]], [0.0, 0.5, 1.0, 1.0]).patches)
+    for other in ([*f, f[0]], [f[0], *f]):
+        assert not np.array_equal(three.patches, video(other, [0.0, 0.5, 1.0, 1.5]).patches)
+
+
+@pytest.mark.parametrize("times,spg,group_times", [
+    ([0.0, 0.5, 1.0, 1.5], 1.0, [0.25, 1.25]),   # even 0.5 s spacing x T = 2 frames per group
+    ([0.0, 0.2, 1.0, 1.2], 0.8, [0.1, 1.1]),     # uneven: the mean spacing (1.2 - 0) / 3 = 0.4 s, x 2
+    ([3.0], 1.0, [3.0]),                         # one frame: untimed frames are 2 per second
+    ([0.7, 0.7], 1.0, [0.7]),                    # no time elapses: the same 2-per-second fallback
+])
+def test_seconds_per_temporal_group(tiny_embedder, times, spg, group_times):
+    """Qwen2.5-VL spaces a video's temporal positions by second_per_grid_ts, the seconds one group of
+    T frames spans: T x the spacing of the frames (transformers 5.x processing_qwen2_5_vl.py 137:
+    second_per_grid_ts = temporal_patch_size / fps). Untimed frames are 2 per second (qwen-vl-utils
+    0.0.14 vision_process.py 434, fetch_video on a list of frames: sample_fps = 2.0). A group's time
+    (Qwen3-VL's "<t seconds>") is the mean of its first and last frame's times."""
+    v = tiny_embedder.collator._video([_img(410 + i) for i in range(len(times))], times)
+    assert v.seconds_per_group == pytest.approx(spg, abs=1e-12)
+    assert v.group_times == pytest.approx(group_times, abs=1e-12)

@@ -280,6 +280,74 @@ def test_solutions_answer_runs_the_solution_only_while_the_stub_is_unanswered(ca
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 30, row 15: what decides which run the notebooks show, unit by unit
+# ------------------------------------------------------------------------------------------------
+
+def _written_run(folder: Path, *, total=200, vals=(100, 200), final_test=True, test_results=True, best=True) -> Path:
+    """A run folder with files written the way train.py writes them: config.json as
+    run_dir.write_resolved_config does (the resolved TrainConfig's fields, then "resolved"; indent 1),
+    log.jsonl through plumbing.append_jsonl with step lines and run_dir.log_val's {"event": "val", ...}."""
+    import dataclasses as dc
+
+    import train
+    from support import plumbing
+
+    cfg = dc.asdict(train.TrainConfig(steps=total, final_test=final_test).resolved())
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**cfg, "resolved": {"total_steps": total}}, indent=1))
+    for step in range(1, total + 1):
+        if step % 50 == 0:  # a few step lines, as log_step writes them between validations
+            plumbing.append_jsonl(folder / "log.jsonl", {"step": step, "loss": 1.0, "subset": "t2i/SynGen"})
+        if step in vals:
+            plumbing.append_jsonl(folder / "log.jsonl", {"event": "val", "step": step, "sum_recall1": 0.5})
+    if best:
+        (folder / "best").mkdir()
+    if test_results:
+        (folder / "test_results.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({}, ""),  # finished: the last validation at the last step, best/ and the test results there
+    ({"final_test": False, "test_results": False}, ""),  # --no-final-test: no test pass was asked for
+    ({"vals": (100,)}, "stops before the last validation (step 200): the run is unfinished"),  # killed at 150
+    ({"vals": ()}, "stops before the last validation (step 200)"),  # killed before its first validation
+    ({"test_results": False}, "test_results.json is missing: the run stopped before its test pass"),
+    ({"best": False}, "best is missing"),
+])
+def test_shared_run_finished_on_logs_as_train_py_writes_them(tmp_path, kwargs, problem):
+    shared_run = _notebook_module("shared_run")
+    got = shared_run._finished(_written_run(tmp_path / "r", **kwargs))
+    assert got == problem if not problem else problem in got
+
+
+# The fields that say where and how a run executed, not what it trained (shared_run's docstring):
+# a run that differs from the default job only in these, or in its seed, is still the default job.
+EXECUTION = {"out", "device", "cpu_threads", "loader", "two_cores", "stop_at", "find_unused_parameters"}
+
+
+def _other_value(v):
+    """A value of the same type that differs from v (the field's allowed values do not matter here)."""
+    return (not v) if isinstance(v, bool) else v + 1 if isinstance(v, (int, float)) else f"{v}x"
+
+
+def test_shared_run_default_job_differences_field_by_field():
+    import dataclasses as dc
+
+    import train
+
+    shared_run = _notebook_module("shared_run")
+    assert shared_run.EXECUTION_FIELDS == EXECUTION
+    default = {**dc.asdict(train.TrainConfig().resolved()), "data": "/home/u/fashionlens/data/synthetic"}
+    assert shared_run.default_job_differences(default) == []
+    for k in sorted(EXECUTION | {"seed"}):  # still the default job
+        assert shared_run.default_job_differences({**default, k: _other_value(default[k])}) == [], k
+    for k in sorted(set(default) - EXECUTION - {"seed", "data"}):  # every other field makes another job
+        diff = shared_run.default_job_differences({**default, k: _other_value(default[k])})
+        assert len(diff) == 1 and diff[0].startswith(f"{k}: "), (k, diff)
+
+
+# ------------------------------------------------------------------------------------------------
 # Slow: the notebooks on a default run of another seed
 # ------------------------------------------------------------------------------------------------
 

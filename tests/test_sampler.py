@@ -411,3 +411,66 @@ def test_ggas_probabilities_by_hand():
     assert ggas_probabilities([100, 400], None, 0.5, 1.0, 0.4) == pytest.approx([0.4, 0.6])  # water-filling: exact
     # the authors' one-pass floor: (0.4, 2/3) / (0.4 + 2/3): the raised entry ends below 0.4
     assert ggas_probabilities([100, 400], None, 0.5, 1.0, 0.4, floor="renorm") == pytest.approx([0.375, 0.625])
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 30, item 2: the probabilities at temperatures other than 1 (T = 1 hides a G_k / T applied twice)
+# ------------------------------------------------------------------------------------------------
+
+def _ggas_by_hand(sizes, g, lam, t, m, floor):
+    """The module docstring's equations written out: p_k ∝ N_k^lam exp(G_k / T), then the floor
+    (m <= 1/K here). renorm: max(m, p_k) / sum_j max(m, p_j). waterfill: the entries below m are
+    pinned at m and the rest share 1 - m * (pinned) in proportion to p (one round suffices for
+    the cases below: the test checks that none of the rest falls under m)."""
+    w = [n ** lam * math.exp(gk / t) for n, gk in zip(sizes, g)]
+    p = [v / sum(w) for v in w]
+    if floor == "renorm":
+        return [max(m, pk) / sum(max(m, pj) for pj in p) for pk in p]
+    low = [pk < m for pk in p]
+    rest = sum(pk for pk, lo in zip(p, low) if not lo)
+    out = [m if lo else pk * (1 - m * sum(low)) / rest for pk, lo in zip(p, low)]
+    assert all(o >= m for o in out)
+    return out
+
+
+@pytest.mark.parametrize("floor", ["renorm", "waterfill"])
+@pytest.mark.parametrize("t,min_prob", [(0.5, 0.0), (2.0, 0.0), (0.5, 0.2), (2.0, 0.25)])
+def test_ggas_probabilities_at_other_temperatures(t, min_prob, floor):
+    """N = (100, 400, 900), lam 0.5 -> size scores (10, 20, 30); G = (1, 0, 0.5). At T = 0.5 the
+    difficulty term is exp(2 G), at T = 2 exp(G / 2); a second division by T would give exp(4 G) and
+    exp(G / 4), far from these. The floors 0.2 / 0.25 clip b (T = 0.5: p_b = 0.114) and a (T = 2:
+    p_a = 0.220). Checked on the function and on what a TaskBatchSampler hands its draw after the
+    reports (warm-up 0, ema_start "first": one report sets G_k)."""
+    from sampler import ggas_probabilities
+
+    sizes, g = {"a": 100, "b": 400, "c": 900}, {"a": 1.0, "b": 0.0, "c": 0.5}
+    want = _ggas_by_hand(list(sizes.values()), list(g.values()), 0.5, t, min_prob, floor)
+    assert ggas_probabilities(list(sizes.values()), list(g.values()), 0.5, t, min_prob, floor) == \
+        pytest.approx(want, abs=1e-12)
+    s = TaskBatchSampler(sizes, batch_size=4, warmup_steps=0, temperature=t, min_prob=min_prob, floor=floor)
+    for name, gk in g.items():
+        s.update(name, gk)
+    assert list(s.probabilities().values()) == pytest.approx(want, abs=1e-12)
+    seen = []  # the p the draw itself receives (next -> _choose)
+    choose = s._choose
+    s._choose = lambda probs: seen.append(list(probs)) or choose(probs)
+    next(s)
+    assert seen == [pytest.approx(want, abs=1e-12)]
+
+
+# ---- issue 30: own mutants ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size, want_batches, want_epoch", [
+    (1, [5, 16], 5 // 5 + 40 // 16),   # "a" (5 < 16 examples) is one batch of all 5: 1 + 2 = 3 steps
+    (2, [4, 16], 5 // 4 + 40 // 16),   # 5 rounded down to a multiple of 2 ranks: batches of 4, still 1 step
+])
+def test_a_sub_dataset_smaller_than_a_batch_counts_one_step_per_epoch(world_size, want_batches, want_epoch):
+    """An epoch is sum_k N_k // b_k with b_k = min(b, N_k rounded down to the world size), not N_k // b:
+    a sub-dataset smaller than the batch is one (smaller) batch, and it counts in the default GGAS
+    warm-up (one epoch). Every other test's sub-datasets are larger than their batch."""
+    s = TaskBatchSampler({"a": 5, "b": 40}, batch_size=16, world_size=world_size)
+    assert s.batch_sizes == want_batches
+    assert s.steps_per_epoch() == want_epoch == 3 and s.warmup_steps == 3
+    loose = TaskBatchSampler({"a": 5, "b": 40}, batch_size=16, world_size=world_size, drop_last=False)
+    assert loose.steps_per_epoch() == math.ceil(5 / want_batches[0]) + math.ceil(40 / 16)  # tails count too

@@ -249,9 +249,11 @@ def no_model(monkeypatch):
 
 
 def _recipe(name: str) -> dict:
-    from support import recipes
+    """A recipe's values as pinned against their sources (tests/pins.py), not read from the table itself."""
+    import pins
 
-    return {**recipes.RECIPES[name]["embedder"], **recipes.RECIPES[name]["train"]}
+    return {"paper": {**pins.PAPER_EMBEDDER, **pins.PAPER_TRAIN},
+            "tiny-cpu": {**pins.TINY_EMBEDDER, **pins.TINY_TRAIN}}[name]
 
 
 def test_every_recipe_value_is_a_train_config_field_defaulting_to_the_recipe():
@@ -316,6 +318,7 @@ def test_flags_override_the_recipe_and_steps_clear_its_epochs(no_model, tmp_path
 
 
 def test_chunk_size_minus_one_follows_the_authors_table():
+    import pins
     from support import recipes
     import train
 
@@ -324,7 +327,8 @@ def test_chunk_size_minus_one_follows_the_authors_table():
     want = {"video2img/MovingFashion": 2, "asfr/DARN": 4, "t2i/FashionGen": 8, "t2i/Shoes": 32,
             "sketch2i/QMUL-Shoe-V2": 16, "cir/FashionIQ-Dress": 32, "t2i/SynGen": 8}  # not in the table: 8
     assert {k: recipes.step_chunk_size(cfg, k) for k in want} == want
-    assert all(recipes.step_chunk_size(cfg, k) == v for k, v in recipes.CHUNK_SIZES.items())
+    # All 18 of the authors' sizes (train.py 29-48) as literals, not the table compared with itself.
+    assert {k: recipes.step_chunk_size(cfg, k) for k in pins.CHUNK_SIZES} == pins.CHUNK_SIZES
     fixed = train.TrainConfig(backbone=REAL, chunk_size=16).resolved()
     assert {recipes.step_chunk_size(fixed, k) for k in want} == {16}
     # A batch per rank smaller than the table's chunk is one chunk (no GradCache re-run).
@@ -692,3 +696,71 @@ def test_train_config_choice_rules_agree_with_the_modules_tuples():
             "ggas_floor": sampler.FLOORS, "query_sketches": data.SKETCH_MODES, "summary_init": model.SUMMARY_INITS,
             "loader": prefetch.MODES, "calibrator": calibrator.MODES, "two_cores": ("auto", "off")}
     assert {k: tuple(v) for k, v in config_fields.choices_of(train.TrainConfig).items()} == {k: tuple(v) for k, v in want.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 30: which validation becomes best/ (equal scores; the number model selection reads)
+# ------------------------------------------------------------------------------------------------
+
+def _validate_in_turn(monkeypatch, tmp_path, results):
+    """The real train.validate_and_save, once per EvalResult in `results` (steps 1, 2, ...), on a Run
+    whose evaluation returns those results and whose log line and checkpoint writes are recorded, not
+    written. Returns (run.best after each call, the scores logged, the (folder, step) of each save)."""
+    import evaluate
+    import train
+
+    results = iter(results)
+    saved, logged = [], []  # ("best" | "last", step of the validation best/ records, None for last/)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: next(results))
+    monkeypatch.setattr(run_dir, "log_val", lambda run, res, score, t0: logged.append(score) or {
+        "event": "val", "step": run.step})
+    monkeypatch.setattr(run_dir, "train_state", lambda run: {})
+    monkeypatch.setattr(run_dir, "save_checkpoint", lambda folder, emb, cfg, state=None, extra=None: saved.append(
+        (folder.name, extra["val"]["step"] if extra else None)))
+    cfg = train.TrainConfig(eval_batch_size=2, max_eval_queries=4)
+    run = train.Run(cfg=cfg, di=plumbing.DistInfo(), out=tmp_path, ufire=None, val_subsets=[],
+                    embedder=torch.nn.Linear(1, 1), model=None, params=[], view=None, optimizer=None,
+                    scheduler=None, task_sampler=None, plan=None, t_start=0.0)
+    bests = []
+    while len(logged) == run.step:  # a validation per step until `results` runs out
+        run.step += 1
+        try:
+            train.validate_and_save(run)
+        except StopIteration:
+            break
+        bests.append(dict(run.best))
+    return bests, logged, saved
+
+
+def _val_result(*rows):
+    """An EvalResult of (name, Recall@1, Recall@10) rows ("ood/..." rows are out-of-distribution)."""
+    import evaluate
+
+    return evaluate.EvalResult(rows=[evaluate.EvalRow(n, n.split("/")[0], 10, 4, 0, {1: r1, 10: r10}, None)
+                                     for n, r1, r10 in rows], ks=(1, 10))
+
+
+def test_equal_validation_scores_keep_the_first_as_best(monkeypatch, tmp_path):
+    """Model selection is the sum of val Recall@1 over sub-datasets (the authors' rule); only a strictly
+    higher sum replaces best/, so of equal sums the FIRST stays (the earlier, less trained checkpoint).
+    Two sub-datasets per validation; binary fractions make every sum exact: 0.75, 0.75 (the same sum
+    from other rows), 1.0 (better), 1.0, 0.5."""
+    r1 = [(0.5, 0.25), (0.25, 0.5), (0.5, 0.5), (0.75, 0.25), (0.25, 0.25)]
+    bests, logged, saved = _validate_in_turn(monkeypatch, tmp_path,
+                                             [_val_result(("t2i/a", a, a), ("t2i/b", b, b)) for a, b in r1])
+    assert logged == [0.75, 0.75, 1.0, 1.0, 0.5]
+    assert bests == [{"step": 1, "score": 0.75}, {"step": 1, "score": 0.75}, {"step": 3, "score": 1.0},
+                     {"step": 3, "score": 1.0}, {"step": 3, "score": 1.0}]
+    assert [s for s in saved if s[0] == "best"] == [("best", 1), ("best", 3)]
+    assert [s for s in saved if s[0] == "last"] == [("last", None)] * 5
+
+
+def test_best_is_chosen_by_the_sum_of_val_recall_at_1_without_ood(monkeypatch, tmp_path):
+    """best/ is kept by the sum of val Recall@1 (evaluate.py's model selection), not Recall@10 and not
+    with an OOD row. The first validation is better at R@1 (0.5 + 0.25 = 0.75 > 0.5 + 0.125), the
+    second at R@10 and on the OOD row, so best/ must stay at the first."""
+    first = _val_result(("cir/A", 0.5, 0.5), ("t2i/B", 0.25, 0.5), ("ood/C", 0.0, 0.0))
+    second = _val_result(("cir/A", 0.5, 1.0), ("t2i/B", 0.125, 1.0), ("ood/C", 1.0, 1.0))
+    bests, logged, saved = _validate_in_turn(monkeypatch, tmp_path, [first, second])
+    assert logged == [0.75, 0.625]
+    assert bests[-1] == {"step": 1, "score": 0.75} and saved == [("best", 1), ("last", None), ("last", None)]

@@ -555,3 +555,44 @@ def test_paper_recipe_run_uses_the_authors_training_values(flag_runs):
     want_p = dict(zip(sizes, sampler.renorm_floor([math.exp(v) / z for v in logits], 0.02)))
     assert all(s["probabilities"] == pytest.approx(want_p, rel=1e-12) for s in steps)
     assert steps[-1]["difficulties"] != steps[0]["difficulties"]  # the reports went on; p did not follow
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 30, row 6: GGAS reads the gradient BEFORE clipping
+# ------------------------------------------------------------------------------------------------
+
+def test_ggas_difficulty_is_the_token_gradient_before_clipping(tiny_root, tmp_path, monkeypatch):
+    """GGAS' difficulty of a sub-dataset is ||dL/d(summary tokens)|| of the step (sampler.py). Read
+    after clip_gradients it would be the clipped norm, <= grad_clip: with clipping on (the tiny-cpu
+    recipe clips at 1.0) every sub-dataset would then report about the same small number and GGAS
+    would sample by size alone. One real step of the tiny model, with a clip (1e-3) far below the
+    gradient's norm, so that clipping certainly shrinks the token gradient."""
+    import train
+    from support import run_dir
+
+    cfg = train.TrainConfig(data=str(tiny_root), out=str(tmp_path / "run"), tasks="t2i", steps=2, batch_size=8,
+                            chunk_size=0, grad_clip=1e-3, max_eval_queries=2, final_test=False, device="cpu",
+                            loader="off", two_cores="off")
+    seen = {}
+    real_clip = train.clip_gradients
+
+    def clip_gradients(params, max_norm):
+        # ||dL/d(tokens)|| = sqrt(sum_p ||grad_p||^2) over the two summary tokens, written out here
+        norm = lambda: math.sqrt(sum(float(p.grad.double().norm()) ** 2  # noqa: E731
+                                     for p in run.embedder.token_parameters() if p.grad is not None))
+        seen["before"] = norm()
+        out = real_clip(params, max_norm)
+        seen["after"] = norm()
+        return out
+
+    with run_dir.one_writer():  # setup locks the run folder; let it go at the end (as train.train does)
+        run = train.setup(cfg, None)
+        try:
+            monkeypatch.setattr(train, "clip_gradients", clip_gradients)
+            monkeypatch.setattr(run.task_sampler, "update", lambda subset, g: seen.update(reported=(subset, g)))
+            _, subset = train.train_step(run)
+        finally:
+            run.loader.close()
+    assert seen["after"] <= 1e-3 * (1 + 1e-6) < seen["before"] / 10  # clipping did shrink the token gradient
+    assert seen["reported"][0] == subset
+    assert seen["reported"][1] == pytest.approx(seen["before"], rel=1e-6)  # GGAS got the unclipped norm
