@@ -264,10 +264,13 @@ class TaskBatchSampler:
 
     # ------------------------------------------------------------------ probabilities
     def steps_per_epoch(self) -> int:
-        """Batches in one pass over every sub-dataset: sum_k ceil(N_k / b_k) (floor if drop_last)."""
+        """Batches in one pass over every sub-dataset: sum_k floor(N_k / b_k), plus, without drop_last,
+        one for each tail that can be shared by the W ranks ((N_k mod b_k) >= W; _take skips a smaller
+        one). With one rank that is sum_k ceil(N_k / b_k)."""
+        full = sum(n // b for n, b in zip(self.sizes, self.batch_sizes))  # whole batches
         if self.drop_last:
-            return sum(n // b for n, b in zip(self.sizes, self.batch_sizes))
-        return sum(math.ceil(n / b) for n, b in zip(self.sizes, self.batch_sizes))
+            return full
+        return full + sum(n % b >= self.world_size for n, b in zip(self.sizes, self.batch_sizes))  # + tails
 
     def in_warmup(self, step: Optional[int] = None) -> bool:
         return (self.step if step is None else step) < self.warmup_steps
