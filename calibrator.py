@@ -55,6 +55,15 @@ Numerical safety of slerp (see `slerp`):
   the same constant angular speed, and at lambda = 1 it lands within 2*eps of q_hat.
 At init the proposal equals q to ~1e-12, so training starts on the small-angle branch.
 
+The authors' edge (`slerp_edge="authors"`, what the `paper` recipe uses; `slerp_authors`): their
+slerp (code/model.py 30-55) clamps cos(omega) to +-0.9995 and divides by sin(omega) + 1e-8, with no
+final normalisation:
+    c = clamp(q . q_hat, -0.9995, 0.9995),  w = arccos(c)
+    out = sin((1-lambda) w)/(sin w + 1e-8) q + sin(lambda w)/(sin w + 1e-8) q_hat
+Below the clamp angle arccos(0.9995) = 1.81 deg (every proposal at initialisation) w is too large,
+so |out| != 1 (1 + 2.2e-5 at init) and lambda's gradient differs from exact slerp's (it even has
+the other sign at init: docs/FIDELITY.md, "slerp near q and near -q").  Exact slerp is the default.
+
 Parameter cost (computed with `count_parameters`, rank r = 32, hidden = 512):
     D = 2560 (Qwen-VL 3/4B class): Linear D->512 = 1,311,232;  LayerNorm = 1,024;
         Linear 512 -> 2Dr+1 = 163,841 outputs = 84,050,433  (the output layer alone, ~84 M);
@@ -164,6 +173,36 @@ def slerp(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, float],
     return F.normalize(out, dim=-1)  # (..., D)
 
 
+# The authors' clamp on cos(omega) and their guard on the division (code/model.py 36 and 43-44).
+AUTHORS_COS_CLAMP, AUTHORS_SIN_GUARD = 0.9995, 1e-8
+SLERP_EDGES = ("exact", "authors")
+
+
+def slerp_authors(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, float]) -> torch.Tensor:
+    """The authors' slerp (code/model.py 30-55), for the `paper` recipe: cos(omega) clamped to
+    +-0.9995 and sin(omega) + 1e-8 in the denominators, the output not renormalised.
+
+        c = clamp(q . p, -0.9995, 0.9995),  w = arccos(c)
+        out = sin((1-lam) w) / (sin w + 1e-8) * q + sin(lam w) / (sin w + 1e-8) * p
+
+    Their normalised-lerp branch (where sin w < 1e-6) is left out: after the clamp sin w >= 0.0316,
+    so it never runs.  q and p must already be unit vectors, as theirs are: they are not normalised
+    again, since near q the result (and lambda's gradient) depends on their last bits.  Computed in
+    at least float32, like `slerp`.  Returns (..., D), of norm 1 only above the clamp angle (1.81 deg).
+    """
+    work = torch.promote_types(torch.promote_types(q.dtype, p.dtype), torch.float32)
+    q, p = q.to(work), p.to(work)  # (..., D) each, unit already (the calibrator's q and q_hat)
+    lam = torch.as_tensor(lam, dtype=work, device=q.device)
+    if lam.dim() == q.dim() - 1 and lam.dim() > 0:
+        lam = lam.unsqueeze(-1)  # (..., 1) so it broadcasts over D
+    cos_w = (q * p).sum(-1, keepdim=True).clamp(-AUTHORS_COS_CLAMP, AUTHORS_COS_CLAMP)  # (..., 1) clamped cos
+    omega = torch.acos(cos_w)  # (..., 1) at least arccos(0.9995) = 0.0316 rad
+    denom = torch.sin(omega) + AUTHORS_SIN_GUARD  # (..., 1) sin(omega) + 1e-8
+    coef_q = torch.sin((1.0 - lam) * omega) / denom  # (..., 1)
+    coef_p = torch.sin(lam * omega) / denom  # (..., 1)
+    return coef_q * q + coef_p * p  # (..., D) no renormalisation, as theirs
+
+
 def lerp_normalized(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, float]) -> torch.Tensor:
     """normalize((1-lam) q + lam p): the 'linear' ablation.  Same end points as slerp, but the
     angle from q is not proportional to lam, and the chord passes near 0 when p ~ -q (we guard
@@ -190,10 +229,13 @@ class CalibratorConfig:
     init_logit: float = -3.0  # lambda bias at init: sigmoid(-3) = 0.047, so training starts near identity
     init_std: float = 1e-6  # std of the output layer's weights: A, B ~ 0 so q_hat = q at init
     eps: Optional[float] = None  # slerp's threshold on sin(omega); None = sqrt(machine eps) of the dtype
+    slerp_edge: str = "exact"  # "exact" (slerp, |q'| = 1 everywhere) | "authors" (slerp_authors: cos clamped at 0.9995)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"CalibratorConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.slerp_edge not in SLERP_EDGES:
+            raise ValueError(f"CalibratorConfig.slerp_edge must be one of {SLERP_EDGES}, got {self.slerp_edge!r}")
         if self.dim <= 0 or self.rank <= 0 or self.hidden <= 0:
             raise ValueError(f"CalibratorConfig: dim, rank, hidden must be positive, got "
                              f"dim={self.dim} rank={self.rank} hidden={self.hidden}")
@@ -232,11 +274,12 @@ class SphericalQueryCalibrator(nn.Module):
 
     def __init__(self, dim: int, rank: int = 32, hidden: int = 512, mode: str = "slerp",
                  fro_weight: float = 1e-4, orth_weight: float = 1e-2, init_logit: float = -3.0,
-                 init_std: float = 1e-6, eps: Optional[float] = None):
+                 init_std: float = 1e-6, eps: Optional[float] = None, slerp_edge: str = "exact"):
         super().__init__()
         self.config = CalibratorConfig(dim=dim, rank=rank, hidden=hidden, mode=mode,
                                        fro_weight=fro_weight, orth_weight=orth_weight,
-                                       init_logit=init_logit, init_std=init_std, eps=eps)
+                                       init_logit=init_logit, init_std=init_std, eps=eps,
+                                       slerp_edge=slerp_edge)
         self.dim, self.rank, self.hidden, self.mode = dim, rank, hidden, mode
         if mode == "off":
             # The ablation without calibration: no parameters, so DDP has none left unused and a
@@ -268,7 +311,8 @@ class SphericalQueryCalibrator(nn.Module):
             last.bias[-1] = self.config.init_logit  # the lambda logit is the last output
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, rank={self.rank}, hidden={self.hidden}, mode={self.mode!r}"
+        edge = "" if self.config.slerp_edge == "exact" else f", slerp_edge={self.config.slerp_edge!r}"
+        return f"dim={self.dim}, rank={self.rank}, hidden={self.hidden}, mode={self.mode!r}{edge}"
 
     def forward(self, h: torch.Tensor) -> CalibratorOutput:
         if h.dim() != 2 or h.shape[-1] != self.dim:
@@ -299,7 +343,9 @@ class SphericalQueryCalibrator(nn.Module):
         q_hat = F.normalize(q + delta, dim=-1)  # (B, D) proposal q_hat = normalize(q + qAB)
         lam = torch.sigmoid(logit)  # (B,) strength lambda = sigmoid(l)
 
-        if self.mode == "slerp":
+        if self.mode == "slerp" and self.config.slerp_edge == "authors":
+            query = slerp_authors(q, q_hat, lam)  # (B, D) their clamped slerp (not quite unit near q)
+        elif self.mode == "slerp":
             query = slerp(q, q_hat, lam, eps=self.config.eps)  # (B, D) slerp(q, q_hat; lambda)
         else:
             query = lerp_normalized(q, q_hat, lam)  # (B, D) normalize((1-l) q + l q_hat)

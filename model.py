@@ -33,7 +33,8 @@ most easily damaged); the random tiny one trains (train_vision="auto") at a 10x 
 (train.py's vision_lr_scale), or it soon keeps only colour and forgets the garment's shape.
 
 Collation (support/qwen.py) turns a prompt into token ids with one pad per visual token, the images'
-and video's pixel patches, and mRoPE positions from the backbone's own get_rope_index. Rows are
+and video's pixel patches, and positions (EmbedderConfig.positions: mRoPE from the backbone's own
+get_rope_index, or the plain sequence the authors' call computes on Qwen3-VL). Rows are
 right-padded, attention is causal and the summary token is each row's last real token, so padding never
 reaches h. Backbones: a local Qwen2/2.5/3-VL (paper: Qwen3-VL-4B-Instruct) or the offline "tiny" one.
 
@@ -105,6 +106,8 @@ class EmbedderConfig:
     calibrator: str = knob("slerp", "slerp | linear | off")  # PGSQC mode: paper | ablation | identity
     calibrator_rank: int = knob(32, ">= 1")                  # rank r of the per-query low-rank map (paper: 32)
     calibrator_hidden: int = knob(512, ">= 1")               # hyper-network width (paper: 512)
+    slerp_edge: Optional[str] = knob(None, "exact | authors")  # PGSQC near q: exact slerp | the authors' clamped one
+    positions: Optional[str] = knob(None, "authors | mrope | sequential")  # token positions; authors = as their call
     dtype: str = knob("auto", "any")          # auto: float32 on CPU, bfloat16 on GPU; or a torch dtype name
     attn_implementation: str = knob("sdpa", "any")  # torch's fused attention; "eager" for debugging
     device: str = knob("auto", "any")         # auto: cuda if available else cpu
@@ -356,7 +359,7 @@ class FashionLensEmbedder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 2)
             return SphericalQueryCalibrator(self.dim, rank=cfg.calibrator_rank, hidden=cfg.calibrator_hidden,
-                                            mode=cfg.calibrator)
+                                            mode=cfg.calibrator, slerp_edge=cfg.slerp_edge)
 
     def _base(self):
         """The Qwen-VL base model (with LoRA layers injected in place)."""

@@ -19,11 +19,12 @@ per-GPU batch, train.py --batch_size):
   * target: a 640x480 photo through the backbone's processor at the recipe's pixel budget (the
     aspect ratio kept: 288 x 192 px -> 18 x 12 = 216 patches of 16 px -> 54 visual tokens after
     the 2 x 2 merge; the run reports both from what the processor made);
-  * query kind "t2i": a text of --text-tokens words (FashionGen-like descriptions; the authors'
-    chunk for t2i/FashionGen is 8), or "cir": one 640x480 photo plus a modification text of
-    --mod-tokens words (FashionIQ; the authors' chunk 32). The words are drawn from the written
-    tokenizer's one-token words, so a text of n words is n tokens, as common English words are
-    in Qwen's own 151k vocabulary (the written tokenizer is a small BPE, hub_layout.build_tokenizer).
+  * query kind "t2i": a text only (the authors' chunk for t2i/FashionGen is 8), or "cir": one 640x480
+    photo plus a text (FashionIQ; the authors' chunk 32). Each text is as long, in Qwen's own tokens,
+    as the median real U-FIRE instruction (benchmarks/prompt_lengths.json: 15 tokens, the 1,000 real
+    instructions of the OOD compatible-item task; --text-tokens / --mod-tokens override): words drawn
+    from Qwen's one-token words (the checkpoint carries Qwen's real tokenizer, hub_layout.build_tokenizer),
+    so a text of n words is n tokens. The real FashionGen / FashionIQ texts are not available here.
 One step = what train.train_step does with a batch: reseed, train.gradcache_step (the paper's
 positives="single" and per-chunk regulariser), the gradient norm (no clipping in `paper`), AdamW
 (train.build_optimizer) and zero_grad. The batch's tensors are collated before the clock starts,
@@ -73,10 +74,22 @@ Run it
     python benchmarks/paper_scale.py --size 4b --device cuda --backbone-dir /data/q3vl4b-random
         # keep the ~9 GB random checkpoint, reused by the next run with the same --size and --seed
 
---size 4b is for a GPU: the bfloat16 weights alone take ~8.9 GB of its memory (the run prints each
-configuration's peak), and writing the checkpoint needs ~18 GB of host memory for a moment
-(write_checkpoint builds the model in float32 before casting it). Most of a run's wall time goes to
-writing and loading that checkpoint; --backbone-dir keeps it for the next run.
+--size 4b on a GPU: the bfloat16 weights take ~8.9 GB of its memory (the run prints each
+configuration's peak); writing the checkpoint needs ~9 GB of host memory (drawn in bfloat16 directly).
+Most of a GPU run's wall time goes to writing and loading that checkpoint; --backbone-dir keeps it.
+
+--size 4b on a CPU (bfloat16, all 36 layers; fits 24 GiB): the full shape's trainable parameters
+(counted by group and derived from the config), one real GradCache step per chunk size and one gallery
+encode, each chunk size in its own process, with the memory the step adds on top of the loaded model:
+
+    python benchmarks/paper_scale.py --size 4b --device cpu --kinds cir --chunks 1,2,4,8 --two-chunks \
+        --warmup 0 --steps 1 --encode-images 4 --encode-batch 4 --isolate --time-box 1200 \
+        --backbone-dir /data/q3vl4b-random --out benchmarks/paper_scale_4b_cpu.json
+
+--two-chunks makes each batch its chunk + 1 pairs (a full chunk and a remainder of one: GradCache's
+no-grad pass, then a pass with gradients per chunk), because a CPU without bfloat16 matrix units does
+~20 GFLOP/s and one pair costs ~4 TFLOP at this shape. --isolate also projects, from the measured
+chunk sizes, the GPU memory of batch 64 under the authors' chunk table (project_memory).
 """
 from __future__ import annotations
 
@@ -107,6 +120,19 @@ PHOTO_SIZE = (640, 480)  # (width, height) of every synthetic photo: the issue's
 QUERY_KINDS = ("t2i", "cir")  # text only | one photo + a modification text
 AUTHORS_CHUNK = {"t2i": "t2i/FashionGen", "cir": "cir/FashionIQ-Dress"}  # the sub-dataset each kind imitates
 MARKER = "paper_scale_backbone.json"  # written into --backbone-dir once its checkpoint is complete
+# Real prompt lengths (benchmarks/prompt_lengths.py): the query texts are built to the real median.
+PROMPT_LENGTHS = REPO / "benchmarks" / "prompt_lengths.json"
+
+
+def real_text_tokens() -> dict:
+    """Median and max Qwen tokens of the real U-FIRE instructions (benchmarks/prompt_lengths.json)."""
+    try:
+        real = json.loads(PROMPT_LENGTHS.read_text(encoding="utf-8"))["qwen"]["real"]["instruction_text"]
+        return {"median": int(round(real["median"])), "max": int(real["max"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlagError(f"{PROMPT_LENGTHS}: cannot read the real prompt lengths ({e}); run "
+                        f"`python benchmarks/prompt_lengths.py --out {PROMPT_LENGTHS.relative_to(REPO)}` "
+                        f"or give --text-tokens and --mod-tokens") from None
 
 
 @dataclass
@@ -118,8 +144,8 @@ class BenchConfig:
     batch: int = 64  # pairs per step: the authors' per-GPU batch (train.py --batch_size 64)
     chunks: tuple = (8, 32)  # GradCache chunk sizes timed: the authors' t2i/FashionGen (8) and FashionIQ (32)
     kinds: tuple = QUERY_KINDS  # query kinds timed at every chunk size
-    text_tokens: int = 40  # words of a t2i query text (one token each)
-    mod_tokens: int = 12  # words of a cir modification text
+    text_tokens: int = 0  # tokens of a t2i query text (0: the real median, benchmarks/prompt_lengths.json)
+    mod_tokens: int = 0  # tokens of a cir instruction (0: the real median, benchmarks/prompt_lengths.json)
     warmup: int = 1  # untimed steps per configuration (allocator, kernels, AdamW's state)
     steps: int = 3  # timed steps per configuration; the median is reported
     encode_images: int = 256  # photos for the encode throughput (0 = skip)
@@ -127,6 +153,10 @@ class BenchConfig:
     seed: int = 0  # random weights, photos and words
     peak_tflops: Optional[float] = None  # None: 989 (H200 bf16 dense) on CUDA, no MFU on a CPU
     backbone_dir: str = ""  # where the random hub-layout checkpoint goes ("" = a temporary folder)
+    dtype: str = "auto"  # the backbone's weights: auto = bfloat16 on a GPU, float32 on a CPU; or bfloat16 | float32
+    two_chunks: bool = False  # each configuration's batch = its chunk + 1: the smallest real GradCache step
+    isolate: bool = False  # each chunk size in its own process (a clean memory peak; an OOM ends only that one)
+    time_box: int = 0  # seconds allowed to each isolated process (0 = no limit)
 
 
 # =================================================================================================
@@ -197,12 +227,13 @@ def photos(n: int, seed: int) -> list:
 
 
 def one_token_words(tokenizer) -> list:
-    """Alphabetic words of 3+ letters that the tokenizer writes as one token after a space, sorted."""
+    """Alphabetic words of 3+ letters that the tokenizer writes as one token, after a space or not; sorted."""
     words = []
     for piece in tokenizer.get_vocab():
         word = piece[1:] if piece.startswith("Ġ") else ""  # byte-level BPE writes a leading space as Ġ
         if len(word) >= 3 and word.isascii() and word.isalpha():
-            if len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1:
+            # one token after a space and at the start of a text (a text's first word has no space)
+            if all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in (" " + word, word)):
                 words.append(word)
     if len(words) < 20:
         raise ValueError(f"the tokenizer has only {len(words)} one-token words; cannot build the texts")
@@ -218,11 +249,14 @@ def make_batch(embedder, kind: str, batch: int, cfg: BenchConfig, step_seed: int
     words = one_token_words(embedder.tokenizer)
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731  (n one-token words)
     targets = photos(batch, cfg.seed + 1)
+    lengths = real_text_tokens() if not (cfg.text_tokens and cfg.mod_tokens) else {}
     if kind == "t2i":
-        queries = [data.Query(instruction=text(cfg.text_tokens)) for _ in range(batch)]
+        n = cfg.text_tokens or lengths["median"]  # the real instructions' median, unless given
+        queries = [data.Query(instruction=text(n)) for _ in range(batch)]
     elif kind == "cir":
         refs = photos(batch, cfg.seed + 2)
-        queries = [data.Query(instruction=text(cfg.mod_tokens), images=[im]) for im in refs]
+        n = cfg.mod_tokens or lengths["median"]
+        queries = [data.Query(instruction=text(n), images=[im]) for im in refs]
     else:
         raise ValueError(f"unknown query kind {kind!r}; expected one of {QUERY_KINDS}")
     keys = [f"synthetic/{kind}/{i}.jpg" for i in range(batch)]  # distinct targets
@@ -246,35 +280,51 @@ def batch_shape(batch) -> dict:
 
 def build(cfg: BenchConfig):
     """(embedder, train config, model config, checkpoint folder, whether the folder is temporary)."""
-    import torch
-
     from support import hub_layout
     import train
 
     qcfg = hub_layout.qwen_config("qwen3_vl", cfg.size)
     temporary = not cfg.backbone_dir
     folder = Path(cfg.backbone_dir or tempfile.mkdtemp(prefix="paper_scale_"))
-    want = {"size": cfg.size, "seed": cfg.seed, "arch": "qwen3_vl"}
     try:
-        if _marker(folder) != want:  # no complete checkpoint of this size and seed there yet
-            if folder.is_dir() and any(folder.iterdir()) and not temporary:
-                raise FlagError(f"--backbone-dir {folder}: not empty and not a checkpoint this benchmark wrote "
-                                f"for --size {cfg.size} --seed {cfg.seed}; give an empty or new folder")
-            dtype = torch.bfloat16 if cfg.size == "4b" else torch.float32  # the hub ships the 4B in bfloat16
-            t0 = time.perf_counter()
-            hub_layout.write_checkpoint(folder, qcfg, dtype=dtype, seed=cfg.seed)
-            (folder / MARKER).write_text(json.dumps(want))  # last: a half-written folder has no marker
-            print(f"wrote the random {cfg.size} checkpoint to {folder} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+        ensure_checkpoint(cfg, folder, qcfg, temporary)  # written once; reused with the same --size / --seed
         tcfg = train.TrainConfig(backbone=str(folder), recipe="paper", batch_size=cfg.batch, device=cfg.device,
                                  seed=cfg.seed).resolved()
-        embedder = train.build_embedder(tcfg, cfg.device)
+        if cfg.dtype == "auto":
+            embedder = train.build_embedder(tcfg, cfg.device)
+        else:  # train.build_embedder's embedder with the weights in an explicit dtype (bfloat16 on a CPU)
+            from model import EmbedderConfig, FashionLensEmbedder
+
+            embedder = FashionLensEmbedder(EmbedderConfig(backbone=tcfg.backbone, seed=tcfg.seed,
+                                                          calibrator=tcfg.calibrator, device=cfg.device,
+                                                          dtype=cfg.dtype, **tcfg.embedder_fields()))
     except BaseException:
         if temporary:  # a failed build must not leave ~9 GB behind in the temporary folder
             shutil.rmtree(folder, ignore_errors=True)
         raise
     embedder.train()  # LoRA dropout on, as in training
     return embedder, tcfg, qcfg, folder, temporary
+
+
+def ensure_checkpoint(cfg: BenchConfig, folder: Path, qcfg, temporary: bool) -> None:
+    """Write the random hub-layout checkpoint of --size / --seed into `folder`, unless a complete one is there."""
+    import torch
+
+    from support import hub_layout
+
+    want = {"size": cfg.size, "seed": cfg.seed, "arch": "qwen3_vl"}
+    if _marker(folder) == want:
+        return
+    if folder.is_dir() and any(folder.iterdir()) and not temporary:
+        raise FlagError(f"--backbone-dir {folder}: not empty and not a checkpoint this benchmark wrote "
+                        f"for --size {cfg.size} --seed {cfg.seed}; give an empty or new folder")
+    dtype = torch.bfloat16 if cfg.size == "4b" else torch.float32  # the hub ships the 4B in bfloat16
+    # The random 4B is drawn in bfloat16 directly (hub_layout.write_checkpoint): ~9 GB of host memory.
+    t0 = time.perf_counter()
+    hub_layout.write_checkpoint(folder, qcfg or hub_layout.qwen_config("qwen3_vl", cfg.size), dtype=dtype,
+                                seed=cfg.seed)
+    (folder / MARKER).write_text(json.dumps(want))  # last: a half-written folder has no marker
+    print(f"wrote the random {cfg.size} checkpoint to {folder} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def _marker(folder: Path) -> Optional[dict]:
@@ -311,14 +361,43 @@ def train_once(embedder, optimizer, params, batch, chunk: int, tcfg, step: int) 
     return out.loss
 
 
-def peak_memory(device: str) -> dict:
-    """The memory figure of the device: CUDA peak allocated since the last reset, or the process's RSS peak."""
+def _proc_status(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_cpu_peak() -> bool:
+    """Reset the process's resident-set peak (VmHWM) to its current size (Linux: write 5 to
+    /proc/self/clear_refs), so the next peak is the step's, not the model build's. False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: str, baseline: Optional[int] = None) -> dict:
+    """The memory figure of the device: CUDA peak allocated since the last reset; on a CPU the resident-set
+    peak since reset_cpu_peak (VmHWM) and, with `baseline` (the RSS before the steps), the step's own share."""
     import torch
 
     if device.startswith("cuda"):
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda max_memory_allocated"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"peak_memory_bytes": int(rss), "memory_kind": "process peak RSS (model build included)"}
+    hwm = _proc_status("VmHWM")
+    if hwm is None:  # no /proc: the lifetime peak, model build included
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return {"peak_memory_bytes": int(rss), "memory_kind": "process peak RSS (model build included)"}
+    row = {"peak_memory_bytes": hwm, "memory_kind": "process resident-set peak during the steps (VmHWM)"}
+    if baseline is not None:
+        row["rss_before_steps_bytes"] = baseline
+        row["step_memory_bytes"] = hwm - baseline  # activations, gradients, AdamW state, cached reps
+    return row
 
 
 def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg: BenchConfig, peak: Optional[float]):
@@ -328,14 +407,18 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     import train
     from support.plumbing import DistInfo
 
-    batch = make_batch(embedder, kind, cfg.batch, cfg)
+    b = chunk + 1 if cfg.two_chunks else cfg.batch  # --two-chunks: one full chunk + a remainder of one pair
+    batch = make_batch(embedder, kind, b, cfg)
     shape = batch_shape(batch)
     plan = train.Plan(total=cfg.warmup + cfg.steps, steps_per_epoch=cfg.warmup + cfg.steps, ggas_warmup=0,
-                      lr_warmup=0, per_rank=cfg.batch)
+                      lr_warmup=0, per_rank=b)
     _, params, optimizer, _ = train.build_optimizer(embedder, tcfg, plan, DistInfo())  # one process
+    baseline = None
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    elif reset_cpu_peak():
+        baseline = _proc_status("VmRSS")
     times, losses = [], []
     for step in range(cfg.warmup + cfg.steps):
         sync(cfg.device)
@@ -344,20 +427,46 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
         sync(cfg.device)
         if step >= cfg.warmup:
             times.append(time.perf_counter() - t0)
-    n_chunks = -(-cfg.batch // chunk)  # ceil(b / chunk)
+    n_chunks = -(-b // chunk)  # ceil(b / chunk)
     fl = step_flops(counts, shape["lengths"], shape["patches"], n_chunks)
     sec = statistics.median(times)
     visual = [n // counts.merge ** 2 for n in shape["patches"]]  # visual tokens per image
     row = {"kind": kind, "chunk": chunk, "chunks_per_step": n_chunks, "authors_chunk_of_kind":
-           _authors_chunk(kind), "batch": cfg.batch, "step_seconds": times, "step_seconds_median": sec,
+           _authors_chunk(kind), "batch": b, "step_seconds": times, "step_seconds_median": sec,
            "tokens_per_step": int(sum(shape["lengths"])), "images_per_step": len(shape["patches"]),
            "visual_tokens_per_step": int(sum(visual)),
            "patches_per_photo": shape["patches"][-1], "visual_tokens_per_photo": visual[-1],  # a target photo
            "flops_per_step": fl, "achieved_tflops": fl["total"] / sec / 1e12, "losses": losses}
     row["mfu"] = row["achieved_tflops"] / peak if peak else None
-    row.update(peak_memory(cfg.device))
+    row.update(peak_memory(cfg.device, baseline))
     del optimizer, params
     return row
+
+
+def trainable_groups(embedder, qcfg) -> dict:
+    """Trainable parameters by group, counted on the built embedder and derived from the config alone:
+    LoRA r (in + out) per adapted projection (FlopCounts.p_lora), the calibrator's hyper-network
+    D -> H (+ LayerNorm) -> 2 D r + 1 (calibrator.py), the two summary tokens 2 D; they must agree."""
+    named = [(n, p) for n, p in embedder.named_parameters() if p.requires_grad]
+    got = {"lora": sum(p.numel() for n, p in named if "lora_" in n),
+           "calibrator": sum(p.numel() for n, p in named if n.startswith("calibrator.")),
+           "summary_tokens": sum(p.numel() for n, p in named if n in ("query_token", "target_token")),
+           "vision": sum(p.numel() for p in embedder.vision_parameters())}
+    got["other"] = sum(p.numel() for _, p in named) - sum(got.values())  # must be 0
+    c = embedder.config
+    d, h, r = int(qcfg.text_config.hidden_size), c.calibrator_hidden, c.calibrator_rank
+    calib = 0 if c.calibrator == "off" else d * h + h + 2 * h + h * (2 * d * r + 1) + (2 * d * r + 1)
+    derived = {"lora": flop_counts(qcfg, c.lora_r).p_lora, "calibrator": calib, "summary_tokens": 2 * d,
+               "vision": 0, "other": 0}
+    return {"counted": got, "derived_from_config": derived, "agree": got == derived,
+            "total": sum(p.numel() for _, p in named)}
+
+
+def param_bytes(embedder) -> dict:
+    """Bytes of every weight and of the trainable ones (their dtype as built: bf16 base, fp32 tokens)."""
+    ps = list(embedder.parameters())
+    return {"all": sum(p.numel() * p.element_size() for p in ps),
+            "trainable": sum(p.numel() * p.element_size() for p in ps if p.requires_grad)}
 
 
 def _authors_chunk(kind: str) -> int:
@@ -394,7 +503,8 @@ def run(cfg: BenchConfig, embedder=None, tcfg=None, qcfg=None) -> dict:
         counts = flop_counts(qcfg, embedder.config.lora_r)
         peak = cfg.peak_tflops if cfg.peak_tflops else (H200_BF16_DENSE_TFLOPS if cfg.device.startswith("cuda") else None)
         res = {"header": header(cfg, embedder), "flop_counts": dataclasses.asdict(counts),
-               "peak_tflops": peak, "params": embedder.param_counts(), "rows": []}
+               "peak_tflops": peak, "params": embedder.param_counts(), "rows": [],
+               "trainable": trainable_groups(embedder, qcfg), "param_bytes": param_bytes(embedder)}
         res["weights_memory_bytes"] = int(torch.cuda.memory_allocated()) if cfg.device.startswith("cuda") else None
         for kind in cfg.kinds:
             for chunk in cfg.chunks:
@@ -473,6 +583,133 @@ def cpu_banner(device: str) -> str:
 
 
 # =================================================================================================
+# Each chunk size in its own process, and the GPU memory they imply at the authors' batch
+# =================================================================================================
+
+def child_argv(cfg: BenchConfig, chunk: int, out: str, encode: bool) -> list:
+    """The command line of one isolated configuration: this script, one chunk size, its own --out."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--size", cfg.size, "--device", cfg.device,
+            "--dtype", cfg.dtype, "--kinds", ",".join(cfg.kinds), "--chunks", str(chunk),
+            "--batch", str(cfg.batch), "--warmup", str(cfg.warmup), "--steps", str(cfg.steps),
+            "--seed", str(cfg.seed), "--backbone-dir", cfg.backbone_dir, "--out", out,
+            "--encode-images", str(cfg.encode_images if encode else 0), "--encode-batch", str(cfg.encode_batch)]
+    if cfg.text_tokens:
+        argv += ["--text-tokens", str(cfg.text_tokens)]
+    if cfg.mod_tokens:
+        argv += ["--mod-tokens", str(cfg.mod_tokens)]
+    if cfg.peak_tflops:
+        argv += ["--peak-tflops", str(cfg.peak_tflops)]
+    return argv + (["--two-chunks"] if cfg.two_chunks else [])
+
+
+def run_isolated(cfg: BenchConfig) -> dict:
+    """Every chunk size of cfg.chunks in a process of its own (the gallery encode in the first one), each
+    within cfg.time_box seconds; a process killed for memory, failing or timing out is recorded as such
+    and the next chunk size still runs. The checkpoint is written once, before the first process."""
+    import subprocess
+
+    import multiprocessing
+
+    # Written by a process of its own too: a parent that built the 4B would keep its ~9 GB (freed memory is
+    # not always returned to the system) while each child loads another copy.
+    writer = multiprocessing.get_context("spawn").Process(target=ensure_checkpoint,
+                                                          args=(cfg, Path(cfg.backbone_dir), None, False))
+    writer.start()
+    writer.join()
+    if writer.exitcode != 0:
+        raise RuntimeError(f"writing the random {cfg.size} checkpoint into {cfg.backbone_dir} failed "
+                           f"(exit {writer.exitcode}; its error is printed above)")
+    res, outcomes = None, []
+    with tempfile.TemporaryDirectory(prefix="paper_scale_iso_") as tmp:
+        for i, chunk in enumerate(cfg.chunks):
+            out = str(Path(tmp) / f"chunk{chunk}.json")
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(child_argv(cfg, chunk, out, encode=(i == 0)), capture_output=True,
+                                      text=True, timeout=cfg.time_box or None)
+                rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+            except subprocess.TimeoutExpired as e:
+                rc, tail = None, f"timed out after {cfg.time_box} s: {str(e.stdout or '')[-500:]}"
+            seconds = time.perf_counter() - t0
+            if rc == 0:
+                got = json.loads(Path(out).read_text())
+                res = res or {k: v for k, v in got.items() if k != "rows"} | {"rows": []}
+                res["rows"] += got["rows"]
+                if got.get("encode"):
+                    res["encode"] = got["encode"]
+                status = "ok"
+            elif rc is None:
+                status = "timed out"
+            elif rc in (-9, 137) or "MemoryError" in tail or "out of memory" in tail.lower():
+                status = "out of memory"  # the kernel's OOM killer sends SIGKILL
+            else:
+                status = f"failed (exit {rc})"
+            outcomes.append({"chunk": chunk, "status": status, "seconds": seconds,
+                             "log_tail": None if rc == 0 else tail})
+            print(f"chunk {chunk}: {status} ({seconds:.0f} s)", flush=True)
+    if res is None:
+        raise RuntimeError("no isolated configuration finished: " + "; ".join(
+            f"chunk {o['chunk']} {o['status']}: {(o['log_tail'] or '')[-300:]}" for o in outcomes))
+    res["isolated"] = outcomes
+    res["gpu_projection"] = project_memory(res)
+    return res
+
+
+# Visual tokens of one query row, per task word, at the `paper` recipe's caps: an image at most 256^2
+# pixels = 64 tokens + <|vision_start|>/<|vision_end|>; query images at most 8 (5 for the two capped
+# sketch sets, recipes.TRAIN_QUERY_IMAGE_CAP); a video 8 frames at 224^2 = 4 temporal groups of 7 x 7
+# tokens, each with its "<t seconds>" (~6 tokens) and markers. Upper bounds: real rows are often shorter.
+IMAGE_TOKENS_MAX = 64 + 2
+QUERY_VISUAL_MAX = {"t2i": 0, "sketch2i": 5 * IMAGE_TOKENS_MAX, "inshop": IMAGE_TOKENS_MAX,
+                    "street2shop": 8 * IMAGE_TOKENS_MAX, "compatibility": 8 * IMAGE_TOKENS_MAX,
+                    "video2img": 4 * (49 + 2 + 6), "cir": IMAGE_TOKENS_MAX, "sketch&text": IMAGE_TOKENS_MAX,
+                    "asfr": IMAGE_TOKENS_MAX}
+
+
+def project_memory(res: dict, batch: int = 64) -> dict:
+    """The GPU memory a `paper` step at `batch` pairs needs for each sub-dataset of the authors' chunk table,
+    from the measured steps: activations scale with the tokens of one chunk, not with the batch (GradCache
+    keeps only the batch's embeddings and their gradients, batch x D floats, across chunks).
+
+        step memory(chunk) ~ a + k x tokens in the chunk        least squares over the measured chunk sizes
+        GPU memory(sub)    ~ weights + 3 x trainable bytes (gradient, AdamW's two moments) + a
+                             + k x chunk(sub) x (query row + target row tokens, at the recipe's caps)
+
+    Row tokens: the prompt frames and the real instructions' longest (benchmarks/prompt_lengths.json), plus
+    QUERY_VISUAL_MAX; the target: its frame + one image. A CPU's activations are not a GPU's (different
+    kernels and allocator), so this is an estimate to plan a card with, not a measurement."""
+    from support import recipes
+
+    rows = [r for r in res["rows"] if r.get("step_memory_bytes") is not None or r.get("memory_kind", "").startswith("cuda")]
+    pts = []
+    for r in rows:
+        mem = r.get("step_memory_bytes")
+        if mem is None:  # a GPU run: its peak minus the weights held before the step
+            mem = r["peak_memory_bytes"] - (res.get("weights_memory_bytes") or 0)
+        pts.append((r["chunk"] * r["tokens_per_step"] / r["batch"], mem))  # (tokens in one chunk, bytes)
+    if len(pts) < 2:
+        return {"note": "needs two or more measured chunk sizes"}
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    k = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0  # bytes per token in a chunk
+    a = my - k * mx
+    lengths = json.loads(PROMPT_LENGTHS.read_text(encoding="utf-8"))["qwen"]
+    frame_q, frame_t = lengths["prompt_frame"]["query"], lengths["prompt_frame"]["target"]
+    text_max = lengths["real"]["instruction_text"]["max"]
+    static = res["param_bytes"]["all"] + 3 * res["param_bytes"]["trainable"]
+    table = {}
+    for sub, chunk in recipes.CHUNK_SIZES.items():
+        q = frame_q + text_max + QUERY_VISUAL_MAX[sub.split("/")[0]]
+        t = frame_t + IMAGE_TOKENS_MAX
+        table[sub] = {"chunk": chunk, "pair_tokens": q + t,
+                      "gib": (static + max(a, 0.0) + k * chunk * (q + t)) / 2 ** 30}
+    worst = max(table, key=lambda s: table[s]["gib"])
+    return {"batch": batch, "bytes_per_chunk_token": k, "intercept_bytes": a, "static_bytes": static,
+            "fit_points": pts, "per_subset": table, "largest": {"subset": worst, **table[worst]}}
+
+
+# =================================================================================================
 # Command line
 # =================================================================================================
 
@@ -485,8 +722,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=None, help="pairs per step (default 64; test: 8)")
     ap.add_argument("--chunks", default=None, help="comma-separated GradCache chunk sizes (default 8,32; test: 2,8)")
     ap.add_argument("--kinds", default=",".join(QUERY_KINDS), help="query kinds: t2i, cir")
-    ap.add_argument("--text-tokens", type=int, default=40, help="words (= tokens) of a t2i query text")
-    ap.add_argument("--mod-tokens", type=int, default=12, help="words (= tokens) of a cir modification text")
+    ap.add_argument("--text-tokens", type=int, default=0,
+                    help="tokens of a t2i query text (0: the real median, benchmarks/prompt_lengths.json)")
+    ap.add_argument("--mod-tokens", type=int, default=0,
+                    help="tokens of a cir instruction (0: the real median, benchmarks/prompt_lengths.json)")
+    ap.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32"],
+                    help="backbone weights (default: bfloat16 for --size 4b, auto = float32 on a CPU for test)")
+    ap.add_argument("--two-chunks", action="store_true",
+                    help="batch = chunk + 1 per configuration: the smallest real GradCache step (a CPU's 4B run)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each chunk size in its own process (needs --backbone-dir); adds the GPU memory projection")
+    ap.add_argument("--time-box", type=int, default=0, help="seconds per isolated process (0 = no limit)")
+    ap.add_argument("--encode-batch", type=int, default=64, help="batch of the gallery encode (evaluate.py: 64)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="merge the rows of earlier --out files of one size (e.g. chunk sizes run on different "
+                         "days), add the GPU memory projection, print and write --out; runs nothing")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 3; test: 2)")
     ap.add_argument("--encode-images", type=int, default=None, help="photos to encode (default 256; test: 16; 0 = skip)")
@@ -498,8 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-SIZE_DEFAULTS = {"4b": dict(batch=64, chunks="8,32", steps=3, encode_images=256),
-                 "test": dict(batch=8, chunks="2,8", steps=2, encode_images=16)}
+SIZE_DEFAULTS = {"4b": dict(batch=64, chunks="8,32", steps=3, encode_images=256, dtype="bfloat16"),
+                 "test": dict(batch=8, chunks="2,8", steps=2, encode_images=16, dtype="auto")}
 
 
 def parse_flags(argv=None) -> tuple[BenchConfig, Optional[str]]:
@@ -516,8 +766,12 @@ def parse_flags(argv=None) -> tuple[BenchConfig, Optional[str]]:
     checks = {"--batch": (args.batch, args.batch >= 1, "must be >= 1"),
               "--chunks": (args.chunks, bool(chunks) and all(c >= 1 for c in chunks), "positive integers"),
               "--kinds": (args.kinds, bool(kinds) and all(k in QUERY_KINDS for k in kinds), f"among {QUERY_KINDS}"),
-              "--text-tokens": (args.text_tokens, args.text_tokens >= 1, "must be >= 1"),
-              "--mod-tokens": (args.mod_tokens, args.mod_tokens >= 1, "must be >= 1"),
+              "--text-tokens": (args.text_tokens, args.text_tokens >= 0, "must be >= 0"),
+              "--mod-tokens": (args.mod_tokens, args.mod_tokens >= 0, "must be >= 0"),
+              "--time-box": (args.time_box, args.time_box >= 0, "must be >= 0"),
+              "--encode-batch": (args.encode_batch, args.encode_batch >= 1, "must be >= 1"),
+              "--isolate": (args.isolate, not args.isolate or bool(args.backbone_dir),
+                            "needs --backbone-dir (every process loads the same checkpoint)"),
               "--warmup": (args.warmup, args.warmup >= 0, "must be >= 0"),
               "--steps": (args.steps, args.steps >= 1, "must be >= 1"),
               "--encode-images": (args.encode_images, args.encode_images >= 0, "must be >= 0"),
@@ -533,17 +787,15 @@ def parse_flags(argv=None) -> tuple[BenchConfig, Optional[str]]:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     plumbing.check_device("--device", device)
-    if args.size == "4b" and not device.startswith("cuda"):
-        raise FlagError(f"--size 4b --device {device}: the full-size benchmark is for a GPU (--device cuda); "
-                        "--size test runs the same code at a tiny size on a CPU")
     if args.out:
         plumbing.check_writable("--out", args.out, folder=False)
     if args.backbone_dir:
         plumbing.check_writable("--backbone-dir", args.backbone_dir)
     cfg = BenchConfig(size=args.size, device=device, batch=args.batch, chunks=chunks, kinds=kinds,
                       text_tokens=args.text_tokens, mod_tokens=args.mod_tokens, warmup=args.warmup,
-                      steps=args.steps, encode_images=args.encode_images, seed=args.seed,
-                      peak_tflops=args.peak_tflops, backbone_dir=args.backbone_dir)
+                      steps=args.steps, encode_images=args.encode_images, encode_batch=args.encode_batch,
+                      seed=args.seed, peak_tflops=args.peak_tflops, backbone_dir=args.backbone_dir,
+                      dtype=args.dtype, two_chunks=args.two_chunks, isolate=args.isolate, time_box=args.time_box)
     return cfg, args.out
 
 
@@ -552,18 +804,68 @@ def main(argv=None) -> int:
     return run_cli(_main, argv)
 
 
+def combine(files: list) -> dict:
+    """Earlier --out files of one --size merged into one result: their rows, encode and isolated outcomes
+    in order, the first file's header and counts, and the GPU memory projection over all the rows."""
+    docs = []
+    for f in files:
+        try:
+            docs.append(json.loads(Path(f).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise FlagError(f"--combine {f}: not a readable paper_scale JSON ({e})") from None
+        if not isinstance(docs[-1], dict) or "rows" not in docs[-1] or "header" not in docs[-1]:
+            raise FlagError(f"--combine {f}: not a paper_scale result (no rows / header)")
+    sizes = {d["header"]["size"] for d in docs}
+    if len(sizes) > 1:
+        raise FlagError(f"--combine: the files are of different sizes {sorted(sizes)}")
+    res = {k: v for k, v in docs[0].items() if k not in ("rows", "isolated", "encode")}
+    res["rows"] = [r for d in docs for r in d["rows"]]
+    res["isolated"] = [o for d in docs for o in d.get("isolated", [])]
+    res["encode"] = next((d["encode"] for d in docs if d.get("encode")), {})
+    res["combined_from"] = [{"file": str(f), "date": d["header"]["date"], "commit": d["header"]["commit"]}
+                            for f, d in zip(files, docs)]
+    res["gpu_projection"] = project_memory(res)
+    return res
+
+
 def _main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--combine" in argv:  # merge earlier results: no flag but --out applies, nothing is built
+        args = build_parser().parse_args(argv)
+        res = combine(args.combine)
+        banner = cpu_banner(res["header"]["device"])
+        if banner:
+            print(banner, flush=True)
+        return _report(res, args.out, banner)
     cfg, out = parse_flags(argv)
     banner = cpu_banner(cfg.device)
     if banner:
         print(banner, flush=True)
-    res = run(cfg)
+    res = run_isolated(cfg) if cfg.isolate else run(cfg)
+    return _report(res, out, banner)
+
+
+def _report(res: dict, out: Optional[str], banner: str) -> int:
+    """Print a result's tables (and its CPU banner) and write it to `out`."""
     h = res["header"]
-    print(f"\nQwen3-VL {cfg.size} (random weights, {h['dtype']}, {h['attn_implementation']}) on {cfg.device}"
-          f"{' (' + h['machine']['gpu'] + ')' if h['machine']['gpu'] else ''}; batch {cfg.batch}; "
+    print(f"\nQwen3-VL {h['size']} (random weights, {h['dtype']}, {h['attn_implementation']}) on {h['device']}"
+          f"{' (' + h['machine']['gpu'] + ')' if h['machine']['gpu'] else ''}; "
           f"{res['params']['total'] / 1e9:.3f} B parameters, {res['params']['trainable'] / 1e6:.1f} M trainable; "
           f"{h['date']}, commit {h['commit']}")
     print(table(res))
+    t = res["trainable"]
+    print("trainable parameters: " + ", ".join(f"{g} {n:,}" for g, n in t["counted"].items() if n)
+          + f" = {t['total']:,}; derived from the config: {'the same' if t['agree'] else t['derived_from_config']}")
+    for o in res.get("isolated", []):
+        if o["status"] != "ok":
+            print(f"chunk {o['chunk']}: {o['status']}")
+    proj = res.get("gpu_projection") or {}
+    if "largest" in proj:
+        w = proj["largest"]
+        print(f"projected GPU memory at batch {proj['batch']} with the authors' chunk table: at most "
+              f"{w['gib']:.1f} GiB ({w['subset']}, chunk {w['chunk']}, ~{w['pair_tokens']} tokens a pair; "
+              f"{proj['bytes_per_chunk_token'] / 2 ** 20:.2f} MiB per token in a chunk)")
     if banner:
         print(banner)
     if out:

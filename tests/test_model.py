@@ -674,3 +674,22 @@ def test_seconds_per_temporal_group(tiny_embedder, times, spg, group_times):
     v = tiny_embedder.collator._video([_img(410 + i) for i in range(len(times))], times)
     assert v.seconds_per_group == pytest.approx(spg, abs=1e-12)
     assert v.group_times == pytest.approx(group_times, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 31, item 0: the positions and slerp-edge fields
+# ------------------------------------------------------------------------------------------------
+
+def test_positions_and_slerp_edge_rules_agree_with_the_code():
+    """EmbedderConfig.slerp_edge's rule lists calibrator.SLERP_EDGES; every positions choice resolves to
+    one of the two the collator knows ("mrope", "sequential") on every supported architecture."""
+    from calibrator import SLERP_EDGES
+    from model import EmbedderConfig
+    from support.config_fields import choices_of
+    from support.qwen import SUPPORTED_TYPES
+    from support.recipes import resolve_positions
+
+    choices = choices_of(EmbedderConfig)
+    assert tuple(choices["slerp_edge"]) == SLERP_EDGES
+    resolved = {resolve_positions(p, t) for p in choices["positions"] for t in SUPPORTED_TYPES}
+    assert resolved == {"mrope", "sequential"}

@@ -16,8 +16,8 @@ import pytest
 import pins
 
 REAL = "Qwen/Qwen3-VL-4B-Instruct"  # any hub id resolves to `paper`; nothing is downloaded
-RECIPE_PINS = {"paper": {"embedder": pins.PAPER_EMBEDDER, "train": pins.PAPER_TRAIN},
-               "tiny-cpu": {"embedder": pins.TINY_EMBEDDER, "train": pins.TINY_TRAIN}}
+RECIPE_PINS = {"paper": {"embedder": pins.PAPER_EMBEDDER, "forward": pins.PAPER_FORWARD, "train": pins.PAPER_TRAIN},
+               "tiny-cpu": {"embedder": pins.TINY_EMBEDDER, "forward": pins.TINY_FORWARD, "train": pins.TINY_TRAIN}}
 
 
 def assert_pinned(actual: dict, pinned: dict) -> None:
@@ -30,11 +30,12 @@ def assert_pinned(actual: dict, pinned: dict) -> None:
     assert not diff, "\n".join(diff)
 
 
-@pytest.mark.parametrize("recipe,part", [("paper", "embedder"), ("paper", "train"), ("tiny-cpu", "embedder"),
-                                         ("tiny-cpu", "train")])
+@pytest.mark.parametrize("recipe,part", [("paper", "embedder"), ("paper", "forward"), ("paper", "train"),
+                                         ("tiny-cpu", "embedder"), ("tiny-cpu", "forward"), ("tiny-cpu", "train")])
 def test_recipe_table_equals_its_pins(recipe, part):
     from support import recipes
 
+    assert set(recipes.RECIPES[recipe]) == set(RECIPE_PINS[recipe])  # no part of a recipe goes unpinned
     assert_pinned(recipes.RECIPES[recipe][part], RECIPE_PINS[recipe][part])
 
 
@@ -77,7 +78,7 @@ def _defaults(name: str) -> tuple[dict, dict]:
     if name == "ggas_probabilities":
         return _args(sampler.ggas_probabilities), {"floor": pins.SAMPLER["floor"]}
     if name == "EmbedderConfig":
-        recipe_fields = dict.fromkeys(pins.PAPER_EMBEDDER)
+        recipe_fields = dict.fromkeys([*pins.PAPER_EMBEDDER, *pins.PAPER_FORWARD])
         return {k: v for k, v in _fields(model.EmbedderConfig).items() if k not in skip}, \
             {**recipe_fields, **pins.EMBEDDER}
     if name == "TrainConfig":
@@ -105,7 +106,7 @@ def test_the_pins_reach_what_is_trained(backbone, recipe, name, monkeypatch):
     from support.plumbing import DistInfo
     from support.recipes import resolve_embedder_config
 
-    emb_pin, train_pin = RECIPE_PINS[name]["embedder"], RECIPE_PINS[name]["train"]
+    emb_pin, train_pin, fwd_pin = (RECIPE_PINS[name][k] for k in ("embedder", "train", "forward"))
     cfg = train.TrainConfig(backbone=backbone, recipe=recipe).resolved()
     want = {**emb_pin, **train_pin, **dict(zip(("steps", "epochs"), pins.RUN_LENGTH[name])),
             **{k: v for k, v in pins.TRAIN.items() if k not in ("backbone", "recipe")}, "recipe": name}
@@ -115,13 +116,13 @@ def test_the_pins_reach_what_is_trained(backbone, recipe, name, monkeypatch):
     monkeypatch.setattr(train, "FashionLensEmbedder", made.append)
     train.build_embedder(cfg, "cpu")
     ecfg = resolve_embedder_config(made[0])  # what FashionLensEmbedder.__init__ does first
-    want = {**emb_pin, **{k: v for k, v in pins.EMBEDDER.items() if k != "backbone"}, "recipe": name}
+    want = {**emb_pin, **fwd_pin, **{k: v for k, v in pins.EMBEDDER.items() if k != "backbone"}, "recipe": name}
     assert_pinned({k: getattr(ecfg, k) for k in want}, want)
 
     # model.py's calibrator builder, on a stand-in with the resolved config (dim 8: a small hyper-network).
     cal = FashionLensEmbedder._new_calibrator(SimpleNamespace(config=ecfg, dim=8))
     got = {k: v for k, v in dataclasses.asdict(cal.config).items() if k != "dim"}
-    assert_pinned(got, pins.CALIBRATOR)
+    assert_pinned(got, {**pins.CALIBRATOR, "slerp_edge": fwd_pin["slerp_edge"]})  # the recipe's edge reaches it
 
     sizes = {"t2i/A": 100, "cir/B": 40}
     plan = train.plan_steps(sizes, cfg, DistInfo())
