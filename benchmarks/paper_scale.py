@@ -157,6 +157,7 @@ class BenchConfig:
     two_chunks: bool = False  # each configuration's batch = its chunk + 1: the smallest real GradCache step
     isolate: bool = False  # each chunk size in its own process (a clean memory peak; an OOM ends only that one)
     time_box: int = 0  # seconds allowed to each isolated process (0 = no limit)
+    forward_only: bool = False  # measure one chunk's forward WITH gradients kept, no backward (a CPU's memory probe)
 
 
 # =================================================================================================
@@ -407,6 +408,8 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     import train
     from support.plumbing import DistInfo
 
+    if cfg.forward_only:
+        return measure_forward(embedder, counts, kind, chunk, cfg)
     b = chunk + 1 if cfg.two_chunks else cfg.batch  # --two-chunks: one full chunk + a remainder of one pair
     batch = make_batch(embedder, kind, b, cfg)
     shape = batch_shape(batch)
@@ -440,6 +443,46 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     row["mfu"] = row["achieved_tflops"] / peak if peak else None
     row.update(peak_memory(cfg.device, baseline))
     del optimizer, params
+    return row
+
+
+def measure_forward(embedder, counts: FlopCounts, kind: str, chunk: int, cfg: BenchConfig) -> dict:
+    """--forward-only: one chunk of `chunk` pairs through the model with gradients on (what GradCache's
+    pass with grad holds for its backward), the memory it holds and its time; no backward, no update.
+
+    For a CPU without bfloat16 matrix units: there torch runs the backward's input-gradient products
+    (dY W on a frozen weight) in its reference GEMM, ~0.3 GFLOP/s per core in bfloat16, so a full step of
+    one 4B pair takes about an hour, while this forward runs at ~8 GFLOP/s per core. The backward's own
+    buffers (each layer's gradients while it runs) come on top of the memory measured here."""
+    import torch
+
+    from support import plumbing
+
+    batch = make_batch(embedder, kind, chunk, cfg)
+    shape = batch_shape(batch)
+    baseline = _proc_status("VmRSS") if (not cfg.device.startswith("cuda") and reset_cpu_peak()) else None
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(plumbing.mix_seed(cfg.seed, 0, 0))  # this forward's dropout masks
+    sync(cfg.device)
+    t0 = time.perf_counter()
+    out = embedder(queries=batch.inputs[0], images=batch.inputs[1])  # (chunk, D) q and t, graph kept
+    held = (out["q"].float() * out["t"].float()).sum() + out["reg"].float()  # a scalar on the whole graph
+    sync(cfg.device)
+    sec = time.perf_counter() - t0
+    fl = step_flops(counts, shape["lengths"], shape["patches"], n_chunks=1)
+    forward = fl["text_forward"] + fl["vision_forward"]
+    visual = [n // counts.merge ** 2 for n in shape["patches"]]
+    row = {"kind": kind, "chunk": chunk, "chunks_per_step": 1, "authors_chunk_of_kind": _authors_chunk(kind),
+           "batch": chunk, "mode": "forward with gradients kept (no backward)", "step_seconds": [sec],
+           "step_seconds_median": sec, "tokens_per_step": int(sum(shape["lengths"])),
+           "images_per_step": len(shape["patches"]), "visual_tokens_per_step": int(sum(visual)),
+           "patches_per_photo": shape["patches"][-1], "visual_tokens_per_photo": visual[-1],
+           "flops_per_step": {**fl, "total": forward, "forwards": 1, "text_backward": 0},
+           "achieved_tflops": forward / sec / 1e12, "losses": [float(held.detach())], "mfu": None}
+    row.update(peak_memory(cfg.device, baseline))
+    del out, held
     return row
 
 
@@ -599,7 +642,7 @@ def child_argv(cfg: BenchConfig, chunk: int, out: str, encode: bool) -> list:
         argv += ["--mod-tokens", str(cfg.mod_tokens)]
     if cfg.peak_tflops:
         argv += ["--peak-tflops", str(cfg.peak_tflops)]
-    return argv + (["--two-chunks"] if cfg.two_chunks else [])
+    return argv + (["--two-chunks"] if cfg.two_chunks else []) + (["--forward-only"] if cfg.forward_only else [])
 
 
 def run_isolated(cfg: BenchConfig) -> dict:
@@ -730,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="backbone weights (default: bfloat16 for --size 4b, auto = float32 on a CPU for test)")
     ap.add_argument("--two-chunks", action="store_true",
                     help="batch = chunk + 1 per configuration: the smallest real GradCache step (a CPU's 4B run)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="per chunk size, one chunk's forward with gradients kept and no backward: the memory "
+                         "GradCache's pass with grad holds (for a CPU whose bfloat16 backward is too slow)")
     ap.add_argument("--isolate", action="store_true",
                     help="each chunk size in its own process (needs --backbone-dir); adds the GPU memory projection")
     ap.add_argument("--time-box", type=int, default=0, help="seconds per isolated process (0 = no limit)")
@@ -795,7 +841,8 @@ def parse_flags(argv=None) -> tuple[BenchConfig, Optional[str]]:
                       text_tokens=args.text_tokens, mod_tokens=args.mod_tokens, warmup=args.warmup,
                       steps=args.steps, encode_images=args.encode_images, encode_batch=args.encode_batch,
                       seed=args.seed, peak_tflops=args.peak_tflops, backbone_dir=args.backbone_dir,
-                      dtype=args.dtype, two_chunks=args.two_chunks, isolate=args.isolate, time_box=args.time_box)
+                      dtype=args.dtype, two_chunks=args.two_chunks, isolate=args.isolate, time_box=args.time_box,
+                      forward_only=args.forward_only)
     return cfg, args.out
 
 
