@@ -524,3 +524,24 @@ def test_combine_merges_rows_and_refuses_what_is_not_one_size(tmp_path):
     c.write_text("[]")
     with pytest.raises(paper_scale.FlagError, match="not a paper_scale result"):
         paper_scale.combine([a, c])
+
+
+def test_forward_only_probe_holds_the_graph_and_changes_nothing(tiny_bench):
+    """--forward-only measures one chunk's forward with gradients kept (a CPU's memory probe at the 4B
+    shape): the chunk's own tokens, forward FLOPs only, and no weight moves (no backward, no update)."""
+    import dataclasses
+
+    import torch
+
+    cfg, embedder, _, qcfg = tiny_bench
+    before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
+    probe = dataclasses.replace(cfg, forward_only=True)
+    row = paper_scale.measure_step(embedder, None, paper_scale.flop_counts(qcfg, 8), "cir", 2, probe, None)
+    batch = paper_scale.make_batch(embedder, "cir", 2, probe)
+    assert row["batch"] == 2 and row["tokens_per_step"] == sum(int(x.attention_mask.sum()) for x in batch.inputs)
+    shape = paper_scale.batch_shape(batch)
+    f = paper_scale.step_flops(paper_scale.flop_counts(qcfg, 8), shape["lengths"], shape["patches"], n_chunks=1)
+    assert row["flops_per_step"]["total"] == f["text_forward"] + f["vision_forward"]
+    assert row["mode"].startswith("forward with gradients") and row["peak_memory_bytes"] > 0
+    assert all(torch.equal(p.detach(), before[n]) for n, p in embedder.named_parameters())
+    assert all(p.grad is None for p in embedder.parameters())
