@@ -79,17 +79,20 @@ configuration's peak); writing the checkpoint needs ~9 GB of host memory (drawn 
 Most of a GPU run's wall time goes to writing and loading that checkpoint; --backbone-dir keeps it.
 
 --size 4b on a CPU (bfloat16, all 36 layers; fits 24 GiB): the full shape's trainable parameters
-(counted by group and derived from the config), one real GradCache step per chunk size and one gallery
-encode, each chunk size in its own process, with the memory the step adds on top of the loaded model:
+(counted by group and derived from the config), one gallery encode and, per chunk size, in a process of
+its own, the memory one chunk's forward with gradients holds on top of the loaded model:
 
-    python benchmarks/paper_scale.py --size 4b --device cpu --kinds cir --chunks 1,2,4,8 --two-chunks \
+    python benchmarks/paper_scale.py --size 4b --device cpu --kinds cir --chunks 1,2,4,8 --forward-only \
         --warmup 0 --steps 1 --encode-images 4 --encode-batch 4 --isolate --time-box 1200 \
         --backbone-dir /data/q3vl4b-random --out benchmarks/paper_scale_4b_cpu.json
 
---two-chunks makes each batch its chunk + 1 pairs (a full chunk and a remainder of one: GradCache's
-no-grad pass, then a pass with gradients per chunk), because a CPU without bfloat16 matrix units does
-~20 GFLOP/s and one pair costs ~4 TFLOP at this shape. --isolate also projects, from the measured
-chunk sizes, the GPU memory of batch 64 under the authors' chunk table (project_memory).
+--forward-only, because a CPU without bfloat16 matrix units (AVX2 only, like the AMD EPYC here) runs the
+backward's input-gradient products (dY W through every frozen projection) in torch's reference GEMM,
+~0.3 GFLOP/s per core against ~8 for the forward's products: a full step of one 4B pair takes about an
+hour there. On a CPU with AVX-512 bfloat16 or AMX, drop --forward-only and give --two-chunks (each
+batch = its chunk + 1 pairs: a real GradCache step, a full chunk and a remainder). --isolate also
+projects, from the measured chunk sizes, the GPU memory of batch 64 under the authors' chunk table
+(project_memory).
 """
 from __future__ import annotations
 
