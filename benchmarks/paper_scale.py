@@ -376,6 +376,17 @@ def _proc_status(field: str) -> Optional[int]:
     return None
 
 
+def page_in(module) -> None:
+    """Read every weight once. transformers maps a safetensors checkpoint into memory lazily, so a weight
+    joins the resident set only when first touched: without this the first step's "own" memory would
+    include the ~9 GB of weights it pages in."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.sum()  # touches every page of p; the scalar is dropped
+
+
 def reset_cpu_peak() -> bool:
     """Reset the process's resident-set peak (VmHWM) to its current size (Linux: write 5 to
     /proc/self/clear_refs), so the next peak is the step's, not the model build's. False where it cannot."""
@@ -423,8 +434,10 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    elif reset_cpu_peak():
-        baseline = _proc_status("VmRSS")
+    else:
+        page_in(embedder)  # the weights resident before the baseline is read
+        if reset_cpu_peak():
+            baseline = _proc_status("VmRSS")
     times, losses = [], []
     for step in range(cfg.warmup + cfg.steps):
         sync(cfg.device)
@@ -463,6 +476,8 @@ def measure_forward(embedder, counts: FlopCounts, kind: str, chunk: int, cfg: Be
 
     batch = make_batch(embedder, kind, chunk, cfg)
     shape = batch_shape(batch)
+    if not cfg.device.startswith("cuda"):
+        page_in(embedder)  # the weights resident before the baseline is read
     baseline = _proc_status("VmRSS") if (not cfg.device.startswith("cuda") and reset_cpu_peak()) else None
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
