@@ -716,15 +716,26 @@ def run_isolated(cfg: BenchConfig) -> dict:
     return res
 
 
-# Visual tokens of one query row, per task word, at the `paper` recipe's caps: an image at most 256^2
-# pixels = 64 tokens + <|vision_start|>/<|vision_end|>; query images at most 8 (5 for the two capped
-# sketch sets, recipes.TRAIN_QUERY_IMAGE_CAP); a video 8 frames at 224^2 = 4 temporal groups of 7 x 7
-# tokens, each with its "<t seconds>" (~6 tokens) and markers. Upper bounds: real rows are often shorter.
+# Visual tokens of one query row per sub-dataset of the authors' chunk table, at the `paper` recipe's caps:
+# an image at most 256^2 pixels = 64 tokens + <|vision_start|>/<|vision_end|>; a video 8 frames at 224^2 =
+# 4 temporal groups of 7 x 7 tokens, each with its "<t seconds>" (~6 tokens) and markers. Query images:
+# the recipe's caps where a query can hold several (8 per prompt; 5 for the two capped sketch sets,
+# recipes.TRAIN_QUERY_IMAGE_CAP; DeepFashion2's multi-photo queries and Polyvore's outfits at 8), one
+# where the dataset's query is one image (FashionVC's outfits are a top and a bottom: one query item;
+# HAIFashion: one sketch, assumed). Upper bounds for planning: real rows are often shorter.
 IMAGE_TOKENS_MAX = 64 + 2
-QUERY_VISUAL_MAX = {"t2i": 0, "sketch2i": 5 * IMAGE_TOKENS_MAX, "inshop": IMAGE_TOKENS_MAX,
-                    "street2shop": 8 * IMAGE_TOKENS_MAX, "compatibility": 8 * IMAGE_TOKENS_MAX,
-                    "video2img": 4 * (49 + 2 + 6), "cir": IMAGE_TOKENS_MAX, "sketch&text": IMAGE_TOKENS_MAX,
-                    "asfr": IMAGE_TOKENS_MAX}
+VIDEO_TOKENS = 4 * (49 + 2 + 6)
+QUERY_IMAGES = {"t2i/FashionGen": 0, "t2i/Shoes": 0, "sketch2i/ClothesV1": 5, "sketch2i/HAIFashion": 1,
+                "sketch2i/QMUL-Shoe-V2": 5, "inshop/DeepFashion": 1, "street2shop/DeepFashion2": 8,
+                "compatibility/FashionVC": 1, "compatibility/Polyvore": 8, "video2img/MovingFashion": 0,
+                "cir/Fashion200K": 1, "cir/FashionIQ-Dress": 1, "cir/FashionIQ-Shirt": 1,
+                "cir/FashionIQ-Toptee": 1, "cir/Shoes": 1, "sketch&text/CSTBIR": 1, "asfr/DARN": 1,
+                "asfr/FashionAI": 1}
+
+
+def query_visual_tokens(subset: str) -> int:
+    """The most visual tokens one query row of `subset` holds (QUERY_IMAGES, the video of video2img)."""
+    return QUERY_IMAGES[subset] * IMAGE_TOKENS_MAX + (VIDEO_TOKENS if subset.startswith("video2img/") else 0)
 
 
 def project_memory(res: dict, batch: int = 64) -> dict:
@@ -737,7 +748,7 @@ def project_memory(res: dict, batch: int = 64) -> dict:
                              + k x chunk(sub) x (query row + target row tokens, at the recipe's caps)
 
     Row tokens: the prompt frames and the real instructions' longest (benchmarks/prompt_lengths.json), plus
-    QUERY_VISUAL_MAX; the target: its frame + one image. A CPU's activations are not a GPU's (different
+    query_visual_tokens; the target: its frame + one image. A CPU's activations are not a GPU's (different
     kernels and allocator), so this is an estimate to plan a card with, not a measurement."""
     from support import recipes
 
@@ -761,7 +772,7 @@ def project_memory(res: dict, batch: int = 64) -> dict:
     static = res["param_bytes"]["all"] + 3 * res["param_bytes"]["trainable"]
     table = {}
     for sub, chunk in recipes.CHUNK_SIZES.items():
-        q = frame_q + text_max + QUERY_VISUAL_MAX[sub.split("/")[0]]
+        q = frame_q + text_max + query_visual_tokens(sub)
         t = frame_t + IMAGE_TOKENS_MAX
         table[sub] = {"chunk": chunk, "pair_tokens": q + t,
                       "gib": (static + max(a, 0.0) + k * chunk * (q + t)) / 2 ** 30}

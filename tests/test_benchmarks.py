@@ -482,6 +482,8 @@ def test_project_memory_fits_the_chunk_tokens_and_sums_the_parts():
     assert row["chunk"] == recipes.CHUNK_SIZES["compatibility/Polyvore"] == 8 and row["pair_tokens"] == q + t
     assert row["gib"] * 2 ** 30 == pytest.approx(5000 + 3 * 200 + 1000 + 10 * 8 * (q + t))
     assert proj["largest"]["gib"] == max(r["gib"] for r in proj["per_subset"].values())
+    assert set(paper_scale.QUERY_IMAGES) == set(recipes.CHUNK_SIZES)  # every sub-dataset of the table is sized
+    assert paper_scale.query_visual_tokens("video2img/MovingFashion") == 4 * (49 + 2 + 6)  # 8 frames at 224^2
     assert "needs two" in paper_scale.project_memory({"rows": rows[:1], "param_bytes": res["param_bytes"]})["note"]
 
 
