@@ -55,14 +55,9 @@ Numerical safety of slerp (see `slerp`):
   the same constant angular speed, and at lambda = 1 it lands within 2*eps of q_hat.
 At init the proposal equals q to ~1e-12, so training starts on the small-angle branch.
 
-The authors' edge (`slerp_edge="authors"`, what the `paper` recipe uses; `slerp_authors`): their
-slerp (code/model.py 30-55) clamps cos(omega) to +-0.9995 and divides by sin(omega) + 1e-8, with no
-final normalisation:
-    c = clamp(q . q_hat, -0.9995, 0.9995),  w = arccos(c)
-    out = sin((1-lambda) w)/(sin w + 1e-8) q + sin(lambda w)/(sin w + 1e-8) q_hat
-Below the clamp angle arccos(0.9995) = 1.81 deg (every proposal at initialisation) w is too large,
-so |out| != 1 (1 + 2.2e-5 at init) and lambda's gradient differs from exact slerp's (it even has
-the other sign at init: docs/FIDELITY.md, "slerp near q and near -q").  Exact slerp is the default.
+The `paper` recipe uses the authors' edge instead (`slerp_edge="authors"`, `slerp_authors`): cos(omega)
+clamped at 0.9995 and no renormalisation, so below 1.81 deg (every proposal at initialisation) the
+output is slightly off the sphere and lambda's gradient differs (docs/FIDELITY.md).
 
 Parameter cost (computed with `count_parameters`, rank r = 32, hidden = 512):
     D = 2560 (Qwen-VL 3/4B class): Linear D->512 = 1,311,232;  LayerNorm = 1,024;
@@ -93,6 +88,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("slerp", "linear", "off")
+
+
+def _lam_column(lam: Union[torch.Tensor, float], q: torch.Tensor) -> torch.Tensor:
+    """lambda as a tensor in q's dtype and device, shaped (..., 1) when given per row, to broadcast over D."""
+    lam = torch.as_tensor(lam, dtype=q.dtype, device=q.device)
+    return lam.unsqueeze(-1) if lam.dim() == q.dim() - 1 and lam.dim() > 0 else lam  # (..., 1) | scalar
 
 
 def _default_eps(dtype: torch.dtype) -> float:
@@ -133,9 +134,7 @@ def slerp(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, float],
     work = torch.promote_types(torch.promote_types(q.dtype, p.dtype), torch.float32)
     q = F.normalize(q.to(work), dim=-1)  # (..., D) unit start point
     p = F.normalize(p.to(work), dim=-1)  # (..., D) unit end point
-    lam = torch.as_tensor(lam, dtype=work, device=q.device)
-    if lam.dim() == q.dim() - 1 and lam.dim() > 0:
-        lam = lam.unsqueeze(-1)  # (..., 1) so it broadcasts over D
+    lam = _lam_column(lam, q)  # (..., 1) so it broadcasts over D
     eps = _default_eps(work) if eps is None else eps
 
     # Angle between q and p, from cos (dot product) and sin (length of p's part orthogonal to q).
@@ -192,9 +191,7 @@ def slerp_authors(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, flo
     """
     work = torch.promote_types(torch.promote_types(q.dtype, p.dtype), torch.float32)
     q, p = q.to(work), p.to(work)  # (..., D) each, unit already (the calibrator's q and q_hat)
-    lam = torch.as_tensor(lam, dtype=work, device=q.device)
-    if lam.dim() == q.dim() - 1 and lam.dim() > 0:
-        lam = lam.unsqueeze(-1)  # (..., 1) so it broadcasts over D
+    lam = _lam_column(lam, q)  # (..., 1)
     cos_w = (q * p).sum(-1, keepdim=True).clamp(-AUTHORS_COS_CLAMP, AUTHORS_COS_CLAMP)  # (..., 1) clamped cos
     omega = torch.acos(cos_w)  # (..., 1) at least arccos(0.9995) = 0.0316 rad
     denom = torch.sin(omega) + AUTHORS_SIN_GUARD  # (..., 1) sin(omega) + 1e-8
@@ -210,9 +207,7 @@ def lerp_normalized(q: torch.Tensor, p: torch.Tensor, lam: Union[torch.Tensor, f
     work = torch.promote_types(torch.promote_types(q.dtype, p.dtype), torch.float32)
     q = F.normalize(q.to(work), dim=-1)  # (..., D)
     p = F.normalize(p.to(work), dim=-1)  # (..., D)
-    lam = torch.as_tensor(lam, dtype=work, device=q.device)
-    if lam.dim() == q.dim() - 1 and lam.dim() > 0:
-        lam = lam.unsqueeze(-1)  # (..., 1)
+    lam = _lam_column(lam, q)  # (..., 1)
     return F.normalize((1.0 - lam) * q + lam * p, dim=-1)  # (..., D)
 
 
