@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         if not root.is_dir():
             raise FlagError(f"--root {root}: no such folder (the real U-FIRE annotations, ../shared/ufire)")
         res = measure(root)
-        res["header"] = {k: plumbing.machine_info(REPO)[k] for k in ("date", "commit")}
+        machine = plumbing.machine_info(REPO)
+        res["header"] = {k: machine[k] for k in ("date", "commit")}
         res["header"]["command"] = "python benchmarks/prompt_lengths.py " + " ".join(argv if argv is not None
                                                                                    else sys.argv[1:])
         for name in ("qwen", "tiny"):
