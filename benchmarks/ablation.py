@@ -67,6 +67,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -379,7 +380,8 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
     import train
 
     cal, samp = VARIANTS[variant]
-    out = Path(args.runs) / f"{variant}-s{seed}"
+    name = run_name(variant, seed, args.steps)
+    out = Path(args.runs) / name
     # --jobs > 1 runs one training per core: each keeps to its one thread (two_cores off; the
     # result is the same, tests/test_fast_paths.py).
     cfg = train.TrainConfig(tasks=args.tasks, data=str(ufire.root), out=str(out), steps=args.steps,
@@ -387,8 +389,14 @@ def run_one(variant: str, seed: int, args, ufire) -> dict:
                             max_eval_queries=args.max_eval_queries, final_test=False, device=args.device,
                             two_cores="off" if args.jobs > 1 else "auto")
     test = evaluate_subsets(ufire, args.tasks, args.ood)
+    record = None if args.quick else Path(args.records) / f"{name}.json"
     return train_and_test(cfg, run_settings(variant, seed, args), test, ufire, args.fresh,
-                          {"variant": variant, "seed": seed})
+                          {"variant": variant, "seed": seed}, record=record)
+
+
+def run_name(variant: str, seed: int, steps: int) -> str:
+    """A run's folder and record name: budgets differ in name, so a 2,800-step run never replaces a 1,400 one."""
+    return f"{variant}-s{seed}-b{steps}"
 
 
 def evaluate_subsets(ufire, tasks: str, ood: bool) -> list:
@@ -396,13 +404,19 @@ def evaluate_subsets(ufire, tasks: str, ood: bool) -> list:
     return ufire.select("test", tasks, "include" if ood else "skip")
 
 
-def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, tags: dict) -> dict:
+def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, tags: dict,
+                   record: Optional[Path] = None) -> dict:
     """Train `cfg` into cfg.out and test its best/ checkpoint on `test_subsets`; return the numbers.
 
     A folder holding ablation_run.json with the same `settings` is a finished run: it is reused
     (unless `fresh`). The result keeps, per sub-dataset, each test query's first-positive rank, for
     `paired_bootstrap`. `tags` (e.g. variant and seed) are copied into the result.
-    Shared with benchmarks/controlled.py.
+
+    `record` (benchmarks/runs/<variant>-s<seed>-b<steps>.json, committed) is the same result plus
+    the final step's validation ranks (for the budget rule, benchmarks/convergence.py), the
+    validation and λ curves, the machine and the commit: a run finished in one session is reused
+    by the next, on a fresh machine, from the record alone.
+    Shared with benchmarks/controlled.py (which keeps no record).
     """
     import evaluate
     from support import plumbing
@@ -411,11 +425,12 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
 
     out = Path(cfg.out)
     done = out / "ablation_run.json"
-    if done.is_file() and not fresh:
-        prev = json.loads(done.read_text())
-        if prev.get("settings") == settings:
-            prev["reused"] = True
-            return prev
+    for prev_path in (record, done):
+        if prev_path is not None and prev_path.is_file() and not fresh:
+            prev = json.loads(prev_path.read_text())
+            if prev.get("settings") == settings:
+                prev["reused"] = True
+                return prev
     if out.exists():  # an unfinished or differently configured run of ours: start it over
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -445,10 +460,40 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
                      "chance10": r.chance10, "recall": {str(k): v for k, v in r.recall.items()},
                      "ranks": ranks[r.subset]} for r in res.rows],
            "seconds": t_total, "train_seconds": t_train, "eval_seconds": t_total - t_train}
-    plumbing.atomic_write(done, json.dumps(doc, indent=1))  # written last: its presence means "finished"
     del best
+    if record is not None:
+        doc.update(run_record(out, ufire, test_subsets, device))
+        doc["seconds"] = time.time() - t0
+        plumbing.atomic_write(record, json.dumps(doc, separators=(",", ":")))
+    plumbing.atomic_write(done, json.dumps(doc, indent=1))  # written last: its presence means "finished"
     gc.collect()
     return doc
+
+
+def run_record(out: Path, ufire, test_subsets: list, device) -> dict:
+    """What a committed record adds to a run's result: the final step's model (last/) on the whole
+    validation split, per query; the validation curve and λ's batch mean every 10 steps (from
+    log.jsonl); the machine (a paired difference needs both runs on one CPU model) and the commit."""
+    import evaluate
+    from model import FashionLensEmbedder
+
+    last = FashionLensEmbedder.from_pretrained(str(out / "last"), device=device)
+    val_subsets = ufire.select("val", ",".join(sorted({s.split("/")[0] for s in test_subsets})))
+    res = evaluate.evaluate(last, ufire, val_subsets, split="val", ks=KS, batch_size=64, cache_dir=None,
+                            progress=False, keep_per_query=True)
+    ranks = {r.subset: [] for r in res.rows}
+    for pq in res.per_query:
+        ranks[pq["subset"]].append(pq["first_hit_rank"])
+    del last
+    curve, lam = [], []
+    for line in (out / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "val":
+            curve.append([rec["step"], rec["sum_recall1"]])
+        elif "lam_mean" in rec and rec["step"] % 10 == 0:
+            lam.append([rec["step"], rec["lam_mean"]])
+    return {"final_val": {"sum_recall1": res.sum_recall(1), "ranks": ranks}, "val_curve": curve,
+            "lam_curve": lam, "machine": machine_info()}
 
 
 def prepare(args):
@@ -521,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ood", action="store_true", help="also test on the two OOD tasks (~15%% more eval time)")
     ap.add_argument("--runs", default=None, help="where the runs go, one folder per variant/seed "
                                                  "(default runs/ablation; --quick: runs/ablation-quick)")
+    ap.add_argument("--records", default="benchmarks/runs",
+                    help="where each finished run's small result file goes (committed; default benchmarks/runs): "
+                         "a run with a record of the same settings is not trained again")
     ap.add_argument("--device", default="cpu", help="cpu (default: the budget is for 2 CPU cores) | auto | cuda")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/ablation_results.json; "
