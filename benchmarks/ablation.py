@@ -412,7 +412,7 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
     (unless `fresh`). The result keeps, per sub-dataset, each test query's first-positive rank, for
     `paired_bootstrap`. `tags` (e.g. variant and seed) are copied into the result.
 
-    `record` (benchmarks/runs/<variant>-s<seed>-b<steps>.json, committed) is the same result plus
+    `record` (benchmarks/records/<variant>-s<seed>-b<steps>.json, committed) is the same result plus
     the final step's validation ranks (for the budget rule, benchmarks/convergence.py), the
     validation and λ curves, the machine and the commit: a run finished in one session is reused
     by the next, on a fresh machine, from the record alone.
@@ -566,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ood", action="store_true", help="also test on the two OOD tasks (~15%% more eval time)")
     ap.add_argument("--runs", default=None, help="where the runs go, one folder per variant/seed "
                                                  "(default runs/ablation; --quick: runs/ablation-quick)")
-    ap.add_argument("--records", default="benchmarks/runs",
-                    help="where each finished run's small result file goes (committed; default benchmarks/runs): "
+    ap.add_argument("--records", default="benchmarks/records",
+                    help="where each finished run's small result file goes (committed; default benchmarks/records): "
                          "a run with a record of the same settings is not trained again")
     ap.add_argument("--device", default="cpu", help="cpu (default: the budget is for 2 CPU cores) | auto | cuda")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already finished")

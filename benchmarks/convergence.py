@@ -28,7 +28,7 @@ it only roughly); it is printed next to the rule's numbers.
 Run it
 ------
     python benchmarks/ablation.py --variants full --seeds 0,1 --steps 1400 --jobs 2 --out runs/conv-1400.json
-    (then --steps 2800, 5600: each run leaves benchmarks/runs/full-s<seed>-b<steps>.json)
+    (then --steps 2800, 5600: each run leaves benchmarks/records/full-s<seed>-b<steps>.json)
     python benchmarks/convergence.py          # the rule on the records: table, budget, convergence.json
 
 Shape legend: Q validation queries of one sub-dataset, R bootstrap replicates.
@@ -122,7 +122,7 @@ def apply_rule(records: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", default="benchmarks/runs", help="the committed run records (default benchmarks/runs)")
+    ap.add_argument("--records", default="benchmarks/records", help="the committed run records (default benchmarks/records)")
     ap.add_argument("--out", default="benchmarks/convergence.json", help="where the result goes")
     args = ap.parse_args(argv)
     doc = apply_rule(REPO / args.records)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -331,17 +332,32 @@ def test_ablation_end_to_end_with_two_workers(tmp_path):
     import json
     import subprocess
 
-    runs, out = tmp_path / "runs", tmp_path / "r.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "ablation.py"), "--variants", "full,cal-off", "--seeds", "0,1",
-                           "--steps", "2", "--tasks", "t2i", "--jobs", "2", "--runs", str(runs), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    runs, out, records = tmp_path / "runs", tmp_path / "r.json", tmp_path / "records"
+    cmd = [sys.executable, str(BENCH / "ablation.py"), "--variants", "full,cal-off", "--seeds", "0,1", "--steps", "2",
+           "--tasks", "t2i", "--jobs", "2", "--runs", str(runs), "--out", str(out), "--records", str(records)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in runs.glob("worker*.txt")) == ["worker0.txt", "worker1.txt"]
-    for name in ("full-s0", "cal-off-s0", "full-s1", "cal-off-s1"):
+    for name in ("full-s0-b2", "cal-off-s0-b2", "full-s1-b2", "cal-off-s1-b2"):
         run = json.loads((runs / name / "ablation_run.json").read_text())
         for row in run["rows"]:  # one rank per test query, and Recall@10 recomputed from them
             hits = sum(0 <= r < 10 for r in row["ranks"])
             assert row["recall"]["10"] == pytest.approx(hits / (len(row["ranks"]) + row["missing"]))
+        # The committed record: the final step's validation ranks give the sum of R@1 train.py logged
+        # at that step (the same model, last/), and the machine it ran on.
+        rec = json.loads((records / f"{name}.json").read_text())
+        final = rec["final_val"]
+        assert final["sum_recall1"] == pytest.approx(sum(sum(r == 0 for r in rs) / len(rs)
+                                                         for rs in final["ranks"].values()))
+        assert rec["val_curve"][-1] == [2, pytest.approx(final["sum_recall1"])]
+        assert rec["machine"]["cpu_model"] and rec["settings"] == run["settings"]
+    # A fresh machine has the records only: the same command trains nothing and makes the same table.
+    first = json.loads(out.read_text())["deltas_vs_full"]
+    shutil.rmtree(runs)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(4 reused)" in again.stdout and not runs.joinpath("full-s0-b2").exists()
+    assert json.loads(out.read_text())["deltas_vs_full"] == first
     doc = json.loads(out.read_text())
     delta = doc["deltas_vs_full"]["cal-off"]["overall"]["10"]
     per_seed = [doc["runs"][i]["overall"]["10"] - doc["runs"][i + 1]["overall"]["10"] for i in (0, 2)]  # full - cal-off
