@@ -31,9 +31,10 @@ positives="single" and per-chunk regulariser), the gradient norm (no clipping in
 as the training loader does it during the previous step. For each (query kind, chunk size):
 --warmup untimed steps, then --steps timed ones; the median is reported. Also measured:
   * peak memory: torch.cuda.max_memory_allocated over that configuration's steps (weights,
-    optimizer state and activations); on a CPU the resident-set peak during the steps and its rise above
-    the resident set before them (support.peak_memory.CpuPeak: VmHWM after a clear_refs reset where the
-    kernel records transient peaks, else VmRSS sampled every ~1 ms; "memory_kind" says which);
+    optimizer state and activations); on a CPU what the steps allocate (the highest anonymous memory,
+    RssAnon sampled every ~1 ms, above its level before them: "step_memory_bytes") and that on top of
+    the resident set before them (VmRSS: "rss_before_steps_bytes"; the sum: "peak_memory_bytes";
+    support.peak_memory.CpuPeak, "memory_kind" says how it was measured);
   * encode images/s: embedder.encode_images on --encode-images photos at evaluate.py's batch size
     (64), processor included, after one warm-up batch: the gallery-encoding speed of evaluation.
 
@@ -384,8 +385,8 @@ def host_peak(device: str):
 
 
 def memory_row(device: str, cpu: Optional[CpuPeak]) -> dict:
-    """The memory figures of a row: CUDA's peak allocated since the last reset; on a CPU the resident-set
-    peak of the steps (CpuPeak) and, where the RSS before them is known, the steps' own share."""
+    """The memory figures of a row: CUDA's peak allocated since the last reset; on a CPU the resident set
+    before the steps plus what they allocated at their highest (CpuPeak), and that share on its own."""
     import torch
 
     if device.startswith("cuda"):

@@ -10,10 +10,11 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    buffers exist), returns freed memory to the OS (malloc_trim) and then measures, with
    support.peak_memory.CpuPeak,
 
-       step peak = resident-set peak during the step - VmRSS just before it          (MiB)
+       step peak = highest RssAnon during the step - RssAnon just before it          (MiB)
 
-   (the peak: VmHWM after a clear_refs reset where the kernel records transient peaks, else VmRSS
-   sampled every ~1 ms, a lower bound; the row's "method" says which). On CPU this is what the step costs
+   (anonymous memory sampled every ~1 ms and at the step's end, a lower bound: file pages, which the
+   kernel may reclaim mid-step, do not count; "rss_before_mib" is VmRSS just before the step; the
+   row's "method" says which way was used). On CPU this is what the step costs
    in RAM: activations kept for backward, plus allocator slack. GradCache should stay about flat
    as the batch grows (it keeps the graph of one chunk), the full batch grows ~linearly.
 2. Encode throughput. items/s of embedder.encode_queries (a mix of every task's test queries) and
@@ -136,7 +137,7 @@ def pct(x: float) -> str:
 
 
 def memory_worker(batch: int, chunk: int, subset: str) -> dict:
-    """Runs in a fresh process: peak resident memory of one training step at (batch, chunk)."""
+    """Runs in a fresh process: the memory one training step at (batch, chunk) adds at its peak."""
     import data
     from support import synthetic
     import train
@@ -660,7 +661,7 @@ def report(res: dict) -> str:
         gcr = {r["batch"]: r for r in mem if r["chunk"] > 0}
         b0 = min(full)
         chunk = next(iter(gcr.values()))["chunk"] if gcr else 0
-        lines += [f"**GradCache memory** (peak resident memory of one training step above the process's "
+        lines += [f"**GradCache memory** (peak memory one training step allocates, above the process's "
                   f"resident set before it; `{mem[0]['subset']}` batches; {mem[0]['method']})", "",
                   f"| batch | full batch (MiB) | GradCache c={chunk} (MiB) | GradCache / full | "
                   f"full vs batch {b0} | GradCache vs batch {b0} | step time GradCache / full |",
