@@ -31,8 +31,10 @@ positives="single" and per-chunk regulariser), the gradient norm (no clipping in
 as the training loader does it during the previous step. For each (query kind, chunk size):
 --warmup untimed steps, then --steps timed ones; the median is reported. Also measured:
   * peak memory: torch.cuda.max_memory_allocated over that configuration's steps (weights,
-    optimizer state and activations); on a CPU the process's peak resident set (ru_maxrss), which
-    includes building the model;
+    optimizer state and activations); on a CPU what the steps allocate (the highest anonymous memory,
+    RssAnon sampled every ~1 ms, above its level before them: "step_memory_bytes") and that on top of
+    the resident set before them (VmRSS: "rss_before_steps_bytes"; the sum: "peak_memory_bytes";
+    support.peak_memory.CpuPeak, "memory_kind" says how it was measured);
   * encode images/s: embedder.encode_images on --encode-images photos at evaluate.py's batch size
     (64), processor included, after one warm-up batch: the gallery-encoding speed of evaluation.
 
@@ -97,12 +99,12 @@ projects, from the measured chunk sizes, the GPU memory of batch 64 under the au
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import platform
 import random
-import resource
 import shutil
 import statistics
 import sys
@@ -117,6 +119,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from support.errors import FlagError, run_cli  # noqa: E402  (standard library only: --help stays fast)
+from support.peak_memory import CpuPeak  # noqa: E402  (standard library only too)
 
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H200 SXM datasheet: 1,979 TFLOP/s bf16 "with sparsity", half dense
 PHOTO_SIZE = (640, 480)  # (width, height) of every synthetic photo: the issue's "640x480 photo"
@@ -365,17 +368,6 @@ def train_once(embedder, optimizer, params, batch, chunk: int, tcfg, step: int) 
     return out.loss
 
 
-def _proc_status(field: str) -> Optional[int]:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # the kernel reports kB
-    except OSError:
-        pass
-    return None
-
-
 def page_in(module) -> None:
     """Read every weight once. transformers maps a safetensors checkpoint into memory lazily, so a weight
     joins the resident set only when first touched: without this the first step's "own" memory would
@@ -387,31 +379,22 @@ def page_in(module) -> None:
             p.sum()  # touches every page of p; the scalar is dropped
 
 
-def reset_cpu_peak() -> bool:
-    """Reset the process's resident-set peak (VmHWM) to its current size (Linux: write 5 to
-    /proc/self/clear_refs), so the next peak is the step's, not the model build's. False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def host_peak(device: str):
+    """A CpuPeak (support.peak_memory) around the steps on a CPU; on a GPU nothing (CUDA keeps its own peak)."""
+    return contextlib.nullcontext() if device.startswith("cuda") else CpuPeak()
 
 
-def peak_memory(device: str, baseline: Optional[int] = None) -> dict:
-    """The memory figure of the device: CUDA peak allocated since the last reset; on a CPU the resident-set
-    peak since reset_cpu_peak (VmHWM) and, with `baseline` (the RSS before the steps), the step's own share."""
+def memory_row(device: str, cpu: Optional[CpuPeak]) -> dict:
+    """The memory figures of a row: CUDA's peak allocated since the last reset; on a CPU the resident set
+    before the steps plus what they allocated at their highest (CpuPeak), and that share on its own."""
     import torch
 
     if device.startswith("cuda"):
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda max_memory_allocated"}
-    hwm = _proc_status("VmHWM")
-    if hwm is None:  # no /proc: the lifetime peak, model build included
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        return {"peak_memory_bytes": int(rss), "memory_kind": "process peak RSS (model build included)"}
-    row = {"peak_memory_bytes": hwm, "memory_kind": "process resident-set peak during the steps (VmHWM)"}
-    if baseline is not None:
-        row["rss_before_steps_bytes"] = baseline
-        row["step_memory_bytes"] = hwm - baseline  # activations, gradients, AdamW state, cached reps
+    row = {"peak_memory_bytes": cpu.peak_bytes, "memory_kind": cpu.kind}
+    if cpu.baseline_bytes is not None:  # not with ru_maxrss (no /proc): a lifetime peak, model build included
+        row["rss_before_steps_bytes"] = cpu.baseline_bytes
+        row["step_memory_bytes"] = cpu.step_bytes  # activations, gradients, AdamW state, cached reps
     return row
 
 
@@ -430,22 +413,20 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
     plan = train.Plan(total=cfg.warmup + cfg.steps, steps_per_epoch=cfg.warmup + cfg.steps, ggas_warmup=0,
                       lr_warmup=0, per_rank=b)
     _, params, optimizer, _ = train.build_optimizer(embedder, tcfg, plan, DistInfo())  # one process
-    baseline = None
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     else:
         page_in(embedder)  # the weights resident before the baseline is read
-        if reset_cpu_peak():
-            baseline = _proc_status("VmRSS")
     times, losses = [], []
-    for step in range(cfg.warmup + cfg.steps):
-        sync(cfg.device)
-        t0 = time.perf_counter()
-        losses.append(train_once(embedder, optimizer, params, batch, chunk, tcfg, step))
-        sync(cfg.device)
-        if step >= cfg.warmup:
-            times.append(time.perf_counter() - t0)
+    with host_peak(cfg.device) as cpu:
+        for step in range(cfg.warmup + cfg.steps):
+            sync(cfg.device)
+            t0 = time.perf_counter()
+            losses.append(train_once(embedder, optimizer, params, batch, chunk, tcfg, step))
+            sync(cfg.device)
+            if step >= cfg.warmup:
+                times.append(time.perf_counter() - t0)
     n_chunks = -(-b // chunk)  # ceil(b / chunk)
     fl = step_flops(counts, shape["lengths"], shape["patches"], n_chunks)
     sec = statistics.median(times)
@@ -457,7 +438,7 @@ def measure_step(embedder, tcfg, counts: FlopCounts, kind: str, chunk: int, cfg:
            "patches_per_photo": shape["patches"][-1], "visual_tokens_per_photo": visual[-1],  # a target photo
            "flops_per_step": fl, "achieved_tflops": fl["total"] / sec / 1e12, "losses": losses}
     row["mfu"] = row["achieved_tflops"] / peak if peak else None
-    row.update(peak_memory(cfg.device, baseline))
+    row.update(memory_row(cfg.device, cpu))
     del optimizer, params
     return row
 
@@ -476,19 +457,19 @@ def measure_forward(embedder, counts: FlopCounts, kind: str, chunk: int, cfg: Be
 
     batch = make_batch(embedder, kind, chunk, cfg)
     shape = batch_shape(batch)
-    if not cfg.device.startswith("cuda"):
-        page_in(embedder)  # the weights resident before the baseline is read
-    baseline = _proc_status("VmRSS") if (not cfg.device.startswith("cuda") and reset_cpu_peak()) else None
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        page_in(embedder)  # the weights resident before the baseline is read
     torch.manual_seed(plumbing.mix_seed(cfg.seed, 0, 0))  # this forward's dropout masks
-    sync(cfg.device)
-    t0 = time.perf_counter()
-    out = embedder(queries=batch.inputs[0], images=batch.inputs[1])  # (chunk, D) q and t, graph kept
-    held = (out["q"].float() * out["t"].float()).sum() + out["reg"].float()  # a scalar on the whole graph
-    sync(cfg.device)
-    sec = time.perf_counter() - t0
+    with host_peak(cfg.device) as cpu:
+        sync(cfg.device)
+        t0 = time.perf_counter()
+        out = embedder(queries=batch.inputs[0], images=batch.inputs[1])  # (chunk, D) q and t, graph kept
+        held = (out["q"].float() * out["t"].float()).sum() + out["reg"].float()  # a scalar on the whole graph
+        sync(cfg.device)
+        sec = time.perf_counter() - t0
     fl = step_flops(counts, shape["lengths"], shape["patches"], n_chunks=1)
     forward = fl["text_forward"] + fl["vision_forward"]
     visual = [n // counts.merge ** 2 for n in shape["patches"]]
@@ -499,7 +480,7 @@ def measure_forward(embedder, counts: FlopCounts, kind: str, chunk: int, cfg: Be
            "patches_per_photo": shape["patches"][-1], "visual_tokens_per_photo": visual[-1],
            "flops_per_step": {**fl, "total": forward, "forwards": 1, "text_backward": 0},
            "achieved_tflops": forward / sec / 1e12, "losses": [float(held.detach())], "mfu": None}
-    row.update(peak_memory(cfg.device, baseline))
+    row.update(memory_row(cfg.device, cpu))
     del out, held
     return row
 

@@ -7,12 +7,14 @@ What it measures (one run, one machine, printed as a markdown table and as ratio
    chunk vs train.full_batch_step, the plain path) at batch 32, 64 and 128, on the synthetic
    `cir` sub-dataset (an image + a modification text per query). Each configuration runs in a
    fresh subprocess that builds the tiny embedder, runs a batch-2 warm-up step (so the .grad
-   buffers exist), returns freed memory to the OS (malloc_trim), resets the kernel's high-water mark
-   (/proc/self/clear_refs) and then measures
+   buffers exist), returns freed memory to the OS (malloc_trim) and then measures, with
+   support.peak_memory.CpuPeak,
 
-       step peak = VmHWM after the step - VmRSS just before it          (MiB, resident memory)
+       step peak = highest RssAnon during the step - RssAnon just before it          (MiB)
 
-   (falling back to ru_maxrss when clear_refs is unavailable). On CPU this is what the step costs
+   (anonymous memory sampled every ~1 ms and at the step's end, a lower bound: file pages, which the
+   kernel may reclaim mid-step, do not count; "rss_before_mib" is VmRSS just before the step; the
+   row's "method" says which way was used). On CPU this is what the step costs
    in RAM: activations kept for backward, plus allocator slack. GradCache should stay about flat
    as the batch grows (it keeps the graph of one chunk), the full batch grows ~linearly.
 2. Encode throughput. items/s of embedder.encode_queries (a mix of every task's test queries) and
@@ -81,7 +83,6 @@ import functools
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import machine_info, machine_line  # noqa: E402  (same machine header in both scripts)
 from support.errors import FashionLensError, run_cli  # noqa: E402
+from support.peak_memory import CpuPeak  # noqa: E402  (standard library only)
 
 
 class BenchmarkError(FashionLensError):
@@ -117,26 +119,6 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
-def _status_kib(field: str) -> int:
-    """VmRSS / VmHWM of this process in KiB, from /proc/self/status (-1 when unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's resident high-water mark (VmHWM) to the current RSS; False if unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _malloc_trim() -> None:
     """Hand memory freed by earlier work back to the OS, so the step cannot hide in it."""
     try:
@@ -155,7 +137,7 @@ def pct(x: float) -> str:
 
 
 def memory_worker(batch: int, chunk: int, subset: str) -> dict:
-    """Runs in a fresh process: peak resident memory of one training step at (batch, chunk)."""
+    """Runs in a fresh process: the memory one training step at (batch, chunk) adds at its peak."""
     import data
     from support import synthetic
     import train
@@ -177,27 +159,20 @@ def memory_worker(batch: int, chunk: int, subset: str) -> dict:
     batch_data = train.make_batch(view, subset, list(range(batch)), 0, 1)  # images loaded before measuring
     gc.collect()
     _malloc_trim()
-    rss_before = _status_kib("VmRSS")  # resident memory just before the step (model, data, imports)
-    reset_ok = _reset_peak()
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     torch_seed = 1234
     import torch
 
     torch.manual_seed(torch_seed)
-    t0 = time.perf_counter()
-    if chunk > 0:
-        train.gradcache_step(emb, batch_data, tau, chunk_size=chunk)
-    else:
-        train.full_batch_step(emb, batch_data, tau)
-    seconds = time.perf_counter() - t0
-    if reset_ok:
-        peak = _status_kib("VmHWM") - rss_before  # high-water mark since the reset, above the start
-        how = "VmHWM - VmRSS (clear_refs reset)"
-    else:
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before)
-        how = "ru_maxrss increase (lower bound: no clear_refs)"
-    return {"batch": batch, "chunk": chunk, "subset": subset, "step_peak_mib": peak / 1024,
-            "rss_before_mib": rss_before / 1024, "step_seconds": seconds, "method": how}
+    with CpuPeak() as mem:  # baseline: the resident set just before the step (model, data, imports)
+        t0 = time.perf_counter()
+        if chunk > 0:
+            train.gradcache_step(emb, batch_data, tau, chunk_size=chunk)
+        else:
+            train.full_batch_step(emb, batch_data, tau)
+        seconds = time.perf_counter() - t0
+    before = None if mem.baseline_bytes is None else mem.baseline_bytes / 2 ** 20
+    return {"batch": batch, "chunk": chunk, "subset": subset, "step_peak_mib": mem.step_bytes / 2 ** 20,
+            "rss_before_mib": before, "step_seconds": seconds, "method": mem.kind}
 
 
 def measure_memory(batches: list[int], chunk: int, subset: str) -> list[dict]:
@@ -686,7 +661,7 @@ def report(res: dict) -> str:
         gcr = {r["batch"]: r for r in mem if r["chunk"] > 0}
         b0 = min(full)
         chunk = next(iter(gcr.values()))["chunk"] if gcr else 0
-        lines += [f"**GradCache memory** (peak resident memory of one training step above the process's "
+        lines += [f"**GradCache memory** (peak memory one training step allocates, above the process's "
                   f"resident set before it; `{mem[0]['subset']}` batches; {mem[0]['method']})", "",
                   f"| batch | full batch (MiB) | GradCache c={chunk} (MiB) | GradCache / full | "
                   f"full vs batch {b0} | GradCache vs batch {b0} | step time GradCache / full |",
