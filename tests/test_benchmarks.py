@@ -556,3 +556,73 @@ def test_forward_only_probe_holds_the_graph_and_changes_nothing(tiny_bench):
     assert row["mode"].startswith("forward with gradients") and row["peak_memory_bytes"] > 0
     assert all(torch.equal(p.detach(), before[n]) for n, p in embedder.named_parameters())
     assert all(p.grad is None for p in embedder.parameters())
+
+
+# ================================================================================================
+# Issue 32: the budget rule (benchmarks/convergence.py) and lambda's attribution (lambda_dynamics.py)
+# ================================================================================================
+
+convergence = load_benchmark("convergence")
+
+
+def _ranks(hits: int, n: int) -> list:
+    """n validation queries of one sub-dataset, the first `hits` of them found at rank 0."""
+    return [0] * hits + [5] * (n - hits)
+
+
+def test_gain_is_the_mean_paired_difference_and_its_se_the_binomial_one():
+    same = {"a/X": _ranks(10, 50), "b/Y": _ranks(20, 50)}
+    assert convergence.gain_with_se([(same, same)] * 2, n_boot=200) == (0.0, 0.0)  # nothing moved: no noise either
+    # Doubling the budget finds 10 more of 100 queries of one sub-dataset, in both seeds: G = 0.1 exactly, and
+    # the paired difference per query is 1 for 10 %, 0 for the rest, so its SE is sqrt(0.1 * 0.9 / 100) / sqrt(2).
+    before, after = {"a/X": _ranks(30, 100)}, {"a/X": _ranks(40, 100)}
+    g, se = convergence.gain_with_se([(before, after)] * 2, n_boot=4000)
+    assert g == pytest.approx(0.1)
+    assert se == pytest.approx(math.sqrt(0.1 * 0.9 / 100) / math.sqrt(2), rel=0.08)
+
+
+def _record(path, seed, steps, hits, cpu="AMD EPYC"):
+    ranks = {"a/X": _ranks(hits[0], 100), "b/Y": _ranks(hits[1], 100)}
+    doc = {"final_val": {"sum_recall1": convergence.sum_r1(ranks), "ranks": ranks}, "best": {"step": steps},
+           "machine": {"cpu_model": cpu}, "train_seconds": 60.0 * steps / 1400}
+    (path / f"full-s{seed}-b{steps}.json").write_text(json.dumps(doc))
+
+
+def test_the_rule_picks_the_first_budget_whose_doubling_gains_less_than_one_se(tmp_path):
+    # 1400 -> 2800 gains 0.4 (far beyond one SE, ~0.05); 2800 -> 5600 gains 2 queries in one sub-dataset and
+    # loses 2 in the other: G = 0, below its SE (~0.014)
+    for seed in (0, 1):
+        for steps, hits in ((1400, (20, 20)), (2800, (40, 40)), (5600, (42, 38))):
+            _record(tmp_path, seed, steps, hits)
+    doc = convergence.apply_rule(tmp_path)
+    first, second = doc["ladder"]
+    assert first["gain"] == pytest.approx(0.4) and not first["converged"] and first["se"] > 0.03
+    assert second["gain"] == pytest.approx(0.0, abs=1e-12) and second["converged"] and second["se"] > 0.005
+    assert doc["converged_budget"] == 2800 and [r["steps"] for r in doc["budgets"]] == [1400, 2800, 5600]
+    (tmp_path / "full-s1-b5600.json").unlink()  # a rung not finished yet: the rule waits for it
+    assert convergence.apply_rule(tmp_path)["converged_budget"] is None
+    _record(tmp_path, 1, 5600, (42, 38), cpu="Intel Xeon")  # a paired difference across two CPUs is refused
+    with pytest.raises(SystemExit, match="different CPU models"):
+        convergence.apply_rule(tmp_path)
+
+
+def test_lambda_attribution_adds_up(tmp_path):
+    """Six traced steps of the default job: the own-row and shared-layer parts sum to the exact change of
+    lambda's mean logit, the regulariser never reaches lambda's row, AdamW's update splits into its two
+    sources to float32 rounding, and the probe's two parts sum to its change."""
+    import subprocess
+
+    out = tmp_path / "l.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "lambda_dynamics.py"), "--steps", "6", "--run-dir",
+                           str(tmp_path / "run"), "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    (w,) = doc["windows"]
+    assert w["steps"] == [1, 6]
+    assert w["dl_exact"] == pytest.approx(w["own"] + w["shared"], abs=1e-5)
+    assert w["own"] == pytest.approx(w["own_bias"] + w["own_weights"], abs=1e-6)
+    assert w["reg_grad_on_row"] == 0.0 and w["update_split_error"] < 4
+    first, last = doc["probe"]
+    assert first["step"] == 0 and first["logit"] == pytest.approx(-3.0, abs=1e-3)  # the init bias: lambda = 0.047
+    assert last["calibrator_part"] + last["input_part"] == pytest.approx(last["logit"] - first["logit"], abs=1e-5)
