@@ -327,6 +327,18 @@ def delta_table(deltas: dict, k: int, head: str = "full − variant", win: str =
     return "\n".join(lines)
 
 
+# When a contrast gets more seeds (issue 32): its 95 % interval is wider than WIDE (half-width, in Recall
+# points) and contains 0. Up to MAX_SEEDS; beyond that it is reported "unresolved at N seeds".
+WIDE, MAX_SEEDS = 0.015, 8
+
+
+def seed_advice(st: dict, n_seeds: int) -> str:
+    """'resolved' | 'add seeds' | 'unresolved at N seeds' for one contrast's statistic (see WIDE)."""
+    if st["lo"] > 0 or st["hi"] < 0 or (st["hi"] - st["lo"]) / 2 <= WIDE:
+        return "resolved"  # the interval excludes 0, or is narrow: more seeds would not change the reading much
+    return "add seeds" if n_seeds < MAX_SEEDS else f"unresolved at {n_seeds} seeds"
+
+
 def verdict_table(checks: list[dict]) -> str:
     lines = ["| claim | metric | Δ (A − B) [95 % interval] | per seed | verdict |", "|---|---|---|---|---|"]
     for c in checks:
@@ -373,6 +385,33 @@ def run_settings(variant: str, seed: int, args) -> dict:
     return {"variant": variant, "seed": seed, "calibrator": cal, "sampler": samp, "steps": args.steps,
             "eval_every": args.eval_every, "tasks": args.tasks, "ood": bool(args.ood),
             "max_eval_queries": args.max_eval_queries, "train_defaults": defaults}
+
+
+def finished_record(variant: str, seed: int, args):
+    """The committed record of this run if it finished with today's settings, else None."""
+    if args.quick:
+        return None
+    path = Path(args.records) / f"{run_name(variant, seed, args.steps)}.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return doc if doc.get("settings") == run_settings(variant, seed, args) else None
+
+
+def check_one_cpu_per_seed(order: list, args) -> None:
+    """All variants of one seed must come from one CPU model: another CPU rounds differently, and that
+    would leak into their paired difference. Refuse, before anything trains, a seed whose finished runs
+    were made on another CPU than this one while some of its variants still have to be trained here."""
+    here = machine_info()["cpu_model"]
+    for seed in sorted({s for _, s in order}):
+        recs = {v: finished_record(v, s, args) for v, s in order if s == seed}
+        cpus = {r["machine"]["cpu_model"] for r in recs.values() if r is not None}
+        todo = [v for v, r in recs.items() if r is None]
+        if len(cpus) > 1 or (todo and cpus - {here}):
+            raise SystemExit(f"error: seed {seed}: its finished runs in {args.records} were trained on {sorted(cpus)}"
+                             + (f" and {', '.join(todo)} would be trained here on {here!r}" if todo else "")
+                             + ": a seed's variants are compared pairwise, so they must share one CPU model. Train "
+                             "this seed on such a machine, choose other seeds, or retrain all its variants (--fresh)")
 
 
 def run_one(variant: str, seed: int, args, ufire) -> dict:
@@ -626,6 +665,8 @@ def _main(argv=None) -> int:
     import train  # imports torch; one import of transformers for all runs happens below
 
     ufire.select("train", args.tasks)  # an unknown task word fails now, not after a run
+    if not args.fresh:
+        check_one_cpu_per_seed([(v, s) for s in seeds for v in variants], args)
     info = machine_info()
     kind = "QUICK SMOKE TEST (not a result)" if args.quick else "ablation"
     print(f"# FashionLens {kind}: {len(variants)} variants x seeds {seeds}, {args.steps} steps each, "
@@ -666,6 +707,11 @@ def _main(argv=None) -> int:
     # the progression: each step adds one idea to the previous variant (A - B, paired by seed)
     steps = {label: {"a": a, "b": b, **paired_bootstrap(by_variant[a], by_variant[b])}
              for a, b, label in PROGRESSION if a in by_variant and b in by_variant}
+    # Issue 32's contrasts: the progression's two steps and GGAS inside the full model (full - samp-uniform).
+    contrasts = dict(steps)
+    if "full" in by_variant and "samp-uniform" in by_variant:
+        contrasts["full − uniform"] = {"a": "full", "b": "samp-uniform", **deltas["samp-uniform"]}
+    advice = {label: {str(k): seed_advice(d["overall"][k], len(seeds)) for k in KS} for label, d in contrasts.items()}
     checks = check_claims(by_variant)
     verdict_r1 = overall_verdict([c for c in checks if c["metric"] == "R@1"])
     verdict_r10 = overall_verdict([c for c in checks if c["metric"] == "R@10"])
@@ -686,6 +732,9 @@ def _main(argv=None) -> int:
               f"[95 % paired bootstrap interval]): " + ", ".join(f"{l} = {d['a']} − {d['b']}" for l, d in steps.items())
               + "\n")
         print(delta_table(steps, k, head="A − B", win="A > B"))
+    for label, adv in advice.items():
+        print(f"seeds for {label}: " + ", ".join(f"R@{k} {a}" for k, a in adv.items())
+              + f"  (more seeds where the 95 % interval is wider than ±{100 * WIDE:.1f} points and contains 0)")
     print("\nThe paper's claims (from a secondary summary of the paper; its tables were not available). "
           "'holds' / 'contradicted': the 95 % interval of Δ lies above / below 0:\n")
     print(verdict_table(checks))
@@ -704,7 +753,8 @@ def _main(argv=None) -> int:
            "variants": {v: {"calibrator": VARIANTS[v][0], "sampler": VARIANTS[v][1]} for v in variants},
            "aggregate": {v: {**e, **{f"{m}_mean_std": list(mean_std(e[m])) for m in ("R@1", "R@10")}}
                          for v, e in agg.items()},
-           "deltas_vs_full": deltas, "progression": steps, "claims": checks,
+           "deltas_vs_full": deltas, "progression": steps, "claims": checks, "seed_advice": advice,
+           "cpu_models": sorted({r["machine"]["cpu_model"] for r in runs if "machine" in r}),
            "verdict": {"R@1": verdict_r1, "R@10": verdict_r10},
            # per-query ranks stay in each run's ablation_run.json (runs/, not committed): 20k numbers
            "runs": [{**{k: r[k] for k in ("variant", "seed", "overall", "task_means", "best", "seconds",

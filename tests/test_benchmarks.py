@@ -626,3 +626,36 @@ def test_lambda_attribution_adds_up(tmp_path):
     first, last = doc["probe"]
     assert first["step"] == 0 and first["logit"] == pytest.approx(-3.0, abs=1e-3)  # the init bias: lambda = 0.047
     assert last["calibrator_part"] + last["input_part"] == pytest.approx(last["logit"] - first["logit"], abs=1e-5)
+
+
+def test_a_seeds_variants_must_share_one_cpu_model(tmp_path, monkeypatch):
+    """Records made on another CPU are reused only where the whole seed was made there: a seed half
+    trained on an Intel Xeon is refused on an AMD EPYC before anything trains, naming the seed."""
+    import types
+
+    args = types.SimpleNamespace(**vars(_ablation_args()), quick=False, records=str(tmp_path))
+    monkeypatch.setattr(ablation, "machine_info", lambda: {"cpu_model": "AMD EPYC"})
+
+    def record(variant, seed, cpu):
+        doc = {"settings": ablation.run_settings(variant, seed, args), "machine": {"cpu_model": cpu}}
+        (tmp_path / f"{ablation.run_name(variant, seed, args.steps)}.json").write_text(json.dumps(doc))
+
+    order = [(v, s) for s in (0, 1) for v in ("full", "baseline")]
+    record("full", 0, "Intel Xeon")
+    record("baseline", 0, "Intel Xeon")  # seed 0 complete on the Xeon: reused as it is
+    record("full", 1, "AMD EPYC")  # seed 1 started here: its baseline may be trained here
+    ablation.check_one_cpu_per_seed(order, args)
+    record("full", 1, "Intel Xeon")  # now seed 1's baseline would be trained on another CPU than its full
+    with pytest.raises(SystemExit, match="seed 1: .*Intel Xeon.*baseline would be trained here"):
+        ablation.check_one_cpu_per_seed(order, args)
+    record("baseline", 1, "AMD EPYC")  # complete, but mixed: refused too
+    with pytest.raises(SystemExit, match="seed 1: .*AMD EPYC.*Intel Xeon"):
+        ablation.check_one_cpu_per_seed(order, args)
+
+
+def test_seed_advice_follows_the_issue_32_rule():
+    st = lambda lo, hi: {"lo": lo, "hi": hi, "diff": (lo + hi) / 2}  # noqa: E731
+    assert ablation.seed_advice(st(0.001, 0.05), 3) == "resolved"  # excludes 0
+    assert ablation.seed_advice(st(-0.012, 0.012), 3) == "resolved"  # contains 0 but narrow (half-width 1.2)
+    assert ablation.seed_advice(st(-0.02, 0.02), 3) == "add seeds"  # wide and contains 0
+    assert ablation.seed_advice(st(-0.02, 0.02), 8) == "unresolved at 8 seeds"
