@@ -487,9 +487,7 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
                             progress=False, keep_per_query=True)
     # Per test query, the 0-based rank of its first positive (-1: not in the top max(KS)), in the
     # test file's order: the paired bootstrap resamples these (the same queries for every variant).
-    ranks = {r.subset: [] for r in res.rows}
-    for pq in res.per_query:
-        ranks[pq["subset"]].append(pq["first_hit_rank"])
+    ranks = first_hit_ranks(res)
     t_total = time.time() - t0
     doc = {**tags, "settings": settings,
            "train_config": dataclasses.asdict(cfg),
@@ -509,6 +507,14 @@ def train_and_test(cfg, settings: dict, test_subsets: list, ufire, fresh: bool, 
     return doc
 
 
+def first_hit_ranks(res) -> dict:
+    """{sub-dataset: [0-based rank of each query's first positive, -1 beyond max K]}, in the file's query order."""
+    ranks = {r.subset: [] for r in res.rows}
+    for pq in res.per_query:
+        ranks[pq["subset"]].append(pq["first_hit_rank"])
+    return ranks
+
+
 def run_record(out: Path, ufire, test_subsets: list, device) -> dict:
     """What a committed record adds to a run's result: the final step's model (last/) on the whole
     validation split, per query; the validation curve and λ's batch mean every 10 steps (from
@@ -520,9 +526,7 @@ def run_record(out: Path, ufire, test_subsets: list, device) -> dict:
     val_subsets = ufire.select("val", ",".join(sorted({s.split("/")[0] for s in test_subsets})))
     res = evaluate.evaluate(last, ufire, val_subsets, split="val", ks=KS, batch_size=64, cache_dir=None,
                             progress=False, keep_per_query=True)
-    ranks = {r.subset: [] for r in res.rows}
-    for pq in res.per_query:
-        ranks[pq["subset"]].append(pq["first_hit_rank"])
+    ranks = first_hit_ranks(res)
     del last
     curve, lam = [], []
     for line in (out / "log.jsonl").read_text().splitlines():
